@@ -1,0 +1,1 @@
+"""Runnable examples, installed as ``netpool.examples`` so the CLI finds them after ``pip install``."""

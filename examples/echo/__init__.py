@@ -1,0 +1,1 @@
+"""The echo example: ``netpool echo`` serves :func:`handler.echo`."""

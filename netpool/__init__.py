@@ -1,0 +1,53 @@
+"""netpool: TCP servers on a pool of acceptor threads, the way Ranch and Go write them.
+
+    import netpool
+
+    def echo(message: bytes, conn: netpool.Connection) -> None:
+        conn.send(message)
+
+    listener = netpool.start_listener(netpool.ListenerConfig(handler=echo, port=5555))
+    listener.wait()
+
+This module only re-exports the public names.
+"""
+
+from .config import ListenerConfig, load_toml
+from .connection import Connection, QuitQueue
+from .errors import (
+    ConfigError,
+    ConnectionClosed,
+    FramingError,
+    HandlerImportError,
+    ListenError,
+    MessageTooLarge,
+    NetpoolError,
+    SendTimeout,
+    TLSError,
+)
+from .framing import Framer, LengthPrefixFramer, LineFramer, RawFramer
+from .listener import Listener, ListenerInfo, start_listener
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "Connection",
+    "ConnectionClosed",
+    "Framer",
+    "FramingError",
+    "HandlerImportError",
+    "LengthPrefixFramer",
+    "LineFramer",
+    "ListenError",
+    "Listener",
+    "ListenerConfig",
+    "ListenerInfo",
+    "MessageTooLarge",
+    "NetpoolError",
+    "QuitQueue",
+    "RawFramer",
+    "SendTimeout",
+    "TLSError",
+    "load_toml",
+    "start_listener",
+]

@@ -1,0 +1,174 @@
+"""The ``netpool`` command: click wiring only; all behaviour lives in the library.
+
+Settings are layered: ListenerConfig's defaults, then ``--config FILE.toml``,
+then the flags given on the command line. A bad setting or a handler that
+cannot be imported exits with status 2 and one clear line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+from typing import Any, Callable, Optional
+
+import click
+
+from . import __version__
+from .config import OVERFLOW_STRATEGIES, ListenerConfig, load_toml
+from .errors import ConfigError, ListenError
+from .framing import FRAMERS
+from .listener import start_listener
+
+log = logging.getLogger("netpool.cli")
+
+CLI_DEFAULT_PORT = 5555
+ECHO_HANDLER = "netpool.examples.echo.handler:echo"
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ListenerConfig)}
+
+
+def _default(name: str) -> str:
+    value = CLI_DEFAULT_PORT if name == "port" else _DEFAULTS[name]
+    return f"[default: {value}]"
+
+
+# (flag, config key, click type, help). Every flag defaults to "not given", so
+# a value from --config is only overridden by a flag the user really typed.
+LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--host", "host", str, "Address to bind; 0.0.0.0 or :: serves the network."),
+    ("--port", "port", click.IntRange(0, 65535), "TCP port; 0 picks a free one."),
+    ("--unix", "unix", click.Path(dir_okay=False), "Listen on this UNIX socket path instead of host:port."),
+    ("--unix-mode", "unix_mode", str, "Octal file mode of the UNIX socket, e.g. 660."),
+    ("--acceptors", "acceptors", click.IntRange(1, 1000), "Threads blocking in accept() on the socket."),
+    ("--max-connections", "max_connections", click.IntRange(1), "Live connections allowed at once."),
+    ("--overflow", "overflow", click.Choice(OVERFLOW_STRATEGIES),
+     "At the limit: refuse new clients, grow the limit, or wait (clients queue in the backlog)."),
+    ("--grow-step", "grow_step", click.IntRange(1), "How much --overflow grow raises the limit."),
+    ("--refuse-message", "refuse_message", str, "Text sent to a refused client before closing (\\n allowed)."),
+    ("--framing", "framing", click.Choice(list(FRAMERS)),
+     "How bytes become messages: raw chunks, lines, or 4-byte length prefixes."),
+    ("--max-message-size", "max_message_size", click.IntRange(1), "Largest message in bytes; larger closes the connection."),
+    ("--idle-timeout", "idle_timeout", click.FloatRange(0), "Seconds of silence before a client is closed; 0 = never."),
+    ("--send-timeout", "send_timeout", click.FloatRange(0, min_open=True), "Seconds a send may wait on a client that does not read."),
+    ("--backlog", "backlog", click.IntRange(1), "Kernel accept queue length."),
+    ("--name", "name", str, "Name used in log lines and thread names."),
+]
+
+
+def listener_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the flags that mirror ListenerConfig, plus --config, --grace and --log-level."""
+    extra = [
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+                     default="info", show_default=True, help="Logging verbosity."),
+        click.option("--grace", type=click.FloatRange(0), default=5.0, show_default=True,
+                     help="Seconds live connections get to finish on SIGINT/SIGTERM."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="TOML file with ListenerConfig keys; flags override it."),
+    ]
+    for flag, key, kind, text in reversed(LISTENER_OPTIONS):
+        func = click.option(flag, key, type=kind, default=None, help=f"{text} {_default(key)}")(func)
+    for option in extra:
+        func = option(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="netpool")
+def main() -> None:
+    """netpool: TCP servers on a pool of acceptor threads.
+
+    Serve the bundled echo example with `netpool echo`, or your own handler
+    with `netpool run module:handler`. Stop with Ctrl-C or SIGTERM: live
+    connections get --grace seconds, then a one-line summary is logged.
+    """
+
+
+@main.command()
+@listener_options
+def echo(config_file: Optional[str], grace: float, log_level: str, **flags: Any) -> None:
+    """Serve the echo example (examples/echo): every message comes straight back.
+
+    Try it with: nc 127.0.0.1 5555
+    """
+    settings = _settings(config_file, flags, default_name="echo")
+    settings["handler"] = ECHO_HANDLER
+    _serve(settings, grace, log_level)
+
+
+@main.command()
+@click.argument("handler", metavar="MODULE:HANDLER")
+@listener_options
+def run(handler: str, config_file: Optional[str], grace: float, log_level: str, **flags: Any) -> None:
+    """Serve handler(message, conn) imported from MODULE:HANDLER.
+
+    The current directory is importable, so `netpool run mymodule:handler`
+    finds ./mymodule.py.
+    """
+    settings = _settings(config_file, flags, default_name=handler.partition(":")[0])
+    settings["handler"] = handler
+    _serve(settings, grace, log_level)
+
+
+def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: str) -> dict[str, Any]:
+    settings: dict[str, Any] = {"name": default_name}
+    if config_file is not None:
+        try:
+            settings.update(load_toml(config_file))
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    if settings.get("refuse_message") is not None and isinstance(settings["refuse_message"], str):
+        settings["refuse_message"] = settings["refuse_message"].encode().decode("unicode_escape").encode()
+    if settings.get("idle_timeout") == 0:
+        settings["idle_timeout"] = None
+    if "port" not in settings and "unix" not in settings:
+        settings["port"] = CLI_DEFAULT_PORT
+    return settings
+
+
+class _StopRequested(BaseException):
+    """Raised in the main thread by the SIGINT/SIGTERM handler to leave wait()."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signame = signal.Signals(signum).name
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    # From now on further signals only log: the graceful stop must not be
+    # interrupted half-way by an impatient second Ctrl-C.
+    signal.signal(signal.SIGINT, _already_stopping)
+    signal.signal(signal.SIGTERM, _already_stopping)
+    raise _StopRequested(signum)
+
+
+def _already_stopping(signum: int, _frame: Any) -> None:
+    log.warning("%s received while stopping; still waiting for connections (SIGKILL aborts)",
+                signal.Signals(signum).name)
+
+
+def _serve(settings: dict[str, Any], grace: float, log_level: str) -> None:
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        config = ListenerConfig.from_mapping(settings)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        listener = start_listener(config)
+    except ListenError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        listener.wait()
+    except _StopRequested as stop:
+        log.info("%s received: stopping (grace %gs)", stop.signame, grace)
+    listener.stop(grace)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,235 @@
+"""ListenerConfig: one frozen, validated description of a listener.
+
+Everything is checked in ``__post_init__`` so a bad value fails at
+construction, naming the field, long before a socket is bound. The same keys
+work as keyword arguments, as a plain dict (:meth:`ListenerConfig.from_mapping`)
+and in a TOML file (:func:`load_toml`), which is what the CLI's ``--config``
+reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Optional
+
+from .errors import ConfigError
+from .framing import FRAMERS, FramerFactory
+from .loader import load_object
+
+__all__ = ["ListenerConfig", "Handler", "OVERFLOW_STRATEGIES", "load_toml", "format_address"]
+
+# handler(message, conn): called on the connection's thread, once per message.
+Handler = Callable[[bytes, Any], None]
+
+OVERFLOW_STRATEGIES = ("refuse", "grow", "wait")
+Overflow = Literal["refuse", "grow", "wait"]
+
+
+def _positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"expected a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(name, f"must be at least {minimum}, got {value}")
+
+
+def _timeout(name: str, value: Any, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        allowed = "a number of seconds or None" if optional else "a number of seconds"
+        raise ConfigError(name, f"expected {allowed}, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(name, f"must be a positive number of seconds, got {value!r}")
+
+
+def _hook(name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise ConfigError(name, f"expected a callable or None, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListenerConfig:
+    """How a listener listens, admits, frames and hands messages to ``handler``.
+
+    Defaults are chosen to be safe when nothing else is said: loopback only,
+    64 KiB messages, a 5-minute idle timeout and a 30-second send timeout, so
+    neither a silent client nor one that stops reading can pin a thread
+    forever.
+    """
+
+    handler: Handler | str
+    """``handler(message: bytes, conn: Connection)``, or a ``"module:attr"`` spec."""
+
+    host: str = "127.0.0.1"
+    """Address to bind: loopback by default; ``"0.0.0.0"`` or ``"::"`` to serve the network."""
+    port: int = 0
+    """TCP port; 0 picks a free one, reported as ``listener.port``."""
+    unix: Optional[str] = None
+    """Path of a UNIX domain socket to listen on instead of host/port."""
+    unix_mode: Optional[int] = None
+    """File mode for the UNIX socket (e.g. ``0o660``); None keeps the umask's."""
+    backlog: int = 1024
+    """Kernel accept queue length (Ranch's default); with overflow="wait" clients wait here."""
+
+    acceptors: int = 10
+    """Threads blocking in ``accept()`` on the one listening socket."""
+    max_connections: int = 1024
+    """Live connections allowed at once."""
+    overflow: Overflow = "refuse"
+    """At the limit: "refuse" closes the newcomer, "grow" raises the limit, "wait" stops accepting."""
+    grow_step: int = 128
+    """How much "grow" raises the limit each time it is reached."""
+    refuse_message: Optional[bytes] = None
+    """Bytes sent to a refused client before closing (a protocol's "busy" line)."""
+
+    framing: str | FramerFactory = "raw"
+    """"raw" (each received chunk), "line", "length" (4-byte big-endian), or a framer factory."""
+    max_message_size: int = 65536
+    """Largest message accepted; a larger one closes that connection (message_too_large)."""
+    idle_timeout: Optional[float] = 300.0
+    """Seconds without a byte from the peer before the connection is closed; None = never."""
+    send_timeout: float = 30.0
+    """Seconds a send may wait for a peer that does not read before the connection is closed."""
+    handshake_timeout: float = 10.0
+    """Seconds a TLS handshake may take."""
+    ssl: Optional[Mapping[str, Any]] = None
+    """TLS options; None or empty serves plain TCP."""
+
+    on_connect: Optional[Callable[[Any], None]] = None
+    """``on_connect(conn)``: called on the connection's thread before its first read."""
+    on_close: Optional[Callable[[Any, str], None]] = None
+    """``on_close(conn, reason)``: called once when the connection has closed."""
+
+    alarm_threshold: Optional[int] = None
+    """Live count at which ``on_alarm`` fires (Ranch's alarms)."""
+    on_alarm: Optional[Callable[[Any, int], None]] = None
+    """``on_alarm(listener, live)``; runs on a connection thread, never on an acceptor."""
+    alarm_cooldown: float = 5.0
+    """Minimum seconds between two alarms."""
+
+    name: str = "netpool"
+    """Listener name, used in thread names and log lines."""
+
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """Free-form settings for handlers (``listener.config.extra``); netpool ignores them."""
+
+    def __post_init__(self) -> None:
+        handler = self.handler
+        if isinstance(handler, str):
+            handler = load_object(handler, field="handler")
+            object.__setattr__(self, "handler", handler)
+        if not callable(handler):
+            raise ConfigError("handler", f"expected a callable handler(message, conn), got {handler!r}")
+
+        if not isinstance(self.host, str):
+            raise ConfigError("host", f"expected a host name or address, got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError("port", f"expected 0..65535, got {self.port!r}")
+        if self.unix is not None and (not isinstance(self.unix, str) or not self.unix):
+            raise ConfigError("unix", f"expected a socket file path, got {self.unix!r}")
+        if self.unix_mode is not None:
+            if isinstance(self.unix_mode, str):
+                try:
+                    object.__setattr__(self, "unix_mode", int(self.unix_mode, 8))
+                except ValueError:
+                    raise ConfigError("unix_mode", f"expected an octal mode like 660, got {self.unix_mode!r}") from None
+            if isinstance(self.unix_mode, bool) or not isinstance(self.unix_mode, int) or not 0 <= self.unix_mode <= 0o777:
+                raise ConfigError("unix_mode", f"expected a file mode 0..0o777, got {self.unix_mode!r}")
+            if self.unix is None:
+                raise ConfigError("unix_mode", "only applies together with unix=PATH")
+        _positive_int("backlog", self.backlog)
+        _positive_int("acceptors", self.acceptors)
+        if self.acceptors > 1000:
+            raise ConfigError("acceptors", f"{self.acceptors} threads in accept() buys nothing; use at most 1000")
+        _positive_int("max_connections", self.max_connections)
+        if self.overflow not in OVERFLOW_STRATEGIES:
+            raise ConfigError("overflow", f"expected one of {', '.join(OVERFLOW_STRATEGIES)}, got {self.overflow!r}")
+        _positive_int("grow_step", self.grow_step)
+        if isinstance(self.refuse_message, str):
+            object.__setattr__(self, "refuse_message", self.refuse_message.encode())
+        if self.refuse_message is not None:
+            if not isinstance(self.refuse_message, (bytes, bytearray)):
+                raise ConfigError("refuse_message", f"expected bytes or str, got {self.refuse_message!r}")
+            if len(self.refuse_message) > 4096:
+                # It is sent without blocking the acceptor: it must fit the socket buffer.
+                raise ConfigError("refuse_message", "keep it short: at most 4096 bytes")
+            object.__setattr__(self, "refuse_message", bytes(self.refuse_message))
+
+        if isinstance(self.framing, str):
+            if self.framing not in FRAMERS:
+                raise ConfigError("framing", f"expected one of {', '.join(FRAMERS)} or a framer factory, got {self.framing!r}")
+        elif not callable(self.framing):
+            raise ConfigError("framing", f"expected a name or a callable framer factory, got {self.framing!r}")
+        _positive_int("max_message_size", self.max_message_size)
+        _timeout("idle_timeout", self.idle_timeout, optional=True)
+        _timeout("send_timeout", self.send_timeout, optional=False)
+        _timeout("handshake_timeout", self.handshake_timeout, optional=False)
+        if self.ssl:
+            # TLS is served by the tls module; until a listener has TLS options
+            # it understands, refuse loudly rather than serve plaintext.
+            raise ConfigError("ssl", "TLS options are not supported by this version of netpool")
+        object.__setattr__(self, "ssl", None)
+
+        for hook in ("on_connect", "on_close", "on_alarm"):
+            _hook(hook, getattr(self, hook))
+        if self.alarm_threshold is not None:
+            _positive_int("alarm_threshold", self.alarm_threshold)
+            if self.on_alarm is None:
+                raise ConfigError("alarm_threshold", "set on_alarm too: the callback the alarm calls")
+        _timeout("alarm_cooldown", self.alarm_cooldown, optional=False)
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("name", f"expected a non-empty string, got {self.name!r}")
+
+    @property
+    def address(self) -> str:
+        """Where this config listens, as people write it (``host:port``, ``[::1]:port`` or the path)."""
+        return self.unix if self.unix is not None else format_address((self.host, self.port))
+
+    def replace(self, **changes: Any) -> "ListenerConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "ListenerConfig":
+        """Build from a dict (or parsed TOML); an unknown key is an error naming it."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("config", f"expected a ListenerConfig or a mapping, got {type(data).__name__}")
+        _reject_unknown(data, "")
+        if "handler" not in data:
+            raise ConfigError("handler", "missing: the function called for each message")
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, config: "ListenerConfig | Mapping[str, Any]") -> "ListenerConfig":
+        return config if isinstance(config, cls) else cls.from_mapping(config)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Read a TOML file of listener settings (same keys as ListenerConfig)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    _reject_unknown(data, f" in {path}")
+    return data
+
+
+def format_address(address: Any) -> str:
+    """``host:port``, ``[v6]:port``, or a UNIX socket path, for logs and messages."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address) or "unix socket"
+
+
+def _reject_unknown(data: Mapping[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(ListenerConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown setting{where} (known: {', '.join(sorted(known))})")

@@ -1,0 +1,294 @@
+"""Connection: what a handler holds for one client.
+
+A Connection owns one accepted socket. Exactly one thread, its *owner* (the
+read loop), ever closes the descriptor; every other path (``close()`` from a
+handler or another thread, ``quit.put()``, the listener stopping, a send that
+timed out) only records a reason and shuts the socket down, which wakes the
+owner out of ``recv`` at once. The owner then closes the descriptor and
+reports to the listener exactly once. This is why a descriptor number is
+never closed under a thread still using it, and why the counter stays exact.
+
+The read path lives outside this class (``read_loop``) so another one (an
+event-driven loop) can drive the same Connection API.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import socket
+import struct
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from .errors import ConnectionClosed, SendTimeout
+
+__all__ = ["Connection", "QuitQueue"]
+
+_ids = itertools.count(1)
+_TIMEVAL = struct.Struct("@ll")
+
+
+def set_socket_timeout(sock: socket.socket, option: int, seconds: Optional[float]) -> None:
+    """Set SO_RCVTIMEO or SO_SNDTIMEO; None or 0 means wait forever.
+
+    Kernel timeouts instead of ``settimeout()``: the socket stays in blocking
+    mode, so each recv or send is one system call (no poll before it), and
+    the read and write sides get different limits.
+    """
+    if not seconds:
+        sec = usec = 0
+    else:
+        sec = int(seconds)
+        usec = max(1, int((seconds - sec) * 1_000_000)) if seconds != sec else 0
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(sec, usec))
+
+
+class QuitQueue(queue.SimpleQueue):
+    """The connection's ``quit`` queue: anything put here closes the connection.
+
+    It behaves as a queue (the items stay readable, for instance by
+    ``on_close``) and every put wakes the connection's loop, even when it is
+    blocked in a read, from any thread.
+    """
+
+    def __init__(self, conn: "Connection") -> None:
+        super().__init__()
+        self._conn = conn
+
+    def put(self, item: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        super().put(item, block, timeout)
+        self._conn._request_close("quit", socket.SHUT_RD)
+
+    def put_nowait(self, item: Any) -> None:
+        self.put(item)
+
+
+class Connection:
+    """One client connection: send to it, close it, keep per-client state in it.
+
+    Attributes a handler uses:
+
+    - ``id``: unique in the process, for logs and lookups.
+    - ``peer``: the client's address (``(host, port)``; the socket path for UNIX sockets).
+    - ``state``: a dict for the handler's own per-connection data.
+    - ``quit``: a queue; putting anything there closes the connection.
+    - ``closed``: True once the connection is closing or closed.
+    - ``close_reason``: why it closed (eof, reset, quit, closed, idle_timeout, ...).
+    """
+
+    __slots__ = (
+        "id",
+        "peer",
+        "state",
+        "listener",
+        "acceptor",
+        "connected_at",
+        "close_reason",
+        "_sock",
+        "_encode",
+        "_send_lock",
+        "_state_lock",
+        "_send_timeout",
+        "_quit",
+        "_counted",
+        "_finished",
+        "_release",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: Any,
+        *,
+        listener: Any = None,
+        acceptor: int = -1,
+        encode: Optional[Callable[[bytes], bytes]] = None,
+        send_timeout: float = 30.0,
+        release: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.id = next(_ids)
+        self.peer = peer
+        self.state: dict[str, Any] = {}
+        self.listener = listener
+        self.acceptor = acceptor
+        self.connected_at = time.time()
+        self.close_reason: Optional[str] = None
+        self._sock = sock
+        self._encode = encode
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._send_timeout = send_timeout
+        self._quit: Optional[QuitQueue] = None
+        # Whether the connection still counts against max_connections, and
+        # the callback that gives its slot back (exactly once).
+        self._counted = release is not None
+        self._release = release
+        self._finished = False
+
+    def __repr__(self) -> str:
+        status = f"closed:{self.close_reason}" if self.close_reason else "open"
+        return f"<Connection {self.id} peer={self.peer!r} {status}>"
+
+    # -- the handler's API ---------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason is not None
+
+    @property
+    def quit(self) -> QuitQueue:
+        # Created on first use: most connections never need one, and idle
+        # connections are where memory per connection matters.
+        q = self._quit
+        if q is None:
+            with self._state_lock:
+                if self._quit is None:
+                    self._quit = QuitQueue(self)
+                q = self._quit
+        return q
+
+    def send(self, message: bytes) -> None:
+        """Send one message, framed by the listener's framer; whole or not at all.
+
+        Thread-safe: sends from several threads never interleave. Blocks while
+        the peer's window is full, at most ``send_timeout`` in all; then the
+        connection is closed (reason send_timeout) and :class:`SendTimeout` is
+        raised. Raises :class:`ConnectionClosed` once the connection is closing.
+        """
+        encode = self._encode
+        self.send_bytes(encode(message) if encode is not None else message)
+
+    def send_bytes(self, data: bytes) -> None:
+        """Send bytes as they are, bypassing the framer (same guarantees as :meth:`send`)."""
+        with self._send_lock:
+            if self.close_reason is not None:
+                raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._send_failed(exc)
+            if sent != len(data):
+                self._send_rest(data, sent)
+
+    def close(self) -> None:
+        """Close the connection; safe to call from any thread, any number of times.
+
+        Data already given to ``send`` is still delivered before the FIN.
+        """
+        self._request_close("closed", socket.SHUT_RDWR)
+
+    def uncount(self) -> None:
+        """Take this connection out of the listener's live count while it stays open.
+
+        For long-lived, mostly idle connections (presence sockets) that should
+        not hold a slot against ``max_connections`` (Ranch's
+        ``remove_connection``). Calling it again does nothing.
+        """
+        with self._state_lock:
+            if not self._counted:
+                return
+            self._counted = False
+            release = self._release
+        if release is not None:
+            release()
+
+    @property
+    def counted(self) -> bool:
+        """Whether the connection still counts against ``max_connections``."""
+        return self._counted
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    # -- sending, slow path --------------------------------------------------
+
+    def _send_rest(self, data: bytes, sent: int) -> None:
+        # The peer's window is full. Wait for it at most send_timeout in all:
+        # a peer that reads one byte now and then cannot hold us forever.
+        view = memoryview(data)
+        deadline = time.monotonic() + self._send_timeout
+        sock = self._sock
+        try:
+            while sent < len(view):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._request_close("send_timeout", socket.SHUT_RDWR)
+                    raise SendTimeout(
+                        f"connection {self.id}: peer {self.peer!r} took no data for "
+                        f"{self._send_timeout:g} s (send_timeout); closed"
+                    )
+                set_socket_timeout(sock, socket.SO_SNDTIMEO, remaining)
+                try:
+                    sent += sock.send(view[sent:])
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    self._send_failed(exc)
+        finally:
+            try:
+                set_socket_timeout(sock, socket.SO_SNDTIMEO, self._send_timeout)
+            except OSError:
+                pass
+
+    def _send_failed(self, exc: OSError) -> None:
+        reason = self.close_reason
+        if reason is None:
+            reason = "reset" if isinstance(exc, (ConnectionResetError, BrokenPipeError)) else "send_error"
+            self._request_close(reason, socket.SHUT_RDWR)
+            reason = self.close_reason
+        raise ConnectionClosed(f"connection {self.id} is closed ({reason}): {exc}") from exc
+
+    # -- closing (owner side and requests) ----------------------------------
+
+    def _request_close(self, reason: str, how: int) -> bool:
+        """Record why the connection closes (first reason wins) and wake its owner.
+
+        SHUT_RD ("tell it to quit") lets a handler that is running finish and
+        its replies go out; SHUT_RDWR also aborts a blocked send.
+        """
+        with self._state_lock:
+            first = self.close_reason is None
+            if first:
+                self.close_reason = reason
+            finished = self._finished
+        if not finished:
+            try:
+                self._sock.shutdown(how)
+            except OSError:
+                pass  # already shut down or reset by the peer: the owner wakes anyway
+        return first
+
+    def _force_close(self) -> None:
+        """Stop waiting politely: abort reads and sends now (listener stop past its grace)."""
+        self._request_close("server_stop", socket.SHUT_RDWR)
+
+    def _finish(self, reason: str) -> Optional[tuple[str, bool]]:
+        """Owner only: close the descriptor, once.
+
+        Returns the final reason and whether the connection still held a slot
+        (the caller gives it back after ``on_close``), or None if the
+        connection had already finished.
+        """
+        with self._state_lock:
+            if self._finished:
+                return None
+            self._finished = True
+            if self.close_reason is None:
+                self.close_reason = reason
+            reason = self.close_reason
+            counted, self._counted = self._counted, False
+        sock = self._sock
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        # A sender holding the lock was woken by the shutdown above; taking
+        # the lock means nobody is inside send() when the descriptor goes.
+        with self._send_lock:
+            sock.close()
+        return reason, counted

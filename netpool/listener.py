@@ -1,0 +1,518 @@
+"""Listener: the running handle that owns the socket, the acceptors and the connections.
+
+Lifecycle::
+
+    new --start()--> running --suspend()--> suspended --resume()--> running
+                        \\______________ stop() ______________/
+                                          v
+                                   stopping -> stopped
+
+Ownership: the listener owns the listening socket, one spare descriptor,
+every acceptor thread and every connection thread it starts; ``stop()`` joins
+them all. Connection threads own their sockets (see ``connection``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from .acceptor import Acceptor
+from .admission import Admission
+from .config import ListenerConfig, format_address
+from .connection import Connection
+from .framing import RawFramer, framer_factory
+from .ratelimit import RateLimitedLog
+from .read_loop import serve_connection
+from .sockets import open_listening_socket, remove_unix_socket
+
+__all__ = ["Listener", "ListenerInfo", "start_listener", "ERROR_REASONS"]
+
+log = logging.getLogger("netpool.listener")
+
+# Close reasons that mean something went wrong (as opposed to a client that
+# left, a quit or a stop); summed as ``info().errors``.
+ERROR_REASONS = frozenset(
+    {
+        "error",
+        "handler_error",
+        "send_error",
+        "send_timeout",
+        "message_too_large",
+        "framing_error",
+        "tls_error",
+        "tls_handshake_timeout",
+    }
+)
+
+# After the grace period, force-closed connections get this long to finish
+# their cleanup before stop() gives up joining their threads.
+FORCE_CLOSE_WAIT = 1.0
+
+
+@dataclass(frozen=True)
+class ListenerInfo:
+    """A consistent snapshot of a listener's counters (Ranch's ``ranch:info``)."""
+
+    name: str
+    state: str
+    address: str
+    live: int
+    """Connections counted against max_connections."""
+    open: int
+    """All open connections, including those taken out of the count (``uncount``)."""
+    max_connections: int
+    ceiling: int
+    """The most "grow" may raise max_connections to (from the open-file limit)."""
+    accepted: int
+    """Every socket accept() returned: admitted + refused."""
+    admitted: int
+    refused: int
+    closed: int
+    errors: int
+    grown: int
+    refused_by_reason: Mapping[str, int] = field(default_factory=dict)
+    closed_by_reason: Mapping[str, int] = field(default_factory=dict)
+    accepted_by_acceptor: tuple[int, ...] = ()
+
+    def summary(self) -> str:
+        """One line for logs: accepted, refused, closed by reason."""
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.closed_by_reason.items()))
+        refused = ", ".join(f"{k} {v}" for k, v in sorted(self.refused_by_reason.items()))
+        return (
+            f"accepted {self.accepted}, refused {self.refused}"
+            + (f" ({refused})" if refused else "")
+            + f", closed {self.closed}"
+            + (f" ({reasons})" if reasons else "")
+            + f", live {self.live}"
+        )
+
+
+class Listener:
+    """A running netpool server. Create it with :func:`start_listener`."""
+
+    def __init__(self, config: ListenerConfig) -> None:
+        self.config = config
+        self._framer_factory = framer_factory(config.framing)
+        self._raw_framing = self._framer_factory is RawFramer
+        self._encode = None if self._raw_framing else self._framer_factory(config.max_message_size).encode
+        self._admission = Admission(
+            config.max_connections,
+            config.overflow,
+            config.grow_step,
+            alarm_threshold=config.alarm_threshold,
+            alarm_cooldown=config.alarm_cooldown,
+        )
+        # Counters and the table of open connections.
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._conns: dict[int, Connection] = {}
+        self._threads: set[threading.Thread] = set()
+        self._admitted = 0
+        self._refused: collections.Counter[str] = collections.Counter()
+        self._closed: collections.Counter[str] = collections.Counter()
+        # The gate: lifecycle state, and how many acceptors are inside accept().
+        self._gate = threading.Condition(threading.Lock())
+        self._state = "new"
+        self._in_accept = 0
+        self._sock: Optional[socket.socket] = None
+        self._unix_inode: Optional[int] = None
+        self.port: Optional[int] = None
+        self._stop_event = threading.Event()
+        self._stopped = threading.Event()
+        self._started_at = 0.0
+        self._acceptors = [Acceptor(self, i) for i in range(config.acceptors)]
+        # One descriptor held in reserve: when accept() fails with EMFILE it
+        # is freed so the pending client can be accepted and closed at once
+        # instead of hanging in the backlog (Twisted's reserved descriptor).
+        self._spare: Optional[int] = None
+        self._spare_lock = threading.Lock()
+        self._refusals = RateLimitedLog(log)
+        self._fd_log = RateLimitedLog(log)
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.config.name} {self.address} {self._state}>"
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> "Listener":
+        """Bind, then start the acceptors. Returns at once; raises ListenError on bind failure."""
+        with self._gate:
+            if self._state != "new":
+                raise RuntimeError(f"listener {self.config.name} was already started")
+            self._open_socket()
+            self._spare = _open_spare()
+            self._state = "running"
+        self._started_at = time.monotonic()
+        for acceptor in self._acceptors:
+            acceptor.thread.start()
+        c = self.config
+        log.info(
+            "%s listening on %s (acceptors=%d, max_connections=%d, overflow=%s, framing=%s, "
+            "max_message_size=%d, idle_timeout=%s, tls=off)",
+            c.name, self.address, c.acceptors, c.max_connections, c.overflow,
+            c.framing if isinstance(c.framing, str) else getattr(c.framing, "__name__", "custom"),
+            c.max_message_size, "none" if c.idle_timeout is None else f"{c.idle_timeout:g}s",
+        )
+        return self
+
+    def _open_socket(self) -> None:
+        sock = open_listening_socket(self.config, port=self.port)
+        self._sock = sock
+        if self.config.unix is not None:
+            self._unix_inode = os.lstat(self.config.unix).st_ino
+        else:
+            self.port = sock.getsockname()[1]
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        if self.config.unix is not None and self._unix_inode is not None:
+            remove_unix_socket(self.config.unix, self._unix_inode)
+            self._unix_inode = None
+
+    @property
+    def address(self) -> str:
+        """Where it listens: ``host:port`` (with the real port once bound) or the UNIX path."""
+        if self.config.unix is not None:
+            return self.config.unix
+        return format_address((self.config.host, self.port if self.port is not None else self.config.port))
+
+    def stop(self, grace: float = 5.0) -> "ListenerInfo":
+        """Stop accepting at once, tell live connections to quit, force-close after ``grace``.
+
+        Connections get a quit (their running handler finishes and its replies
+        go out); whatever is still open after ``grace`` seconds is aborted.
+        Every thread the listener started is joined before this returns
+        (except one stuck in user code past the force-close, which is logged).
+        Safe to call more than once and from several threads.
+        """
+        with self._gate:
+            first = self._state not in ("stopping", "stopped")
+            if first:
+                was_new = self._state == "new"
+                self._state = "stopping"
+                self._gate.notify_all()
+        if not first:
+            self._stopped.wait()
+            return self.info()
+        self._stop_event.set()
+        self._admission.close()
+        if not was_new:
+            self._stop_accepting()
+        self._close_socket()
+
+        deadline = time.monotonic() + grace
+        for conn in self.connections():
+            conn._request_close("server_stop", socket.SHUT_RD)
+        if not self._wait_drained(deadline):
+            stuck = self.connections()
+            log.warning("%d connection(s) still open after the %gs grace; forcing them closed", len(stuck), grace)
+            for conn in stuck:
+                conn._force_close()
+            self._wait_drained(time.monotonic() + FORCE_CLOSE_WAIT)
+        self._join_connection_threads(time.monotonic() + FORCE_CLOSE_WAIT)
+
+        with self._spare_lock:
+            if self._spare is not None:
+                os.close(self._spare)
+                self._spare = None
+        with self._gate:
+            self._state = "stopped"
+            self._gate.notify_all()
+        self._stopped.set()
+        info = self.info()
+        log.info("%s stopped after %.1fs: %s", self.config.name, self.uptime(), info.summary())
+        return info
+
+    def _stop_accepting(self) -> None:
+        # shutdown() on a listening socket wakes every thread blocked in its
+        # accept() (EINVAL on Linux); close only once they are all out, so the
+        # descriptor number cannot be reused under a thread still in accept().
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        current = threading.current_thread()
+        for acceptor in self._acceptors:
+            if acceptor.thread is not current and acceptor.thread.ident is not None:
+                acceptor.thread.join(timeout=5.0)
+                if acceptor.thread.is_alive():
+                    log.error("acceptor thread %s did not exit", acceptor.thread.name)
+
+    def _wait_drained(self, deadline: float) -> bool:
+        with self._drained:
+            while self._conns:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._drained.wait(remaining)
+        return True
+
+    def _join_connection_threads(self, deadline: float) -> None:
+        with self._lock:
+            threads = list(self._threads)
+        current = threading.current_thread()
+        stuck = 0
+        for thread in threads:
+            if thread is current:
+                continue
+            thread.join(max(0.0, deadline - time.monotonic()))
+            stuck += thread.is_alive()
+        if stuck:
+            log.warning("%d connection thread(s) still running user code after stop; not waiting for them", stuck)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until the listener has stopped; True if it has."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> "Listener":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def suspend(self) -> None:
+        """Stop accepting; live connections go on. New clients are refused by the kernel.
+
+        As Ranch's ``suspend_listener``, the listening socket is closed, so the
+        port is free until :meth:`resume` binds it again.
+        """
+        with self._gate:
+            if self._state != "running":
+                return
+            self._state = "suspended"
+            sock = self._sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            while self._in_accept:
+                self._gate.wait()
+            self._close_socket()
+        log.info("%s suspended: no longer accepting on %s", self.config.name, self.address)
+
+    def resume(self) -> None:
+        """Accept again on the same address after :meth:`suspend`."""
+        with self._gate:
+            if self._state != "suspended":
+                return
+            self._open_socket()
+            self._state = "running"
+            self._gate.notify_all()
+        log.info("%s resumed: accepting on %s", self.config.name, self.address)
+
+    def set_max_connections(self, n: int) -> None:
+        """Change the limit while running. Lowering it never closes live connections."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_connections must be a whole number of at least 1, got {n!r}")
+        self._admission.set_max_connections(n)
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def uptime(self) -> float:
+        return time.monotonic() - self._started_at if self._started_at else 0.0
+
+    def connections(self) -> list[Connection]:
+        """The open connections, counted or not (a snapshot)."""
+        with self._lock:
+            return list(self._conns.values())
+
+    def info(self) -> ListenerInfo:
+        admission = self._admission
+        with self._lock:
+            refused = dict(self._refused)
+            closed = dict(self._closed)
+            admitted = self._admitted
+            open_count = len(self._conns)
+        n_refused = sum(refused.values())
+        return ListenerInfo(
+            name=self.config.name,
+            state=self._state,
+            address=self.address,
+            live=admission.live,
+            open=open_count,
+            max_connections=admission.max_connections,
+            ceiling=admission.ceiling,
+            accepted=admitted + n_refused,
+            admitted=admitted,
+            refused=n_refused,
+            closed=sum(closed.values()),
+            errors=sum(v for k, v in closed.items() if k in ERROR_REASONS),
+            grown=admission.grown,
+            refused_by_reason=refused,
+            closed_by_reason=closed,
+            accepted_by_acceptor=tuple(a.accepted for a in self._acceptors),
+        )
+
+    # -- called by acceptors ---------------------------------------------------
+
+    def _enter_accept(self) -> Optional[socket.socket]:
+        """Wait while suspended; return the socket to accept on, or None when stopping."""
+        with self._gate:
+            while self._state == "suspended":
+                self._gate.wait()
+            if self._state != "running":
+                return None
+            self._in_accept += 1
+            return self._sock
+
+    def _leave_accept(self) -> None:
+        with self._gate:
+            self._in_accept -= 1
+            if not self._in_accept:
+                self._gate.notify_all()
+
+    def _accepting_on(self, sock: socket.socket) -> bool:
+        return self._state == "running" and self._sock is sock
+
+    def _admit(self, client: socket.socket, peer: Any, acceptor: int, *, reserved: bool) -> None:
+        admitted, alarm_due = self._admission.admit(reserved)
+        if not admitted:
+            self._refuse(client, "limit")
+            return
+        conn = Connection(
+            client,
+            peer if peer else self.config.unix,
+            listener=self,
+            acceptor=acceptor,
+            encode=self._encode,
+            send_timeout=self.config.send_timeout,
+            release=self._admission.release,
+        )
+        thread = threading.Thread(
+            target=self._run_connection, args=(conn, alarm_due), name=f"netpool-conn-{conn.id}", daemon=True
+        )
+        with self._lock:
+            self._conns[conn.id] = conn
+            self._threads.add(thread)
+            self._admitted += 1
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": the system's thread limit
+            with self._lock:
+                del self._conns[conn.id]
+                self._threads.discard(thread)
+                self._admitted -= 1
+            self._admission.release()
+            self._fd_log(logging.ERROR, "cannot start a connection thread (%s); refusing clients", exc)
+            self._refuse(client, "no_threads")
+
+    def _refuse(self, client: socket.socket, reason: str) -> None:
+        message = self.config.refuse_message
+        if message and reason == "limit":
+            # Best effort and never blocking: the acceptor must not wait on a client.
+            client.setblocking(False)
+            try:
+                client.send(message)
+            except OSError:
+                pass
+        client.close()
+        with self._lock:
+            self._refused[reason] += 1
+        if reason == "limit":
+            self._refusals(
+                logging.WARNING,
+                "%s refusing connections: max_connections=%d reached (overflow=%s)",
+                self.config.name, self._admission.max_connections, self.config.overflow,
+            )
+
+    def _out_of_descriptors(self, sock: socket.socket, exc: OSError) -> None:
+        self._fd_log(
+            logging.WARNING,
+            "%s: accept() failed: %s; closing pending clients until descriptors free up "
+            "(raise the open-file limit, ulimit -n, or lower max_connections)",
+            self.config.name, exc.strerror or exc,
+        )
+        if not self._spare_lock.acquire(blocking=False):
+            return  # another acceptor is already doing this
+        try:
+            if self._spare is None:
+                self._spare = _open_spare()
+                if self._spare is None:
+                    return
+            os.close(self._spare)
+            self._spare = None
+            # Only accept when a client is really pending: this thread must
+            # not sit in accept() holding the freed descriptor's slot.
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if poller.poll(0):
+                try:
+                    client, _ = sock.accept()
+                except OSError:
+                    pass
+                else:
+                    client.close()
+                    with self._lock:
+                        self._refused["no_descriptors"] += 1
+        finally:
+            if self._spare is None:
+                self._spare = _open_spare()
+            self._spare_lock.release()
+
+    # -- called on connection threads -----------------------------------------
+
+    def _run_connection(self, conn: Connection, alarm_due: bool) -> None:
+        try:
+            serve_connection(conn, self, alarm_due)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _fire_alarm(self) -> None:
+        callback = self.config.on_alarm
+        if callback is None:
+            return
+        try:
+            callback(self, self._admission.live)
+        except Exception:
+            log.exception("%s: on_alarm callback raised", self.config.name)
+
+    def _connection_finished(self, conn: Connection, reason: str) -> None:
+        result = conn._finish(reason)
+        if result is None:
+            return
+        reason, counted = result
+        if self.config.on_close is not None:
+            try:
+                self.config.on_close(conn, reason)
+            except Exception:
+                log.exception("on_close raised for connection %d", conn.id)
+        with self._lock:
+            self._conns.pop(conn.id, None)
+            self._closed[reason] += 1
+            if not self._conns:
+                self._drained.notify_all()
+        if counted:
+            self._admission.release()
+
+
+def _open_spare() -> Optional[int]:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def start_listener(config: ListenerConfig | Mapping[str, Any]) -> Listener:
+    """Validate ``config`` (a ListenerConfig or a dict of the same keys), bind and start serving.
+
+    Returns the running :class:`Listener` at once; its acceptor threads are
+    already accepting. Raises ConfigError for a bad setting and ListenError
+    when the address cannot be bound, before any thread starts.
+    """
+    return Listener(ListenerConfig.coerce(config)).start()

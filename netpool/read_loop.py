@@ -1,0 +1,101 @@
+"""The thread-per-connection read path: recv -> framer -> handler, in order.
+
+One call of :func:`serve_connection` runs on the connection's own thread for
+the connection's whole life. Whatever happens (EOF, a reset, a quit, a
+handler that raises, a framing error, the listener stopping), the ``finally``
+hands the connection to ``service.connection_finished`` exactly once, as
+gevent's ``_handle_and_close_when_done`` and trio's ``_run_handler`` do.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING, Optional
+
+from .config import format_address
+from .connection import Connection, set_socket_timeout
+from .errors import ConnectionClosed, FramingError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .listener import Listener
+
+__all__ = ["serve_connection"]
+
+log = logging.getLogger("netpool.connection")
+
+# Receive at most this much per recv: large enough for bulk transfers, small
+# enough that an idle-but-chatty connection does not pin a large buffer.
+RECV_SIZE = 65536
+
+
+def prepare_socket(sock: socket.socket, idle_timeout: Optional[float], send_timeout: float) -> None:
+    """Per-connection socket options, set on the connection's thread (not the acceptor's)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Request/response protocols (echo, chat) must not wait for Nagle's
+        # 40 ms: Go and most servers turn it off by default.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if idle_timeout:
+        set_socket_timeout(sock, socket.SO_RCVTIMEO, idle_timeout)
+    set_socket_timeout(sock, socket.SO_SNDTIMEO, send_timeout)
+
+
+def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> None:
+    """Run one connection to its end on the calling thread."""
+    config = service.config
+    handler = config.handler
+    reason = "error"
+    sock = conn._sock
+    try:
+        prepare_socket(sock, config.idle_timeout, config.send_timeout)
+        if alarm_due:
+            service._fire_alarm()
+        if config.on_connect is not None:
+            config.on_connect(conn)
+        framer = service._framer_factory(config.max_message_size)
+        feed = framer.feed
+        raw = service._raw_framing
+        recv = sock.recv
+        bufsize = min(RECV_SIZE, config.max_message_size) if raw else RECV_SIZE
+        while True:
+            if conn.close_reason is not None:
+                break
+            try:
+                data = recv(bufsize)
+            except BlockingIOError:  # SO_RCVTIMEO expired: nothing from the peer for idle_timeout
+                reason = "idle_timeout"
+                break
+            except ConnectionResetError:
+                reason = "reset"
+                break
+            except OSError as exc:
+                reason = "error"
+                if conn.close_reason is None:
+                    log.warning("connection %d from %s: receive failed: %s", conn.id, format_address(conn.peer), exc)
+                break
+            if not data:
+                reason = "eof"
+                messages = framer.eof()
+                for message in messages:
+                    handler(message, conn)
+                break
+            if raw:
+                # The Go original's framing needs no framer call per chunk.
+                handler(data, conn)
+                continue
+            for message in feed(data):
+                handler(message, conn)
+                if conn.close_reason is not None:
+                    break
+    except FramingError as exc:
+        reason = exc.reason
+        log.warning("connection %d from %s: %s; closing it (%s)", conn.id, format_address(conn.peer), exc, reason)
+    except ConnectionClosed:
+        # A send inside the handler found the connection closed (send
+        # timeout, reset, quit): its own reason is already recorded.
+        reason = "error"
+    except Exception:
+        reason = "handler_error"
+        log.exception("handler raised on connection %d from %s; closing it", conn.id, format_address(conn.peer))
+    finally:
+        service._connection_finished(conn, reason)

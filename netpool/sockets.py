@@ -1,0 +1,107 @@
+"""Binding: open the listening socket a config describes, and nothing else.
+
+Kept apart from serving (as trio separates ``open_tcp_listeners`` from
+``serve_listeners``) so that suspend/resume can reopen the same address and
+tests can bind without starting threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+from .config import ListenerConfig, format_address
+from .errors import ListenError
+
+__all__ = ["open_listening_socket", "remove_unix_socket"]
+
+
+def open_listening_socket(config: ListenerConfig, port: int | None = None) -> socket.socket:
+    """Bind and listen as ``config`` says; ``port`` overrides ``config.port`` (used by resume).
+
+    Raises :class:`ListenError` with the address and a hint; never leaks the
+    socket on a partial failure.
+    """
+    if config.unix is not None:
+        return _open_unix(config)
+    port = config.port if port is None else port
+    try:
+        infos = socket.getaddrinfo(
+            config.host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot resolve listen address {config.host!r}: {exc.strerror}") from None
+    family, socktype, proto, _canon, sockaddr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        # Restart without waiting out TIME_WAIT, as every server does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(config.backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(_bind_message(format_address((config.host, port)), exc)) from None
+    return sock
+
+
+def _bind_message(address: str, exc: OSError) -> str:
+    hint = ""
+    if exc.errno == errno.EADDRINUSE:
+        hint = ": address already in use (another server is listening there; pick another port or stop it)"
+    elif exc.errno == errno.EACCES:
+        hint = ": permission denied (ports below 1024 need privileges)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        hint = ": address not available on this machine"
+    else:
+        hint = f": {exc.strerror or exc}"
+    return f"cannot listen on {address}{hint}"
+
+
+def _open_unix(config: ListenerConfig) -> socket.socket:
+    path = config.unix
+    assert path is not None
+    _clear_stale_unix_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        if config.unix_mode is not None:
+            # Before listen(), so no client can connect under the wrong mode.
+            os.chmod(path, config.unix_mode)
+        sock.listen(config.backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _clear_stale_unix_socket(path: str) -> None:
+    """Remove a socket file left by a server that died, but never a live one or a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ListenError(f"cannot listen on {path}: the path exists and is not a socket; remove it yourself")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        # Nobody listens there: a stale file from a server that exited uncleanly.
+        os.unlink(path)
+        return
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {path}: cannot check the existing socket ({exc.strerror})") from None
+    finally:
+        probe.close()
+    raise ListenError(f"cannot listen on {path}: another server is listening on it")
+
+
+def remove_unix_socket(path: str, inode: int) -> None:
+    """Unlink our socket file on stop, unless another server has since replaced it."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
