@@ -1,0 +1,103 @@
+"""Shared fixtures: real listeners on 127.0.0.1, real client sockets, bounded waits.
+
+Every wait here has a deadline; nothing sleeps to let state settle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import pytest
+
+import netpool
+
+DEADLINE = 10.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it is truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        pause.wait(0.005)
+
+
+def echo(message: bytes, conn: netpool.Connection) -> None:
+    conn.send(message)
+
+
+@contextlib.contextmanager
+def serving(**settings: Any) -> Iterator[netpool.Listener]:
+    """A listener on a free loopback port, stopped (and its threads joined) afterwards."""
+    settings.setdefault("handler", echo)
+    settings.setdefault("port", 0)
+    settings.setdefault("acceptors", 4)
+    listener = netpool.start_listener(settings)
+    try:
+        yield listener
+    finally:
+        listener.stop(grace=2.0)
+
+
+def connect(listener: netpool.Listener, timeout: float = DEADLINE) -> socket.socket:
+    if listener.config.unix is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(listener.config.unix)
+        return sock
+    return socket.create_connection((listener.config.host, listener.port), timeout=timeout)
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """Read exactly n bytes (the socket's own timeout bounds each read)."""
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise AssertionError(f"connection closed with {n} bytes still expected")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_until_closed(sock: socket.socket, limit: int = 1 << 24) -> bytes:
+    """Read until EOF (or a reset, which also means closed); the socket timeout bounds it."""
+    chunks = []
+    total = 0
+    while total <= limit:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def netpool_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("netpool-")]
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leak() -> Iterator[None]:
+    """Every test must leave no netpool thread behind (socketserver's reap_threads)."""
+    yield
+    wait_for(lambda: not netpool_threads(), timeout=5.0, what="netpool threads to exit")
+
+
+@pytest.fixture
+def listener_factory() -> Iterator[Callable[..., netpool.Listener]]:
+    """Start listeners inside a test (same defaults as ``serving``); all stop at teardown."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **settings: stack.enter_context(serving(**settings))

@@ -1,0 +1,119 @@
+"""ListenerConfig: validation that names the field, dicts and TOML with the same keys."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import netpool
+from netpool import ConfigError, HandlerImportError, ListenerConfig, load_toml
+
+from .conftest import connect, echo, recv_exactly
+
+
+def test_defaults_are_safe():
+    cfg = ListenerConfig(handler=echo)
+    assert cfg.host == "127.0.0.1"
+    assert cfg.overflow == "refuse" and cfg.grow_step == 128
+    assert cfg.idle_timeout == 300.0 and cfg.send_timeout == 30.0
+    assert cfg.max_message_size == 65536
+
+
+def test_config_is_frozen():
+    cfg = ListenerConfig(handler=echo)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.port = 1  # type: ignore[misc]
+    assert cfg.replace(port=7).port == 7
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("acceptors", 0, "at least 1"),
+        ("acceptors", "4", "whole number"),
+        ("max_connections", -5, "at least 1"),
+        ("overflow", "drop", "refuse, grow, wait"),
+        ("port", 70000, "0..65535"),
+        ("framing", "xml", "raw, line, length"),
+        ("idle_timeout", -1, "positive"),
+        ("send_timeout", None, "number of seconds"),
+        ("grow_step", True, "whole number"),
+        ("refuse_message", 5, "bytes or str"),
+        ("on_close", "nope", "callable"),
+        ("unix_mode", "999", "octal"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        ListenerConfig(handler=echo, **{field: value})
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}:")
+
+
+def test_handler_must_be_callable():
+    with pytest.raises(ConfigError, match="handler"):
+        ListenerConfig(handler=42)  # type: ignore[arg-type]
+
+
+def test_handler_spec_string_is_imported():
+    cfg = ListenerConfig(handler="netpool.examples.echo.handler:echo")
+    assert callable(cfg.handler) and cfg.handler.__name__ == "echo"
+
+
+@pytest.mark.parametrize("spec", ["no_such_module_xyz:h", "os:no_such_attr", "just_a_module"])
+def test_bad_handler_spec_is_a_clear_error(spec):
+    with pytest.raises(HandlerImportError, match="handler"):
+        ListenerConfig(handler=spec)
+
+
+def test_alarm_threshold_needs_callback():
+    with pytest.raises(ConfigError, match="on_alarm"):
+        ListenerConfig(handler=echo, alarm_threshold=5)
+
+
+def test_tls_options_rejected_until_supported():
+    """A non-empty ssl option must never silently serve plaintext."""
+    with pytest.raises(ConfigError, match="ssl"):
+        ListenerConfig(handler=echo, ssl={"certfile": "x.pem"})
+    assert ListenerConfig(handler=echo, ssl={}).ssl is None
+
+
+def test_refuse_message_str_becomes_bytes():
+    assert ListenerConfig(handler=echo, refuse_message="busy\n").refuse_message == b"busy\n"
+
+
+def test_from_mapping_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match="unknown setting") as info:
+        ListenerConfig.from_mapping({"handler": echo, "max_conns": 3})
+    assert info.value.field == "max_conns"
+
+
+def test_plain_dict_starts_a_listener():
+    listener = netpool.start_listener({"handler": echo, "port": 0, "framing": "line", "acceptors": 2})
+    try:
+        with connect(listener) as sock:
+            sock.sendall(b"dict\n")
+            assert recv_exactly(sock, 5) == b"dict\n"
+    finally:
+        listener.stop()
+
+
+def test_toml_file_has_the_same_keys(tmp_path):
+    path = tmp_path / "listener.toml"
+    path.write_text('port = 0\nframing = "length"\nmax_connections = 3\noverflow = "wait"\n')
+    cfg = ListenerConfig.from_mapping({"handler": echo, **load_toml(str(path))})
+    assert (cfg.framing, cfg.max_connections, cfg.overflow) == ("length", 3, "wait")
+
+
+def test_toml_errors_name_file_and_key(tmp_path):
+    bad_key = tmp_path / "a.toml"
+    bad_key.write_text("acceptorz = 3\n")
+    with pytest.raises(ConfigError, match=r"acceptorz: unknown setting in .*a\.toml"):
+        load_toml(str(bad_key))
+    bad_syntax = tmp_path / "b.toml"
+    bad_syntax.write_text("port = = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(str(bad_syntax))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_toml(str(tmp_path / "missing.toml"))

@@ -1,0 +1,237 @@
+"""One connection's life: quit, close, timeouts, bad input, handler errors, hooks."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import struct
+import threading
+
+import pytest
+
+import netpool
+
+from .conftest import connect, recv_exactly, recv_until_closed, serving, wait_for
+
+
+def closed_reasons(listener, total: int) -> dict[str, int]:
+    info = wait_for(lambda: (i := listener.info()).closed == total and i, what=f"{total} closures")
+    return dict(info.closed_by_reason)
+
+
+def test_quit_from_another_thread_closes_a_reading_connection():
+    """A put on conn.quit wakes a loop blocked in recv and closes that connection only."""
+    with serving(idle_timeout=None) as listener:
+        a, b = connect(listener), connect(listener)
+        conns = wait_for(lambda: len(c := listener.connections()) == 2 and c)
+        target = next(c for c in conns if c.peer[1] == a.getsockname()[1])
+        threading.Thread(target=target.quit.put, args=("admin said so",)).start()
+        assert recv_until_closed(a) == b""
+        assert target.closed and target.close_reason == "quit"
+        assert target.quit.get_nowait() == "admin said so"
+        b.sendall(b"unaffected")
+        assert recv_exactly(b, 10) == b"unaffected"
+        assert closed_reasons(listener, 1) == {"quit": 1}
+        b.close()
+
+
+def test_handler_close_sends_pending_reply_then_fin():
+    def handler(message, conn):
+        conn.send(b"bye")
+        conn.close()
+        conn.close()  # idempotent
+
+    with serving(handler=handler, framing="line") as listener, connect(listener) as sock:
+        sock.sendall(b"quit\n")
+        assert recv_until_closed(sock) == b"bye\n"
+        assert closed_reasons(listener, 1) == {"closed": 1}
+
+
+def test_send_after_close_raises_connection_closed():
+    result: queue.Queue = queue.Queue()
+
+    def handler(message, conn):
+        conn.close()
+        try:
+            conn.send(b"late")
+        except netpool.ConnectionClosed as exc:
+            result.put(exc)
+
+    with serving(handler=handler) as listener, connect(listener) as sock:
+        sock.sendall(b"x")
+        assert "closed" in str(result.get(timeout=10))
+
+
+def test_idle_timeout_closes_silent_client_only():
+    with serving(idle_timeout=0.3) as listener:
+        silent = connect(listener)
+        chatty = connect(listener)
+        # The chatty client keeps talking (every 20 ms) past the silent one's deadline.
+        pause = threading.Event()
+        for _ in range(500):
+            chatty.sendall(b"ping")
+            assert recv_exactly(chatty, 4) == b"ping"
+            if listener.info().closed:
+                break
+            pause.wait(0.02)
+        assert recv_until_closed(silent) == b""
+        assert closed_reasons(listener, 1) == {"idle_timeout": 1}
+        chatty.sendall(b"still here")
+        assert recv_exactly(chatty, 10) == b"still here"
+        chatty.close()
+        silent.close()
+
+
+@pytest.mark.parametrize("framing, payload", [
+    ("line", b"x" * 101 + b"\n"),
+    ("length", struct.pack(">I", 101) + b"x" * 101),
+])
+def test_oversized_message_closes_that_connection_with_a_logged_reason(framing, payload, caplog):
+    with serving(framing=framing, max_message_size=100) as listener:
+        good = connect(listener)
+        with connect(listener) as bad:
+            bad.sendall(payload)
+            assert recv_until_closed(bad) == b""
+        assert closed_reasons(listener, 1) == {"message_too_large": 1}
+        assert "max_message_size=100" in caplog.text and "message_too_large" in caplog.text
+        fits = b"y" * 100
+        good.sendall(fits + b"\n" if framing == "line" else struct.pack(">I", 100) + fits)
+        assert recv_exactly(good, 101 if framing == "line" else 104).endswith(fits + (b"\n" if framing == "line" else b""))
+        info = listener.info()
+        assert info.errors == 1 and info.live == 1
+        good.close()
+
+
+def test_truncated_length_frame_at_eof_is_a_framing_error():
+    with serving(framing="length") as listener, connect(listener) as sock:
+        sock.sendall(struct.pack(">I", 10) + b"abc")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_closed(sock) == b""
+        assert closed_reasons(listener, 1) == {"framing_error": 1}
+
+
+def test_handler_exception_is_logged_and_closes_only_that_connection(caplog):
+    def handler(message, conn):
+        if message == b"boom":
+            raise ValueError("handler bug")
+        conn.send(message)
+
+    with serving(handler=handler, framing="line") as listener:
+        ok = connect(listener)
+        with connect(listener) as bad:
+            bad.sendall(b"boom\n")
+            assert recv_until_closed(bad) == b""
+        conn_id = wait_for(lambda: [r for r in caplog.records if "handler raised" in r.getMessage()])[0]
+        assert "handler bug" in caplog.text and conn_id.levelno == logging.ERROR
+        assert "127.0.0.1:" in conn_id.getMessage(), "the log names the peer"
+        ok.sendall(b"fine\n")
+        assert recv_exactly(ok, 5) == b"fine\n"
+        assert closed_reasons(listener, 1) == {"handler_error": 1}
+        ok.close()
+
+
+def test_messages_reach_the_handler_in_order():
+    seen: list[bytes] = []
+
+    def handler(message, conn):
+        seen.append(message)
+        if message == b"199":
+            conn.send(b"done\n")
+
+    with serving(handler=handler, framing="line") as listener, connect(listener) as sock:
+        for i in range(200):
+            sock.sendall(b"%d\n" % i)
+        assert recv_exactly(sock, 5) == b"done\n"
+        assert seen == [b"%d" % i for i in range(200)]
+
+
+def test_peer_that_stops_reading_hits_send_timeout(caplog):
+    """A client that never reads is closed by send_timeout; the server thread is not stuck."""
+    errors: queue.Queue = queue.Queue()
+
+    def flood(message, conn):
+        try:
+            for _ in range(10_000):
+                conn.send(b"z" * 65536)
+        except netpool.SendTimeout as exc:
+            errors.put(exc)
+            raise
+
+    with serving(handler=flood, send_timeout=0.5) as listener:
+        sock = connect(listener)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"go")
+        exc = errors.get(timeout=15)
+        assert "send_timeout" in str(exc)
+        assert closed_reasons(listener, 1) == {"send_timeout": 1}
+        assert listener.info().live == 0
+        sock.close()
+
+
+def test_hooks_see_connect_and_close_with_reason():
+    events: queue.Queue = queue.Queue()
+
+    def on_connect(conn):
+        conn.state["greeted"] = True
+        conn.send(b"hello")
+        events.put(("connect", conn.id))
+
+    def on_close(conn, reason):
+        events.put(("close", conn.id, reason, conn.state.get("greeted")))
+
+    with serving(on_connect=on_connect, on_close=on_close, framing="line") as listener:
+        with connect(listener) as sock:
+            assert recv_exactly(sock, 6) == b"hello\n"
+        kind, conn_id = events.get(timeout=10)
+        assert kind == "connect"
+        assert events.get(timeout=10) == ("close", conn_id, "eof", True)
+        # The counter drops after on_close, exactly once.
+        assert closed_reasons(listener, 1) == {"eof": 1}
+
+
+def test_on_connect_error_closes_with_handler_error():
+    def on_connect(conn):
+        raise RuntimeError("no thanks")
+
+    with serving(on_connect=on_connect) as listener, connect(listener) as sock:
+        assert recv_until_closed(sock) == b""
+        assert closed_reasons(listener, 1) == {"handler_error": 1}
+
+
+def test_reset_by_peer_is_its_own_reason():
+    with serving() as listener:
+        sock = connect(listener)
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+        assert closed_reasons(listener, 1) in ({"reset": 1}, {"eof": 1})
+
+
+def test_send_is_thread_safe_messages_never_interleave():
+    """Many threads sending on one connection: every framed message arrives whole."""
+    senders, per_sender = 8, 200
+
+    def handler(message, conn):
+        def blast(n):
+            for i in range(per_sender):
+                conn.send(b"%d:%d:" % (n, i) + b"p" * 3000)
+
+        threads = [threading.Thread(target=blast, args=(n,)) for n in range(senders)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+
+    with serving(handler=handler, framing="length", max_message_size=1 << 16) as listener, connect(listener) as sock:
+        sock.sendall(struct.pack(">I", 2) + b"go")
+        last = {}
+        for _ in range(senders * per_sender):
+            (size,) = struct.unpack(">I", recv_exactly(sock, 4))
+            body = recv_exactly(sock, size)
+            n, i, pad = body.split(b":", 2)
+            assert pad == b"p" * 3000
+            assert int(i) == last.get(n, -1) + 1, "each sender's messages stay in order"
+            last[n] = int(i)
+        assert len(last) == senders
