@@ -26,6 +26,7 @@ from .errors import (
 )
 from .framing import Framer, LengthPrefixFramer, LineFramer, RawFramer
 from .listener import Listener, ListenerInfo, start_listener
+from .tls import TLSConfig, TLSInfo
 
 __version__ = "0.1.0"
 
@@ -47,7 +48,9 @@ __all__ = [
     "QuitQueue",
     "RawFramer",
     "SendTimeout",
+    "TLSConfig",
     "TLSError",
+    "TLSInfo",
     "load_toml",
     "start_listener",
 ]

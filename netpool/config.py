@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 from .errors import ConfigError
 from .framing import FRAMERS, FramerFactory
 from .loader import load_object
+from .tls import TLSConfig
 
 __all__ = ["ListenerConfig", "Handler", "OVERFLOW_STRATEGIES", "load_toml", "format_address"]
 
@@ -95,8 +96,8 @@ class ListenerConfig:
     """Seconds a send may wait for a peer that does not read before the connection is closed."""
     handshake_timeout: float = 10.0
     """Seconds a TLS handshake may take."""
-    ssl: Optional[Mapping[str, Any]] = None
-    """TLS options; None or empty serves plain TCP."""
+    ssl: Optional[TLSConfig | Mapping[str, Any]] = None
+    """TLS options (a TLSConfig or a dict of its keys); None or empty serves plain TCP."""
 
     on_connect: Optional[Callable[[Any], None]] = None
     """``on_connect(conn)``: called on the connection's thread before its first read."""
@@ -167,11 +168,7 @@ class ListenerConfig:
         _timeout("idle_timeout", self.idle_timeout, optional=True)
         _timeout("send_timeout", self.send_timeout, optional=False)
         _timeout("handshake_timeout", self.handshake_timeout, optional=False)
-        if self.ssl:
-            # TLS is served by the tls module; until a listener has TLS options
-            # it understands, refuse loudly rather than serve plaintext.
-            raise ConfigError("ssl", "TLS options are not supported by this version of netpool")
-        object.__setattr__(self, "ssl", None)
+        object.__setattr__(self, "ssl", TLSConfig.coerce(self.ssl))
 
         for hook in ("on_connect", "on_close", "on_alarm"):
             _hook(hook, getattr(self, hook))

@@ -22,7 +22,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from .errors import ConnectionClosed, SendTimeout
+from .errors import ConnectionClosed, SendTimeout, TLSError
+from .tls import TLSHandshakeError, TLSInfo, TLSTransport, negotiated, server_handshake
 
 __all__ = ["Connection", "QuitQueue"]
 
@@ -76,6 +77,7 @@ class Connection:
     - ``quit``: a queue; putting anything there closes the connection.
     - ``closed``: True once the connection is closing or closed.
     - ``close_reason``: why it closed (eof, reset, quit, closed, idle_timeout, ...).
+    - ``tls``: what TLS negotiated (:class:`TLSInfo`), None for plain TCP.
     """
 
     __slots__ = (
@@ -86,7 +88,9 @@ class Connection:
         "acceptor",
         "connected_at",
         "close_reason",
+        "tls",
         "_sock",
+        "_tls",
         "_encode",
         "_send_lock",
         "_state_lock",
@@ -116,7 +120,9 @@ class Connection:
         self.acceptor = acceptor
         self.connected_at = time.time()
         self.close_reason: Optional[str] = None
+        self.tls: Optional[TLSInfo] = None
         self._sock = sock
+        self._tls: Optional[TLSTransport] = None
         self._encode = encode
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -166,6 +172,9 @@ class Connection:
         with self._send_lock:
             if self.close_reason is not None:
                 raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
+            if self._tls is not None:
+                self._send_tls(data)
+                return
             try:
                 sent = self._sock.send(data)
             except BlockingIOError:
@@ -181,6 +190,43 @@ class Connection:
         Data already given to ``send`` is still delivered before the FIN.
         """
         self._request_close("closed", socket.SHUT_RDWR)
+
+    def start_tls(self) -> TLSInfo:
+        """Upgrade this plain connection to TLS in place (STARTTLS), and return what was negotiated.
+
+        Call it from the handler right after sending the protocol's "proceed":
+        the handshake runs here, on the connection's thread, within the
+        listener's ``handshake_timeout``; the following messages arrive
+        decrypted through the same framer. Bytes the client sent in plaintext
+        after its STARTTLS request are discarded, never read as if they had
+        come over TLS. Raises :class:`TLSError` if the listener has no
+        certificate or the connection is already TLS; a failed handshake
+        closes the connection (tls_error or tls_handshake_timeout) and raises.
+        """
+        listener = self.listener
+        context = getattr(listener, "_tls_context", None)
+        if context is None:
+            raise TLSError(
+                "start_tls() needs a certificate: give the listener ssl options "
+                "(certfile/keyfile, mode='starttls')"
+            )
+        if self._tls is not None:
+            raise TLSError(f"connection {self.id} is already using TLS")
+        with self._send_lock:
+            if self.close_reason is not None:
+                raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
+            self._handshake(context, listener.config.handshake_timeout)
+        assert self.tls is not None
+        return self.tls
+
+    def _handshake(self, context: Any, timeout: float) -> None:
+        try:
+            ssl_conn = server_handshake(self._sock, context, timeout)
+        except TLSHandshakeError as exc:
+            self._request_close(exc.reason, socket.SHUT_RDWR)
+            raise
+        self._tls = TLSTransport(self._sock, ssl_conn)
+        self.tls = negotiated(ssl_conn)
 
     def uncount(self) -> None:
         """Take this connection out of the listener's live count while it stays open.
@@ -217,11 +263,7 @@ class Connection:
             while sent < len(view):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self._request_close("send_timeout", socket.SHUT_RDWR)
-                    raise SendTimeout(
-                        f"connection {self.id}: peer {self.peer!r} took no data for "
-                        f"{self._send_timeout:g} s (send_timeout); closed"
-                    )
+                    raise self._send_timed_out()
                 set_socket_timeout(sock, socket.SO_SNDTIMEO, remaining)
                 try:
                     sent += sock.send(view[sent:])
@@ -234,6 +276,25 @@ class Connection:
                 set_socket_timeout(sock, socket.SO_SNDTIMEO, self._send_timeout)
             except OSError:
                 pass
+
+    def _send_tls(self, data: bytes) -> None:
+        assert self._tls is not None
+        try:
+            self._tls.sendall(data, time.monotonic() + self._send_timeout)
+        except TimeoutError:
+            raise self._send_timed_out() from None
+        except TLSError as exc:
+            self._request_close("tls_error", socket.SHUT_RDWR)
+            raise ConnectionClosed(f"connection {self.id} is closed (tls_error): {exc}") from None
+        except OSError as exc:
+            self._send_failed(exc)
+
+    def _send_timed_out(self) -> SendTimeout:
+        self._request_close("send_timeout", socket.SHUT_RDWR)
+        return SendTimeout(
+            f"connection {self.id}: peer {self.peer!r} did not take the data within "
+            f"{self._send_timeout:g} s (send_timeout); closed"
+        )
 
     def _send_failed(self, exc: OSError) -> None:
         reason = self.close_reason
@@ -257,6 +318,8 @@ class Connection:
                 self.close_reason = reason
             finished = self._finished
         if not finished:
+            if how == socket.SHUT_RDWR and self._tls is not None:
+                self._tls.notify_close()
             try:
                 self._sock.shutdown(how)
             except OSError:
@@ -283,6 +346,8 @@ class Connection:
             reason = self.close_reason
             counted, self._counted = self._counted, False
         sock = self._sock
+        if self._tls is not None and reason not in ("reset", "tls_error"):
+            self._tls.notify_close()  # close_notify, without waiting for the peer's
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:

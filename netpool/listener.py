@@ -32,6 +32,7 @@ from .framing import RawFramer, framer_factory
 from .ratelimit import RateLimitedLog
 from .read_loop import serve_connection
 from .sockets import open_listening_socket, remove_unix_socket
+from .tls import build_server_context
 
 __all__ = ["Listener", "ListenerInfo", "start_listener", "ERROR_REASONS"]
 
@@ -103,6 +104,11 @@ class Listener:
         self._framer_factory = framer_factory(config.framing)
         self._raw_framing = self._framer_factory is RawFramer
         self._encode = None if self._raw_framing else self._framer_factory(config.max_message_size).encode
+        # Built here, before any socket is bound, so a bad certificate or key
+        # fails start_listener with the file named and nothing half-started.
+        tls = config.ssl
+        self._tls_context = build_server_context(tls, config.name) if tls is not None else None
+        self._tls_implicit = tls is not None and tls.mode == "implicit"
         self._admission = Admission(
             config.max_connections,
             config.overflow,
@@ -156,10 +162,11 @@ class Listener:
         c = self.config
         log.info(
             "%s listening on %s (acceptors=%d, max_connections=%d, overflow=%s, framing=%s, "
-            "max_message_size=%d, idle_timeout=%s, tls=off)",
+            "max_message_size=%d, idle_timeout=%s, tls=%s)",
             c.name, self.address, c.acceptors, c.max_connections, c.overflow,
             c.framing if isinstance(c.framing, str) else getattr(c.framing, "__name__", "custom"),
             c.max_message_size, "none" if c.idle_timeout is None else f"{c.idle_timeout:g}s",
+            "off" if c.ssl is None else f"on ({c.ssl.describe()})",
         )
         return self
 

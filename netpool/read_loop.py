@@ -9,13 +9,15 @@ gevent's ``_handle_and_close_when_done`` and trio's ``_run_handler`` do.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .config import format_address
 from .connection import Connection, set_socket_timeout
-from .errors import ConnectionClosed, FramingError
+from .errors import ConnectionClosed, FramingError, TLSError
+from .tls import TLSHandshakeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .listener import Listener
@@ -40,14 +42,23 @@ def prepare_socket(sock: socket.socket, idle_timeout: Optional[float], send_time
     set_socket_timeout(sock, socket.SO_SNDTIMEO, send_timeout)
 
 
+def _reader(conn: Connection, idle_timeout: Optional[float]) -> Callable[[int], bytes]:
+    """The receive function for the connection's current transport."""
+    tls = conn._tls
+    if tls is None:
+        return conn._sock.recv  # idle_timeout is the socket's SO_RCVTIMEO
+    return functools.partial(tls.recv, timeout=idle_timeout)
+
+
 def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> None:
     """Run one connection to its end on the calling thread."""
     config = service.config
     handler = config.handler
     reason = "error"
-    sock = conn._sock
     try:
-        prepare_socket(sock, config.idle_timeout, config.send_timeout)
+        prepare_socket(conn._sock, config.idle_timeout, config.send_timeout)
+        if service._tls_implicit:
+            conn._handshake(service._tls_context, config.handshake_timeout)
         if alarm_due:
             service._fire_alarm()
         if config.on_connect is not None:
@@ -55,14 +66,15 @@ def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> 
         framer = service._framer_factory(config.max_message_size)
         feed = framer.feed
         raw = service._raw_framing
-        recv = sock.recv
+        tls = conn._tls
+        recv = _reader(conn, config.idle_timeout)
         bufsize = min(RECV_SIZE, config.max_message_size) if raw else RECV_SIZE
         while True:
             if conn.close_reason is not None:
                 break
             try:
                 data = recv(bufsize)
-            except BlockingIOError:  # SO_RCVTIMEO expired: nothing from the peer for idle_timeout
+            except BlockingIOError:  # nothing from the peer for idle_timeout
                 reason = "idle_timeout"
                 break
             except ConnectionResetError:
@@ -82,11 +94,27 @@ def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> 
             if raw:
                 # The Go original's framing needs no framer call per chunk.
                 handler(data, conn)
-                continue
-            for message in feed(data):
+                messages = ()
+            else:
+                messages = feed(data)
+            for message in messages:
                 handler(message, conn)
-                if conn.close_reason is not None:
+                if conn.close_reason is not None or conn._tls is not tls:
                     break
+            if conn._tls is not tls:
+                # start_tls() ran in the handler. Plaintext that arrived after
+                # the STARTTLS request (already framed or still buffered) must
+                # never pass for data that came over TLS: drop it with the framer.
+                tls = conn._tls
+                framer = service._framer_factory(config.max_message_size)
+                feed = framer.feed
+                recv = _reader(conn, config.idle_timeout)
+    except TLSHandshakeError as exc:
+        reason = exc.reason
+        log.info("connection %d from %s: %s; closing it (%s)", conn.id, format_address(conn.peer), exc, reason)
+    except TLSError as exc:
+        reason = "tls_error"
+        log.warning("connection %d from %s: %s; closing it (tls_error)", conn.id, format_address(conn.peer), exc)
     except FramingError as exc:
         reason = exc.reason
         log.warning("connection %d from %s: %s; closing it (%s)", conn.id, format_address(conn.peer), exc, reason)

@@ -72,11 +72,25 @@ def test_alarm_threshold_needs_callback():
         ListenerConfig(handler=echo, alarm_threshold=5)
 
 
-def test_tls_options_rejected_until_supported():
-    """A non-empty ssl option must never silently serve plaintext."""
-    with pytest.raises(ConfigError, match="ssl"):
-        ListenerConfig(handler=echo, ssl={"certfile": "x.pem"})
+def test_ssl_options_from_a_dict_are_validated():
+    """Empty TLS options mean plain TCP; bad keys and values name the ssl field."""
     assert ListenerConfig(handler=echo, ssl={}).ssl is None
+    cfg = ListenerConfig(handler=echo, ssl={"certfile": "c.pem", "alpn": "xmpp-client", "min_version": 1.3})
+    assert isinstance(cfg.ssl, netpool.TLSConfig)
+    assert cfg.ssl.alpn == ("xmpp-client",) and cfg.ssl.min_version == "1.3"
+    with pytest.raises(ConfigError, match="ssl.certfie: unknown TLS option"):
+        ListenerConfig(handler=echo, ssl={"certfie": "c.pem"})
+    with pytest.raises(ConfigError, match="needs ssl.cafile"):
+        ListenerConfig(handler=echo, ssl={"certfile": "c.pem", "verify_client": "required"})
+    with pytest.raises(ConfigError, match="ssl.min_version"):
+        ListenerConfig(handler=echo, ssl={"certfile": "c.pem", "min_version": "1.1"})
+    with pytest.raises(ConfigError, match="ssl.mode"):
+        ListenerConfig(handler=echo, ssl={"certfile": "c.pem", "mode": "sometimes"})
+
+
+def test_ssl_password_never_shows_in_repr():
+    cfg = ListenerConfig(handler=echo, ssl={"certfile": "c.pem", "password": "hunter2"})
+    assert "hunter2" not in repr(cfg)
 
 
 def test_refuse_message_str_becomes_bytes():

@@ -1,0 +1,442 @@
+"""TLS with pyOpenSSL: contexts built once, handshakes with a deadline, a thread-safe transport.
+
+OpenSSL forbids two threads in one SSL object at once, yet a netpool
+connection is read by its own thread while any thread may send. So a TLS
+connection's socket is non-blocking and every SSL call is made under one lock
+that is *never held while waiting*: a reader waiting for bytes sits in
+``poll()`` without the lock, so senders go ahead (cheroot's pyOpenSSL adapter
+holds its lock across blocking calls, which is what makes its sends wait on
+reads).
+
+Waking a reader works as for plain sockets: shutting the socket down makes
+``poll()`` return and ``SSL_read`` report the end of the stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from OpenSSL import SSL
+
+from .errors import ConfigError, TLSError
+
+__all__ = [
+    "TLSConfig",
+    "TLSInfo",
+    "TLSTransport",
+    "TLSHandshakeError",
+    "TLSHandshakeTimeout",
+    "build_server_context",
+    "server_handshake",
+]
+
+VERIFY_MODES = ("none", "optional", "required")
+MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+# Largest plaintext handed to SSL_write at once: one TLS record holds 16 KiB,
+# and a few records per call keep the lock hold time short for other senders.
+WRITE_CHUNK = 65536
+
+
+@dataclass(frozen=True, kw_only=True)
+class TLSConfig:
+    """TLS options of a listener (``ListenerConfig.ssl``); the same keys work in a dict or TOML.
+
+    ``sni`` maps a server name to extra ``{"certfile": ..., "keyfile": ...}``
+    pairs, chosen by the name the client asks for; other names get the
+    default certificate.
+    """
+
+    certfile: str
+    keyfile: Optional[str] = None
+    """None when the key is in ``certfile``."""
+    password: Optional[str | bytes] = dataclasses.field(default=None, repr=False)
+    """Passphrase of an encrypted key; never logged or shown in a repr."""
+    cafile: Optional[str] = None
+    """CA certificates that sign acceptable client certificates."""
+    verify_client: str = "none"
+    """"none", "optional" (check a certificate if sent) or "required"."""
+    min_version: str = "1.2"
+    """Lowest TLS version served: "1.2" or "1.3"."""
+    ciphers: Optional[str] = None
+    """OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults)."""
+    alpn: tuple[str, ...] = ()
+    """Protocols offered by ALPN, in the server's order of preference."""
+    sni: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    mode: str = "implicit"
+    """"implicit": TLS from the first byte; "starttls": plain until the handler calls conn.start_tls()."""
+
+    def __post_init__(self) -> None:
+        def check_path(name: str, value: Any, required: bool = False) -> None:
+            if value is None and not required:
+                return
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"ssl.{name}", f"expected a file path, got {value!r}")
+
+        check_path("certfile", self.certfile, required=True)
+        check_path("keyfile", self.keyfile)
+        check_path("cafile", self.cafile)
+        if self.password is not None and not isinstance(self.password, (str, bytes)):
+            raise ConfigError("ssl.password", "expected a string")
+        if self.verify_client not in VERIFY_MODES:
+            raise ConfigError("ssl.verify_client", f"expected one of {', '.join(VERIFY_MODES)}, got {self.verify_client!r}")
+        if self.verify_client != "none" and self.cafile is None:
+            raise ConfigError("ssl.verify_client", "verifying client certificates needs ssl.cafile (the CA that signs them)")
+        if self.mode not in ("implicit", "starttls"):
+            raise ConfigError("ssl.mode", f"expected implicit or starttls, got {self.mode!r}")
+        if str(self.min_version) not in MIN_VERSIONS:
+            raise ConfigError("ssl.min_version", f"expected 1.2 or 1.3, got {self.min_version!r}")
+        object.__setattr__(self, "min_version", str(self.min_version))
+        if self.ciphers is not None and not isinstance(self.ciphers, str):
+            raise ConfigError("ssl.ciphers", f"expected an OpenSSL cipher string, got {self.ciphers!r}")
+        alpn = (self.alpn,) if isinstance(self.alpn, str) else tuple(self.alpn)
+        if not all(isinstance(p, str) and 0 < len(p) < 256 for p in alpn):
+            raise ConfigError("ssl.alpn", f"expected protocol names like 'h2' or 'xmpp-client', got {self.alpn!r}")
+        object.__setattr__(self, "alpn", alpn)
+        for name, pair in dict(self.sni).items():
+            if not isinstance(pair, Mapping) or not isinstance(pair.get("certfile"), str):
+                raise ConfigError(f"ssl.sni.{name}", "expected {certfile = ..., keyfile = ...}")
+        object.__setattr__(self, "sni", {k.lower(): dict(v) for k, v in dict(self.sni).items()})
+
+    @classmethod
+    def coerce(cls, value: Any) -> Optional["TLSConfig"]:
+        """None or an empty mapping mean plain TCP; a mapping becomes a TLSConfig."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            if not value:
+                return None
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ConfigError(f"ssl.{unknown[0]}", f"unknown TLS option (known: {', '.join(sorted(known))})")
+            if "certfile" not in value:
+                raise ConfigError("ssl.certfile", "missing: TLS needs a certificate (netpool cert makes one)")
+            return cls(**value)
+        raise ConfigError("ssl", f"expected TLS options (a mapping or TLSConfig), got {value!r}")
+
+    def describe(self) -> str:
+        """A log-friendly summary (no secrets)."""
+        parts = [self.mode, f"cert={self.certfile}", f"min=TLSv{self.min_version}"]
+        if self.verify_client != "none":
+            parts.append(f"client-certs={self.verify_client}")
+        if self.alpn:
+            parts.append("alpn=" + ",".join(self.alpn))
+        if self.sni:
+            parts.append("sni=" + ",".join(sorted(self.sni)))
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """What a TLS connection negotiated (``conn.tls``)."""
+
+    version: str
+    cipher: str
+    alpn: Optional[str]
+    server_name: Optional[str]
+    peer_subject: Optional[str]
+    """The client certificate's subject, as ``CN=alice,O=Example``; None without one."""
+    session_reused: bool
+
+
+class TLSHandshakeError(TLSError):
+    reason = "tls_error"
+
+
+class TLSHandshakeTimeout(TLSHandshakeError):
+    reason = "tls_handshake_timeout"
+
+
+# -- contexts -----------------------------------------------------------------
+
+
+def _readable(option: str, path: str) -> str:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise TLSError(f"ssl.{option} {path}: cannot read it: {exc.strerror}") from None
+    return path
+
+
+def _load_pair(ctx: SSL.Context, certfile: str, keyfile: Optional[str], password: Any, where: str) -> None:
+    _readable(f"{where}certfile", certfile)
+    if keyfile is not None:
+        _readable(f"{where}keyfile", keyfile)
+    if password is not None:
+        secret = password.encode() if isinstance(password, str) else password
+        ctx.set_passwd_cb(lambda *_: secret)
+    try:
+        ctx.use_certificate_chain_file(certfile)
+    except SSL.Error as exc:
+        raise TLSError(f"ssl.{where}certfile {certfile}: not a PEM certificate OpenSSL can load ({_ssl_reason(exc)})") from None
+    key_path = keyfile or certfile
+    try:
+        ctx.use_privatekey_file(key_path)
+    except SSL.Error as exc:
+        raise TLSError(
+            f"ssl.{where}keyfile {key_path}: cannot load the private key ({_ssl_reason(exc)}); "
+            "is it PEM, and is the password right?"
+        ) from None
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise TLSError(f"ssl.{where}keyfile {key_path} does not match the certificate in {certfile}") from None
+
+
+def _base_context(tls: TLSConfig) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(MIN_VERSIONS[tls.min_version])
+    # No renegotiation (a DoS and injection vector), no compression (CRIME),
+    # and the server's cipher order.
+    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    # Idle connections give their read/write buffers back: memory per
+    # connection matters when thousands sit idle.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    return ctx
+
+
+def build_server_context(tls: TLSConfig, name: str = "netpool") -> SSL.Context:
+    """Build the pyOpenSSL context once per listener; every problem names its file.
+
+    Raises :class:`TLSError` for unreadable or invalid files, a key that does
+    not match its certificate, or a cipher string OpenSSL rejects.
+    """
+    ctx = _base_context(tls)
+    _load_pair(ctx, tls.certfile, tls.keyfile, tls.password, "")
+    if tls.ciphers:
+        try:
+            ctx.set_cipher_list(tls.ciphers.encode())
+        except SSL.Error as exc:
+            raise TLSError(f"ssl.ciphers {tls.ciphers!r}: OpenSSL accepts none of them ({_ssl_reason(exc)})") from None
+    if tls.cafile:
+        _readable("cafile", tls.cafile)
+        try:
+            ctx.load_verify_locations(tls.cafile)
+            ctx.load_client_ca(tls.cafile.encode())
+        except SSL.Error as exc:
+            raise TLSError(f"ssl.cafile {tls.cafile}: cannot load CA certificates ({_ssl_reason(exc)})") from None
+    mode = {
+        "none": SSL.VERIFY_NONE,
+        "optional": SSL.VERIFY_PEER,
+        "required": SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+    }[tls.verify_client]
+    ctx.set_verify(mode, None)  # OpenSSL's own chain verification decides
+    # Resumption: a session id context is required for session caching with
+    # client certificates; TLS 1.3 tickets work with OpenSSL's defaults.
+    ctx.set_session_id(f"netpool-{name}".encode()[:32])
+    if tls.alpn:
+        ours = [p.encode() for p in tls.alpn]
+
+        def select_alpn(_conn: SSL.Connection, offered: list[bytes]) -> bytes:
+            for proto in ours:
+                if proto in offered:
+                    return proto
+            return SSL.NO_OVERLAPPING_PROTOCOLS
+
+        ctx.set_alpn_select_callback(select_alpn)
+    if tls.sni:
+        by_name: dict[bytes, SSL.Context] = {}
+        for server_name, pair in tls.sni.items():
+            sub = _base_context(tls)
+            _load_pair(sub, pair["certfile"], pair.get("keyfile"), pair.get("password"), f"sni.{server_name}.")
+            # The handshake keeps the first context's verify/ALPN settings;
+            # only the certificate comes from the SNI context.
+            by_name[server_name.encode()] = sub
+
+        def pick_certificate(conn: SSL.Connection) -> None:
+            requested = conn.get_servername()
+            if requested and requested.lower() in by_name:
+                conn.set_context(by_name[requested.lower()])
+
+        ctx.set_tlsext_servername_callback(pick_certificate)
+    return ctx
+
+
+def _ssl_reason(exc: Exception) -> str:
+    errors = exc.args[0] if exc.args else None
+    if isinstance(errors, list) and errors and isinstance(errors[0], tuple):
+        return "; ".join(str(e[-1]) for e in errors)
+    return str(exc) or type(exc).__name__
+
+
+# -- waiting ------------------------------------------------------------------
+
+
+def _wait(poller: "select.poll", timeout: Optional[float]) -> bool:
+    """Wait for the registered event; False when the timeout passed first."""
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return bool(poller.poll(ms))
+
+
+def _poller(sock: socket.socket, events: int) -> "select.poll":
+    poller = select.poll()
+    poller.register(sock, events)
+    return poller
+
+
+# -- handshake ----------------------------------------------------------------
+
+
+def server_handshake(sock: socket.socket, ctx: SSL.Context, timeout: float) -> SSL.Connection:
+    """Run the server side of a TLS handshake on ``sock`` within ``timeout`` seconds.
+
+    The deadline covers the whole handshake, so a client that trickles bytes
+    cannot stretch it. Raises :class:`TLSHandshakeTimeout` or
+    :class:`TLSHandshakeError` (with OpenSSL's reason).
+    """
+    sock.setblocking(False)
+    ssl_conn = SSL.Connection(ctx, sock)
+    ssl_conn.set_accept_state()
+    deadline = time.monotonic() + timeout
+    readable = writable = None
+    while True:
+        try:
+            ssl_conn.do_handshake()
+            return ssl_conn
+        except SSL.WantReadError:
+            readable = readable or _poller(sock, select.POLLIN)
+            poller = readable
+        except SSL.WantWriteError:
+            writable = writable or _poller(sock, select.POLLOUT)
+            poller = writable
+        except SSL.SysCallError as exc:
+            raise TLSHandshakeError(_syscall_message(exc, "during the TLS handshake")) from None
+        except SSL.Error as exc:
+            raise TLSHandshakeError(f"TLS handshake failed: {_ssl_reason(exc)}") from None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not _wait(poller, remaining):
+            raise TLSHandshakeTimeout(f"TLS handshake not finished within {timeout:g}s (handshake_timeout)")
+
+
+def _syscall_message(exc: SSL.SysCallError, when: str) -> str:
+    code = exc.args[0] if exc.args else None
+    if code in (-1, 0):
+        return f"peer closed the connection {when}"
+    if isinstance(code, int) and code > 0:
+        return f"{os.strerror(code)} {when}"
+    return f"{exc} {when}"
+
+
+def negotiated(ssl_conn: SSL.Connection) -> TLSInfo:
+    cert = ssl_conn.get_peer_certificate(as_cryptography=True)
+    subject = cert.subject.rfc4514_string() if cert is not None else None
+    alpn = ssl_conn.get_alpn_proto_negotiated()
+    name = ssl_conn.get_servername()
+    return TLSInfo(
+        version=ssl_conn.get_protocol_version_name(),
+        cipher=ssl_conn.get_cipher_name() or "",
+        alpn=alpn.decode() if alpn else None,
+        server_name=name.decode() if name else None,
+        peer_subject=subject,
+        session_reused=_session_reused(ssl_conn),
+    )
+
+
+def _session_reused(ssl_conn: SSL.Connection) -> bool:
+    # pyOpenSSL has no public accessor; its cffi binding of
+    # SSL_session_reused does the job where present.
+    try:
+        from OpenSSL.SSL import _lib  # type: ignore[attr-defined]
+
+        return bool(_lib.SSL_session_reused(ssl_conn._ssl))  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        return False
+
+
+# -- the transport ------------------------------------------------------------
+
+
+class TLSTransport:
+    """recv/send over one SSL connection, safe for one reader plus many senders."""
+
+    __slots__ = ("_sock", "_ssl", "_lock", "_read_poll", "_write_poll", "_notified")
+
+    def __init__(self, sock: socket.socket, ssl_conn: SSL.Connection) -> None:
+        self._sock = sock
+        self._ssl = ssl_conn
+        self._lock = threading.Lock()
+        # One poll object per side: the reader and a sender may wait at once,
+        # and one poll object refuses concurrent poll() calls.
+        self._read_poll = _poller(sock, select.POLLIN)
+        self._write_poll: Optional["select.poll"] = None
+        self._notified = False
+
+    def recv(self, size: int, timeout: Optional[float]) -> bytes:
+        """Read decrypted bytes; b"" at end of stream.
+
+        Raises BlockingIOError when nothing arrived for ``timeout`` seconds
+        (the idle timeout), ConnectionResetError on a reset and TLSError on a
+        protocol error.
+        """
+        ssl_conn = self._ssl
+        while True:
+            with self._lock:
+                try:
+                    return ssl_conn.recv(size)
+                except SSL.WantReadError:
+                    poller = self._read_poll
+                except SSL.WantWriteError:
+                    poller = self._writable()
+                except SSL.ZeroReturnError:
+                    return b""  # close_notify: a clean end
+                except SSL.SysCallError as exc:
+                    code = exc.args[0] if exc.args else -1
+                    if code in (-1, 0):
+                        return b""  # TCP FIN without close_notify: treat as end of stream
+                    raise ConnectionResetError(code, os.strerror(code)) from None
+                except SSL.Error as exc:
+                    raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
+            if not _wait(poller, timeout):
+                raise BlockingIOError(errno.EAGAIN, "idle timeout")
+
+    def sendall(self, data: bytes, deadline: float) -> None:
+        """Encrypt and send all of ``data`` by ``deadline`` (monotonic) or raise TimeoutError."""
+        view = memoryview(data)
+        ssl_conn = self._ssl
+        while view:
+            chunk = view[:WRITE_CHUNK]
+            with self._lock:
+                try:
+                    sent = ssl_conn.send(chunk)
+                    view = view[sent:]
+                    continue
+                except SSL.WantWriteError:
+                    poller = self._writable()
+                except SSL.WantReadError:
+                    poller = self._read_poll
+                except SSL.ZeroReturnError:
+                    raise BrokenPipeError(errno.EPIPE, "peer closed the TLS session") from None
+                except SSL.SysCallError as exc:
+                    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) and exc.args[0] > 0 else errno.EPIPE
+                    raise ConnectionResetError(code, os.strerror(code)) from None
+                except SSL.Error as exc:
+                    raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _wait(poller, remaining):
+                raise TimeoutError("send timed out")
+
+    def notify_close(self) -> None:
+        """Send close_notify once, without waiting for the peer's (never blocks)."""
+        with self._lock:
+            if self._notified:
+                return
+            self._notified = True
+            try:
+                self._ssl.shutdown()
+            except (SSL.Error, OSError):
+                pass  # the peer is gone or the socket is already shut: nothing to tell
+
+    def _writable(self) -> "select.poll":
+        if self._write_poll is None:
+            self._write_poll = _poller(self._sock, select.POLLOUT)
+        return self._write_poll
