@@ -318,8 +318,11 @@ class Connection:
                 self.close_reason = reason
             finished = self._finished
         if not finished:
-            if how == socket.SHUT_RDWR and self._tls is not None:
-                self._tls.notify_close()
+            tls = self._tls
+            if tls is not None:
+                tls.closing = True
+                if how == socket.SHUT_RDWR:
+                    tls.notify_close()
             try:
                 self._sock.shutdown(how)
             except OSError:

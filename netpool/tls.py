@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
 from .errors import ConfigError, TLSError
@@ -170,39 +171,31 @@ def _readable(option: str, path: str) -> str:
 
 def _load_pair(ctx: SSL.Context, certfile: str, keyfile: Optional[str], password: Any, where: str) -> None:
     _readable(f"{where}certfile", certfile)
-    if keyfile is not None:
-        _readable(f"{where}keyfile", keyfile)
-    if password is not None:
-        secret = password.encode() if isinstance(password, str) else password
-        ctx.set_passwd_cb(lambda *_: secret)
+    key_option = f"{where}keyfile" if keyfile is not None else f"{where}certfile"
+    key_path = _readable(key_option, keyfile or certfile)
     try:
         ctx.use_certificate_chain_file(certfile)
     except SSL.Error as exc:
         raise TLSError(f"ssl.{where}certfile {certfile}: not a PEM certificate OpenSSL can load ({_ssl_reason(exc)})") from None
-    key_path = keyfile or certfile
+    # The key is decrypted by cryptography (pyOpenSSL's passphrase callback
+    # is deprecated), which also tells a wrong password from a bad file.
+    secret = password.encode() if isinstance(password, str) else password
+    with open(key_path, "rb") as fh:
+        pem = fh.read()
     try:
-        ctx.use_privatekey_file(key_path)
-    except SSL.Error as exc:
+        key = serialization.load_pem_private_key(pem, secret)
+    except TypeError:
+        hint = "the key is encrypted: give ssl.password" if secret is None else "the key is not encrypted: drop ssl.password"
+        raise TLSError(f"ssl.{key_option} {key_path}: {hint}") from None
+    except ValueError as exc:
         raise TLSError(
-            f"ssl.{where}keyfile {key_path}: cannot load the private key ({_ssl_reason(exc)}); "
-            "is it PEM, and is the password right?"
+            f"ssl.{key_option} {key_path}: cannot load the private key (is it PEM, and is the password right?): {exc}"
         ) from None
     try:
+        ctx.use_privatekey(key)
         ctx.check_privatekey()
-    except SSL.Error:
-        raise TLSError(f"ssl.{where}keyfile {key_path} does not match the certificate in {certfile}") from None
-
-
-def _base_context(tls: TLSConfig) -> SSL.Context:
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.set_min_proto_version(MIN_VERSIONS[tls.min_version])
-    # No renegotiation (a DoS and injection vector), no compression (CRIME),
-    # and the server's cipher order.
-    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
-    # Idle connections give their read/write buffers back: memory per
-    # connection matters when thousands sit idle.
-    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    return ctx
+    except (SSL.Error, TypeError):
+        raise TLSError(f"ssl.{key_option} {key_path} does not match the certificate in {certfile}") from None
 
 
 def build_server_context(tls: TLSConfig, name: str = "netpool") -> SSL.Context:
@@ -211,8 +204,37 @@ def build_server_context(tls: TLSConfig, name: str = "netpool") -> SSL.Context:
     Raises :class:`TLSError` for unreadable or invalid files, a key that does
     not match its certificate, or a cipher string OpenSSL rejects.
     """
-    ctx = _base_context(tls)
-    _load_pair(ctx, tls.certfile, tls.keyfile, tls.password, "")
+    ctx = _context_for(tls, tls.certfile, tls.keyfile, tls.password, "", name)
+    if tls.sni:
+        # The context switched to by SNI governs the rest of the handshake
+        # (ALPN, client verification), so each one is configured in full.
+        by_name = {
+            server_name.encode(): _context_for(
+                tls, pair["certfile"], pair.get("keyfile"), pair.get("password"), f"sni.{server_name}.", name
+            )
+            for server_name, pair in tls.sni.items()
+        }
+
+        def pick_certificate(conn: SSL.Connection) -> None:
+            requested = conn.get_servername()
+            if requested and requested.lower() in by_name:
+                conn.set_context(by_name[requested.lower()])
+
+        ctx.set_tlsext_servername_callback(pick_certificate)
+    return ctx
+
+
+def _context_for(tls: TLSConfig, certfile: str, keyfile: Optional[str], password: Any, where: str,
+                 name: str) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(MIN_VERSIONS[tls.min_version])
+    # No renegotiation (a DoS and injection vector), no compression (CRIME),
+    # and the server's cipher order.
+    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    # Idle connections give their read/write buffers back: memory per
+    # connection matters when thousands sit idle.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    _load_pair(ctx, certfile, keyfile, password, where)
     if tls.ciphers:
         try:
             ctx.set_cipher_list(tls.ciphers.encode())
@@ -231,8 +253,8 @@ def build_server_context(tls: TLSConfig, name: str = "netpool") -> SSL.Context:
         "required": SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
     }[tls.verify_client]
     ctx.set_verify(mode, None)  # OpenSSL's own chain verification decides
-    # Resumption: a session id context is required for session caching with
-    # client certificates; TLS 1.3 tickets work with OpenSSL's defaults.
+    # Resumption: session caching needs a session id context when client
+    # certificates are in play; TLS 1.3 tickets work with OpenSSL's defaults.
     ctx.set_session_id(f"netpool-{name}".encode()[:32])
     if tls.alpn:
         ours = [p.encode() for p in tls.alpn]
@@ -244,21 +266,6 @@ def build_server_context(tls: TLSConfig, name: str = "netpool") -> SSL.Context:
             return SSL.NO_OVERLAPPING_PROTOCOLS
 
         ctx.set_alpn_select_callback(select_alpn)
-    if tls.sni:
-        by_name: dict[bytes, SSL.Context] = {}
-        for server_name, pair in tls.sni.items():
-            sub = _base_context(tls)
-            _load_pair(sub, pair["certfile"], pair.get("keyfile"), pair.get("password"), f"sni.{server_name}.")
-            # The handshake keeps the first context's verify/ALPN settings;
-            # only the certificate comes from the SNI context.
-            by_name[server_name.encode()] = sub
-
-        def pick_certificate(conn: SSL.Connection) -> None:
-            requested = conn.get_servername()
-            if requested and requested.lower() in by_name:
-                conn.set_context(by_name[requested.lower()])
-
-        ctx.set_tlsext_servername_callback(pick_certificate)
     return ctx
 
 
@@ -359,7 +366,7 @@ def _session_reused(ssl_conn: SSL.Connection) -> bool:
 class TLSTransport:
     """recv/send over one SSL connection, safe for one reader plus many senders."""
 
-    __slots__ = ("_sock", "_ssl", "_lock", "_read_poll", "_write_poll", "_notified")
+    __slots__ = ("_sock", "_ssl", "_lock", "_read_poll", "_write_poll", "_notified", "closing")
 
     def __init__(self, sock: socket.socket, ssl_conn: SSL.Connection) -> None:
         self._sock = sock
@@ -369,7 +376,12 @@ class TLSTransport:
         # and one poll object refuses concurrent poll() calls.
         self._read_poll = _poller(sock, select.POLLIN)
         self._write_poll: Optional["select.poll"] = None
+        # _notified: close_notify sent, or the session is broken and must not
+        # be touched again. closing: the connection was told to close; the
+        # reader, woken by the socket shutdown, must stop without another
+        # SSL_read on a half-shut socket.
         self._notified = False
+        self.closing = False
 
     def recv(self, size: int, timeout: Optional[float]) -> bytes:
         """Read decrypted bytes; b"" at end of stream.
@@ -380,6 +392,8 @@ class TLSTransport:
         """
         ssl_conn = self._ssl
         while True:
+            if self.closing:
+                return b""
             with self._lock:
                 try:
                     return ssl_conn.recv(size)
@@ -390,11 +404,13 @@ class TLSTransport:
                 except SSL.ZeroReturnError:
                     return b""  # close_notify: a clean end
                 except SSL.SysCallError as exc:
+                    self._notified = True  # a broken session gets no close_notify
                     code = exc.args[0] if exc.args else -1
                     if code in (-1, 0):
                         return b""  # TCP FIN without close_notify: treat as end of stream
                     raise ConnectionResetError(code, os.strerror(code)) from None
                 except SSL.Error as exc:
+                    self._notified = True
                     raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
             if not _wait(poller, timeout):
                 raise BlockingIOError(errno.EAGAIN, "idle timeout")
