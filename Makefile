@@ -26,7 +26,19 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/netpool echo --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# Tools the tests drive as real, independent peers (openssl s_client).
+# Installed from Debian's packages when missing, never by hand.
+SYSTEM_TOOLS := openssl
+.PHONY: system-tools
+system-tools:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+test: $(STAMP) system-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -63,21 +63,27 @@ class Acceptor:
             try:
                 client, peer = sock.accept()
             except OSError as exc:
+                error: OSError | None = exc
+            else:
+                error = None
+            finally:
+                listener._leave_accept()
+            if error is not None:
                 if wait_for_slot:
                     admission.unreserve()
                 if not listener._accepting_on(sock):
                     continue  # suspended or stopping: the gate decides what next
-                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                    listener._out_of_descriptors(sock, exc)
+                if error.errno in ACCEPT_CAPACITY_ERRNOS:
+                    # Out of this acceptor's accept(): it must not hold a slot
+                    # while the spare is down.
+                    listener._out_of_descriptors(sock, error)
                     listener._stop_event.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
-                elif exc.errno not in ACCEPT_CLIENT_ERRNOS:
-                    self._errors(logging.ERROR, "acceptor %d: accept() failed: %s", self.index, exc)
+                elif error.errno not in ACCEPT_CLIENT_ERRNOS:
+                    self._errors(logging.ERROR, "acceptor %d: accept() failed: %s", self.index, error)
                     listener._stop_event.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            finally:
-                listener._leave_accept()
             backoff = MIN_BACKOFF
             self.accepted += 1
             listener._admit(client, peer, self.index, reserved=wait_for_slot)

@@ -28,12 +28,16 @@ log = logging.getLogger("netpool.admission")
 FD_RESERVE = 64
 
 
-def fd_ceiling() -> int:
-    """The most connections this process can hold: its open-file limit less a reserve."""
+def fd_ceiling(acceptors: int = 0) -> int:
+    """The most connections this process can hold: its open-file limit less a reserve.
+
+    Each acceptor blocked in accept() already holds a descriptor slot (Linux
+    reserves it before waiting), so those come off too.
+    """
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = 1 << 20
-    return max(1, soft - FD_RESERVE)
+    return max(1, soft - FD_RESERVE - acceptors)
 
 
 class Admission:
@@ -48,12 +52,13 @@ class Admission:
         alarm_threshold: int | None = None,
         alarm_cooldown: float = 5.0,
         ceiling: int | None = None,
+        acceptors: int = 0,
     ) -> None:
         self._cond = threading.Condition(threading.Lock())
         self.max_connections = max_connections
         self.overflow = overflow
         self.grow_step = grow_step
-        self.ceiling = ceiling if ceiling is not None else fd_ceiling()
+        self.ceiling = ceiling if ceiling is not None else fd_ceiling(acceptors)
         self.live = 0
         self.grown = 0
         self._reserved = 0

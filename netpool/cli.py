@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .config import OVERFLOW_STRATEGIES, ListenerConfig, load_toml
-from .errors import ConfigError, ListenError
+from .errors import ConfigError, ListenError, TLSError
 from .framing import FRAMERS
 from .listener import start_listener
 
@@ -56,8 +56,25 @@ LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
 ]
 
 
+# TLS flags: they fill ListenerConfig.ssl (a [ssl] table in a --config file).
+TLS_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--certfile", "certfile", click.Path(dir_okay=False), "PEM certificate (chain): serve TLS. `netpool cert` makes one."),
+    ("--keyfile", "keyfile", click.Path(dir_okay=False), "PEM private key, if not in --certfile."),
+    ("--cafile", "cafile", click.Path(dir_okay=False), "CA certificates that sign acceptable client certificates."),
+    ("--verify-client", "verify_client", click.Choice(["none", "optional", "required"]),
+     "Ask for client certificates. [default: none]"),
+    ("--tls-min-version", "min_version", click.Choice(["1.2", "1.3"]), "Lowest TLS version served. [default: 1.2]"),
+    ("--alpn", "alpn", str, "Comma-separated ALPN protocols, in order of preference."),
+    ("--tls-mode", "mode", click.Choice(["implicit", "starttls"]),
+     "implicit: TLS from the first byte; starttls: plain until the handler calls conn.start_tls(). "
+     "[default: implicit]"),
+]
+
+
 def listener_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the flags that mirror ListenerConfig, plus --config, --grace and --log-level."""
+    """Add the flags that mirror ListenerConfig and its TLS options, plus --config, --grace and --log-level."""
+    for flag, key, kind, text in reversed(TLS_OPTIONS):
+        func = click.option(flag, f"tls_{key}", type=kind, default=None, help=text)(func)
     extra = [
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
                      default="info", show_default=True, help="Logging verbosity."),
@@ -110,6 +127,30 @@ def run(handler: str, config_file: Optional[str], grace: float, log_level: str, 
     _serve(settings, grace, log_level)
 
 
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Directory to write cert.pem and key.pem into (created if missing).")
+@click.option("--host", "hosts", multiple=True,
+              help="Host name or IP address the certificate is for; repeat for several. "
+                   "[default: localhost, 127.0.0.1, ::1]")
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True, help="Validity in days.")
+def cert(out_dir: str, hosts: tuple[str, ...], days: int) -> None:
+    """Write a self-signed development certificate and key, for trying TLS locally.
+
+    Then: netpool echo --certfile OUT/cert.pem --keyfile OUT/key.pem
+    and:  openssl s_client -connect 127.0.0.1:5555
+    """
+    from .devcert import DEFAULT_HOSTS, write_dev_certificate
+
+    try:
+        cert_path, key_path = write_dev_certificate(out_dir, hosts or DEFAULT_HOSTS, days)
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(f"cannot write the certificate: {exc}") from None
+    click.echo(f"wrote {cert_path} and {key_path} (self-signed, for {', '.join(hosts or DEFAULT_HOSTS)}; "
+               f"valid {days} days; development only)")
+    click.echo(f"serve it: netpool echo --certfile {cert_path} --keyfile {key_path}")
+
+
 def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: str) -> dict[str, Any]:
     settings: dict[str, Any] = {"name": default_name}
     if config_file is not None:
@@ -117,7 +158,15 @@ def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: s
             settings.update(load_toml(config_file))
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None
-    settings.update({key: value for key, value in flags.items() if value is not None})
+    tls = {key[4:]: value for key, value in flags.items() if key.startswith("tls_") and value is not None}
+    settings.update({key: value for key, value in flags.items() if not key.startswith("tls_") and value is not None})
+    if tls:
+        if "alpn" in tls:
+            tls["alpn"] = [p.strip() for p in tls["alpn"].split(",") if p.strip()]
+        base = settings.get("ssl") or {}
+        if not isinstance(base, dict):
+            raise click.UsageError("ssl in the config file must be a table of TLS options")
+        settings["ssl"] = {**base, **tls}
     if settings.get("refuse_message") is not None and isinstance(settings["refuse_message"], str):
         settings["refuse_message"] = settings["refuse_message"].encode().decode("unicode_escape").encode()
     if settings.get("idle_timeout") == 0:
@@ -158,7 +207,7 @@ def _serve(settings: dict[str, Any], grace: float, log_level: str) -> None:
         raise click.UsageError(str(exc)) from None
     try:
         listener = start_listener(config)
-    except ListenError as exc:
+    except (ListenError, TLSError) as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
     signal.signal(signal.SIGINT, _on_signal)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import select
 import socket
 import threading
 import time
@@ -82,6 +81,7 @@ class ListenerInfo:
     refused_by_reason: Mapping[str, int] = field(default_factory=dict)
     closed_by_reason: Mapping[str, int] = field(default_factory=dict)
     accepted_by_acceptor: tuple[int, ...] = ()
+    """What each acceptor's accept() returned; clients dropped through the spare descriptor are not in it."""
 
     def summary(self) -> str:
         """One line for logs: accepted, refused, closed by reason."""
@@ -115,6 +115,7 @@ class Listener:
             config.grow_step,
             alarm_threshold=config.alarm_threshold,
             alarm_cooldown=config.alarm_cooldown,
+            acceptors=config.acceptors,
         )
         # Counters and the table of open connections.
         self._lock = threading.Lock()
@@ -140,6 +141,9 @@ class Listener:
         # instead of hanging in the backlog (Twisted's reserved descriptor).
         self._spare: Optional[int] = None
         self._spare_lock = threading.Lock()
+        # Set while one acceptor drains pending clients through the spare: no
+        # acceptor may enter accept() meanwhile (see _out_of_descriptors).
+        self._draining = False
         self._refusals = RateLimitedLog(log)
         self._fd_log = RateLimitedLog(log)
 
@@ -305,7 +309,7 @@ class Listener:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-            while self._in_accept:
+            while self._in_accept or self._draining:
                 self._gate.wait()
             self._close_socket()
         log.info("%s suspended: no longer accepting on %s", self.config.name, self.address)
@@ -370,7 +374,7 @@ class Listener:
     def _enter_accept(self) -> Optional[socket.socket]:
         """Wait while suspended; return the socket to accept on, or None when stopping."""
         with self._gate:
-            while self._state == "suspended":
+            while self._state == "suspended" or self._draining:
                 self._gate.wait()
             if self._state != "running":
                 return None
@@ -437,39 +441,67 @@ class Listener:
                 self.config.name, self._admission.max_connections, self.config.overflow,
             )
 
-    def _out_of_descriptors(self, sock: socket.socket, exc: OSError) -> None:
+    def _out_of_descriptors(self, sock: socket.socket, exc: OSError) -> int:
+        """accept() failed for want of a descriptor: close every pending client through the spare.
+
+        Called by an acceptor *after* it left accept(). While it runs no other
+        acceptor may enter accept(): accept() reserves its descriptor before it
+        blocks, so one that entered would take the slot the spare frees and the
+        spare could not be reopened. Returns how many clients were closed.
+        """
         self._fd_log(
             logging.WARNING,
             "%s: accept() failed: %s; closing pending clients until descriptors free up "
             "(raise the open-file limit, ulimit -n, or lower max_connections)",
             self.config.name, exc.strerror or exc,
         )
-        if not self._spare_lock.acquire(blocking=False):
-            return  # another acceptor is already doing this
+        with self._gate:
+            if self._draining or not self._accepting_on(sock):
+                return 0  # another acceptor is already doing this, or we are stopping
+            self._draining = True
+            # An acceptor still inside accept() either holds a descriptor of its
+            # own (it will take the next client itself) or is about to fail too.
+            deadline = time.monotonic() + 0.1
+            while self._in_accept and (remaining := deadline - time.monotonic()) > 0:
+                self._gate.wait(remaining)
+            idle = not self._in_accept
+        drained = 0
         try:
+            if idle:
+                drained = self._drain_pending(sock)
+        finally:
+            with self._gate:
+                self._draining = False
+                self._gate.notify_all()
+        return drained
+
+    def _drain_pending(self, sock: socket.socket) -> int:
+        with self._spare_lock:
             if self._spare is None:
                 self._spare = _open_spare()
                 if self._spare is None:
-                    return
+                    return 0
             os.close(self._spare)
             self._spare = None
-            # Only accept when a client is really pending: this thread must
-            # not sit in accept() holding the freed descriptor's slot.
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            if poller.poll(0):
-                try:
-                    client, _ = sock.accept()
-                except OSError:
-                    pass
-                else:
+            drained = 0
+            # Nobody else is in accept(): non-blocking is safe, and the loop
+            # ends as soon as the backlog is empty (bounded by its size).
+            sock.setblocking(False)
+            try:
+                while drained < self.config.backlog:
+                    try:
+                        client, _ = sock.accept()
+                    except OSError:  # BlockingIOError: none left
+                        break
                     client.close()
-                    with self._lock:
-                        self._refused["no_descriptors"] += 1
-        finally:
-            if self._spare is None:
+                    drained += 1
+            finally:
+                sock.setblocking(True)
                 self._spare = _open_spare()
-            self._spare_lock.release()
+            if drained:
+                with self._lock:
+                    self._refused["no_descriptors"] += drained
+            return drained
 
     # -- called on connection threads -----------------------------------------
 
