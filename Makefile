@@ -3,8 +3,10 @@
 #   make test   same set-up, then the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
-PORT   ?= 5555
-HOST   ?= 127.0.0.1
+# Plain "=" so a PORT or HOST exported by the shell or a platform is not
+# picked up by accident; `make run PORT=6000` still overrides.
+PORT   = 5555
+HOST   = 127.0.0.1
 PYTEST_ARGS ?=
 
 BIN    := $(VENV)/bin

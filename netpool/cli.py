@@ -29,6 +29,8 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ListenerConfig)}
 
 
 def _default(name: str) -> str:
+    if name == "name":
+        return "[default: echo, or MODULE for run]"
     value = CLI_DEFAULT_PORT if name == "port" else _DEFAULTS[name]
     return f"[default: {value}]"
 
@@ -160,6 +162,10 @@ def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: s
             raise click.UsageError(str(exc)) from None
     tls = {key[4:]: value for key, value in flags.items() if key.startswith("tls_") and value is not None}
     settings.update({key: value for key, value in flags.items() if not key.startswith("tls_") and value is not None})
+    if flags.get("refuse_message") is not None:
+        # Shell users type "busy\n" literally; TOML values are already unescaped.
+        text = flags["refuse_message"].encode("latin-1", "backslashreplace").decode("unicode_escape")
+        settings["refuse_message"] = text.encode()
     if tls:
         if "alpn" in tls:
             tls["alpn"] = [p.strip() for p in tls["alpn"].split(",") if p.strip()]
@@ -167,8 +173,6 @@ def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: s
         if not isinstance(base, dict):
             raise click.UsageError("ssl in the config file must be a table of TLS options")
         settings["ssl"] = {**base, **tls}
-    if settings.get("refuse_message") is not None and isinstance(settings["refuse_message"], str):
-        settings["refuse_message"] = settings["refuse_message"].encode().decode("unicode_escape").encode()
     if settings.get("idle_timeout") == 0:
         settings["idle_timeout"] = None
     if "port" not in settings and "unix" not in settings:
@@ -205,14 +209,22 @@ def _serve(settings: dict[str, Any], grace: float, log_level: str) -> None:
         config = ListenerConfig.from_mapping(settings)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    # Hold stop signals from before the "listening" line until the handlers
+    # are in place: a SIGTERM that arrives in between is delivered (and
+    # handled gracefully) when unblocked, instead of killing the process
+    # without a summary.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         listener = start_listener(config)
     except (ListenError, TLSError) as exc:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         listener.wait()
     except _StopRequested as stop:
         log.info("%s received: stopping (grace %gs)", stop.signame, grace)

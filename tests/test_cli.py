@@ -26,7 +26,7 @@ import pytest
 
 from netpool import cli
 
-from .conftest import recv_exactly, recv_until_closed
+from .conftest import recv_exactly, recv_until_closed, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -126,6 +126,8 @@ class Server:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=DEADLINE)
         self._reader.join(timeout=DEADLINE)
+        if not self._reader.is_alive() and self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 @contextlib.contextmanager
@@ -174,6 +176,20 @@ def free_port() -> int:
 
 
 # -- serving and stopping -----------------------------------------------------------
+
+
+def test_signal_right_after_the_listening_line_still_stops_gracefully(tmp_path):
+    """A SIGTERM sent the moment "listening" is logged still gets the summary and exit 0.
+
+    Regression: the handlers used to be installed after the line was logged,
+    so an early signal killed the server with no summary.
+    """
+    for _ in range(5):
+        with server("echo", "--port", "0", cwd=tmp_path) as srv:
+            srv.listening()
+            returncode, stderr = srv.stop(signal.SIGTERM)
+            assert returncode == 0, stderr
+            assert "stopped after" in stderr and "accepted 0" in stderr, stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
