@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import shutil
 import ssl
 import subprocess
@@ -109,3 +110,36 @@ def test_verify_client_without_cafile_is_a_usage_error(tmp_path, dev_cert):
     result = run_cli("echo", "--certfile", cert, "--keyfile", key, "--verify-client", "required", cwd=tmp_path)
     assert_clean_usage_error(result, "cafile")
 
+
+
+@needs_openssl
+def test_client_renegotiation_is_refused(tmp_path, dev_cert):
+    """s_client's "R" command asks for a TLS 1.2 renegotiation; netpool never allows one."""
+    cert, key = dev_cert
+    with server("echo", "--port", "0", "--certfile", cert, "--keyfile", key, cwd=tmp_path) as srv:
+        port = int(srv.listening()["address"].rpartition(":")[2])
+        # Without -ign_eof, s_client reads a line "R" as its renegotiate command.
+        proc = subprocess.Popen(
+            [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2", "-brief"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(b"before\n")
+            proc.stdin.flush()
+            seen = b""
+            for _ in range(200):  # bounded: each readline is bounded by the server's echo or exit
+                line = proc.stdout.readline()
+                seen += line
+                if not line or line == b"before\n":
+                    break
+            assert b"before\n" in seen
+            proc.stdin.write(b"R\n")
+            proc.stdin.flush()
+            rest, _ = proc.communicate(timeout=10)
+        finally:
+            proc.kill()
+        assert b"RENEGOTIATING" in rest and b"no renegotiation" in rest
+        srv.expect(re.compile(r"closing it \(tls_error\)"))
+        returncode, stderr = srv.stop()
+        assert returncode == 0 and "tls_error 1" in stderr
