@@ -16,12 +16,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["make_self_signed", "write_dev_certificate"]
+__all__ = ["make_self_signed", "write_dev_certificate", "subject_alt_names"]
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
-def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+def subject_alt_names(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    """DNS names and IP addresses (told apart by parsing) as a SAN extension."""
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:
@@ -49,7 +50,7 @@ def make_self_signed(hosts: Sequence[str] = DEFAULT_HOSTS, days: int = 365) -> t
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(_san(hosts), critical=False)
+        .add_extension(subject_alt_names(hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())

@@ -49,6 +49,17 @@ def client_context(pki, *, version=None, cert=None) -> ssl.SSLContext:
     return ctx
 
 
+def recording_echo():
+    """An echo handler that also records each connection's conn.tls; returns (records, handler)."""
+    seen: queue.Queue = queue.Queue()
+
+    def handler(message, conn):
+        seen.put(conn.tls)
+        conn.send(message)
+
+    return seen, handler
+
+
 def tls_connect(listener, ctx, server_hostname="localhost", **kw) -> ssl.SSLSocket:
     raw = connect(listener)
     return ctx.wrap_socket(raw, server_hostname=server_hostname, **kw)
@@ -59,11 +70,7 @@ def tls_connect(listener, ctx, server_hostname="localhost", **kw) -> ssl.SSLSock
     (ssl.TLSVersion.TLSv1_3, "TLSv1.3"),
 ])
 def test_echo_over_tls_12_and_13(pki, version, name):
-    seen: queue.Queue = queue.Queue()
-
-    def handler(message, conn):
-        seen.put(conn.tls)
-        conn.send(message)
+    seen, handler = recording_echo()
 
     with serving(handler=handler, framing="line", **tls_settings(pki)) as listener:
         with tls_connect(listener, client_context(pki, version=version)) as sock:
@@ -101,34 +108,27 @@ def test_one_mebibyte_each_way_over_tls(pki):
 
 
 def test_client_certificate_required(pki):
-    seen: queue.Queue = queue.Queue()
-
-    def handler(message, conn):
-        seen.put(conn.tls.peer_subject)
-        conn.send(message)
+    seen, handler = recording_echo()
 
     settings = tls_settings(pki, ssl={"cafile": str(pki["ca"].path), "verify_client": "required"})
     with serving(handler=handler, **settings) as listener:
         with tls_connect(listener, client_context(pki, cert=pki["client"])) as sock:
             sock.sendall(b"id?")
             assert recv_exactly(sock, 3) == b"id?"
-            assert "CN=alice" in seen.get(timeout=10)
+            assert "CN=alice" in seen.get(timeout=10).peer_subject
         for refused in (None, pki["stranger"]):
             with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
                 with tls_connect(listener, client_context(pki, cert=refused)) as sock:
                     # TLS 1.3 reports a missing certificate after the client's handshake ends.
                     sock.sendall(b"x")
-                    sock.recv(1) or (_ for _ in ()).throw(ConnectionResetError())
+                    if not sock.recv(1):
+                        raise ConnectionResetError("closed by the server")
         info = wait_for(lambda: (i := listener.info()).closed == 3 and i)
         assert info.closed_by_reason.get("tls_error") == 2
 
 
 def test_client_certificate_optional(pki):
-    seen: queue.Queue = queue.Queue()
-
-    def handler(message, conn):
-        seen.put(conn.tls.peer_subject)
-        conn.send(message)
+    seen, handler = recording_echo()
 
     settings = tls_settings(pki, ssl={"cafile": str(pki["ca"].path), "verify_client": "optional"})
     with serving(handler=handler, **settings) as listener:
@@ -136,16 +136,12 @@ def test_client_certificate_optional(pki):
             with tls_connect(listener, client_context(pki, cert=cert)) as sock:
                 sock.sendall(b"?")
                 assert recv_exactly(sock, 1) == b"?"
-                subject = seen.get(timeout=10)
+                subject = seen.get(timeout=10).peer_subject
                 assert (subject is None) if expected is None else (expected in subject)
 
 
 def test_alpn_and_sni_choose_protocol_and_certificate(pki):
-    seen: queue.Queue = queue.Queue()
-
-    def handler(message, conn):
-        seen.put(conn.tls)
-        conn.send(message)
+    seen, handler = recording_echo()
 
     settings = tls_settings(pki, ssl={
         "alpn": ["xmpp-client", "echo"],
