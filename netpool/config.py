@@ -86,6 +86,11 @@ class ListenerConfig:
     refuse_message: Optional[bytes] = None
     """Bytes sent to a refused client before closing (a protocol's "busy" line)."""
 
+    io: Literal["threads", "events"] = "threads"
+    """"threads": a thread per connection; "events": ``io_threads`` epoll loops read all connections."""
+    io_threads: int = 1
+    """With io="events": how many loop threads share the connections."""
+
     framing: str | FramerFactory = "raw"
     """"raw" (each received chunk), "line", "length" (4-byte big-endian), or a framer factory."""
     max_message_size: int = 65536
@@ -159,6 +164,9 @@ class ListenerConfig:
                 raise ConfigError("refuse_message", "keep it short: at most 4096 bytes")
             object.__setattr__(self, "refuse_message", bytes(self.refuse_message))
 
+        if self.io not in ("threads", "events"):
+            raise ConfigError("io", f"expected threads or events, got {self.io!r}")
+        _positive_int("io_threads", self.io_threads)
         if isinstance(self.framing, str):
             if self.framing not in FRAMERS:
                 raise ConfigError("framing", f"expected one of {', '.join(FRAMERS)} or a framer factory, got {self.framing!r}")

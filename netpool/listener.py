@@ -28,6 +28,7 @@ from .admission import Admission
 from .config import ListenerConfig, format_address
 from .connection import Connection
 from .framing import RawFramer, framer_factory
+from .io_loop import IOLoop, LoopConnection
 from .ratelimit import RateLimitedLog
 from .read_loop import serve_connection
 from .sockets import open_listening_socket, remove_unix_socket
@@ -136,9 +137,11 @@ class Listener:
         self._stopped = threading.Event()
         self._started_at = 0.0
         self._acceptors = [Acceptor(self, i) for i in range(config.acceptors)]
+        self._loops = [IOLoop(self, i) for i in range(config.io_threads)] if config.io == "events" else []
         # One descriptor held in reserve: when accept() fails with EMFILE it
         # is freed so the pending client can be accepted and closed at once
         # instead of hanging in the backlog (Twisted's reserved descriptor).
+        self._next_loop = 0
         self._spare: Optional[int] = None
         self._spare_lock = threading.Lock()
         # Set while one acceptor drains pending clients through the spare: no
@@ -161,13 +164,16 @@ class Listener:
             self._spare = _open_spare()
             self._state = "running"
         self._started_at = time.monotonic()
+        for loop in self._loops:
+            loop.thread.start()
         for acceptor in self._acceptors:
             acceptor.thread.start()
         c = self.config
         log.info(
-            "%s listening on %s (acceptors=%d, max_connections=%d, overflow=%s, framing=%s, "
+            "%s listening on %s (io=%s, acceptors=%d, max_connections=%d, overflow=%s, framing=%s, "
             "max_message_size=%d, idle_timeout=%s, tls=%s)",
-            c.name, self.address, c.acceptors, c.max_connections, c.overflow,
+            c.name, self.address, c.io if c.io == "threads" else f"events x{c.io_threads}",
+            c.acceptors, c.max_connections, c.overflow,
             c.framing if isinstance(c.framing, str) else getattr(c.framing, "__name__", "custom"),
             c.max_message_size, "none" if c.idle_timeout is None else f"{c.idle_timeout:g}s",
             "off" if c.ssl is None else f"on ({c.ssl.describe()})",
@@ -231,6 +237,12 @@ class Listener:
                 conn._force_close()
             self._wait_drained(time.monotonic() + FORCE_CLOSE_WAIT)
         self._join_connection_threads(time.monotonic() + FORCE_CLOSE_WAIT)
+        for loop in self._loops:
+            if loop.thread.ident is not None:
+                loop.stop()
+                loop.thread.join(FORCE_CLOSE_WAIT)
+                if loop.thread.is_alive():
+                    log.warning("I/O loop thread %s still running user code after stop", loop.thread.name)
 
         with self._spare_lock:
             if self._spare is not None:
@@ -395,14 +407,23 @@ class Listener:
         if not admitted:
             self._refuse(client, "limit")
             return
+        peer = peer if peer else self.config.unix
+        if self._loops:
+            loop = self._loops[self._next_loop % len(self._loops)]
+            self._next_loop += 1
+            conn = LoopConnection(
+                client, peer, listener=self, acceptor=acceptor, encode=self._encode,
+                send_timeout=self.config.send_timeout, release=self._admission.release, loop=loop,
+            )
+            conn._alarm_due = alarm_due
+            with self._lock:
+                self._conns[conn.id] = conn
+                self._admitted += 1
+            loop.add(conn)
+            return
         conn = Connection(
-            client,
-            peer if peer else self.config.unix,
-            listener=self,
-            acceptor=acceptor,
-            encode=self._encode,
-            send_timeout=self.config.send_timeout,
-            release=self._admission.release,
+            client, peer, listener=self, acceptor=acceptor, encode=self._encode,
+            send_timeout=self.config.send_timeout, release=self._admission.release,
         )
         thread = threading.Thread(
             target=self._run_connection, args=(conn, alarm_due), name=f"netpool-conn-{conn.id}", daemon=True

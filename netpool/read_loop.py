@@ -109,21 +109,31 @@ def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> 
                 framer = service._framer_factory(config.max_message_size)
                 feed = framer.feed
                 recv = _reader(conn, config.idle_timeout)
-    except TLSHandshakeError as exc:
-        reason = exc.reason
-        log.info("connection %d from %s: %s; closing it (%s)", conn.id, format_address(conn.peer), exc, reason)
-    except TLSError as exc:
-        reason = "tls_error"
-        log.warning("connection %d from %s: %s; closing it (tls_error)", conn.id, format_address(conn.peer), exc)
-    except FramingError as exc:
-        reason = exc.reason
-        log.warning("connection %d from %s: %s; closing it (%s)", conn.id, format_address(conn.peer), exc, reason)
-    except ConnectionClosed:
-        # A send inside the handler found the connection closed (send
-        # timeout, reset, quit): its own reason is already recorded.
-        reason = "error"
-    except Exception:
-        reason = "handler_error"
-        log.exception("handler raised on connection %d from %s; closing it", conn.id, format_address(conn.peer))
+    except Exception as exc:
+        reason = reason_for(conn, exc)
     finally:
         service._connection_finished(conn, reason)
+
+
+def reason_for(conn: Connection, exc: Exception) -> str:
+    """The close reason for an exception that ended a connection's loop; logs it once.
+
+    Shared by every read path so a given fault reads the same in the logs
+    and counters whichever I/O mode served the connection.
+    """
+    peer = format_address(conn.peer)
+    if isinstance(exc, TLSHandshakeError):
+        log.info("connection %d from %s: %s; closing it (%s)", conn.id, peer, exc, exc.reason)
+        return exc.reason
+    if isinstance(exc, TLSError):
+        log.warning("connection %d from %s: %s; closing it (tls_error)", conn.id, peer, exc)
+        return "tls_error"
+    if isinstance(exc, FramingError):
+        log.warning("connection %d from %s: %s; closing it (%s)", conn.id, peer, exc, exc.reason)
+        return exc.reason
+    if isinstance(exc, ConnectionClosed):
+        # A send inside the handler found the connection closed (send
+        # timeout, reset, quit): its own reason is already recorded.
+        return "error"
+    log.error("handler raised on connection %d from %s; closing it", conn.id, peer, exc_info=exc)
+    return "handler_error"

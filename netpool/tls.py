@@ -294,35 +294,54 @@ def _poller(sock: socket.socket, events: int) -> "select.poll":
 # -- handshake ----------------------------------------------------------------
 
 
+def start_server_session(sock: socket.socket, ctx: SSL.Context) -> SSL.Connection:
+    """Put ``sock`` in non-blocking mode and wrap it for the server side of a handshake."""
+    sock.setblocking(False)
+    ssl_conn = SSL.Connection(ctx, sock)
+    ssl_conn.set_accept_state()
+    return ssl_conn
+
+
+def handshake_step(ssl_conn: SSL.Connection) -> int:
+    """Advance a handshake without blocking: 0 when done, else the poll event it waits for.
+
+    Raises :class:`TLSHandshakeError` with OpenSSL's reason.
+    """
+    try:
+        ssl_conn.do_handshake()
+        return 0
+    except SSL.WantReadError:
+        return select.POLLIN
+    except SSL.WantWriteError:
+        return select.POLLOUT
+    except SSL.SysCallError as exc:
+        raise TLSHandshakeError(_syscall_message(exc, "during the TLS handshake")) from None
+    except SSL.Error as exc:
+        raise TLSHandshakeError(f"TLS handshake failed: {_ssl_reason(exc)}") from None
+
+
+def handshake_timed_out(timeout: float) -> TLSHandshakeTimeout:
+    return TLSHandshakeTimeout(f"TLS handshake not finished within {timeout:g}s (handshake_timeout)")
+
+
 def server_handshake(sock: socket.socket, ctx: SSL.Context, timeout: float) -> SSL.Connection:
-    """Run the server side of a TLS handshake on ``sock`` within ``timeout`` seconds.
+    """Run the server side of a TLS handshake on ``sock`` within ``timeout`` seconds, blocking.
 
     The deadline covers the whole handshake, so a client that trickles bytes
     cannot stretch it. Raises :class:`TLSHandshakeTimeout` or
     :class:`TLSHandshakeError` (with OpenSSL's reason).
     """
-    sock.setblocking(False)
-    ssl_conn = SSL.Connection(ctx, sock)
-    ssl_conn.set_accept_state()
+    ssl_conn = start_server_session(sock, ctx)
     deadline = time.monotonic() + timeout
-    readable = writable = None
+    pollers: dict[int, "select.poll"] = {}
     while True:
-        try:
-            ssl_conn.do_handshake()
+        wanted = handshake_step(ssl_conn)
+        if not wanted:
             return ssl_conn
-        except SSL.WantReadError:
-            readable = readable or _poller(sock, select.POLLIN)
-            poller = readable
-        except SSL.WantWriteError:
-            writable = writable or _poller(sock, select.POLLOUT)
-            poller = writable
-        except SSL.SysCallError as exc:
-            raise TLSHandshakeError(_syscall_message(exc, "during the TLS handshake")) from None
-        except SSL.Error as exc:
-            raise TLSHandshakeError(f"TLS handshake failed: {_ssl_reason(exc)}") from None
+        poller = pollers.get(wanted) or pollers.setdefault(wanted, _poller(sock, wanted))
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not _wait(poller, remaining):
-            raise TLSHandshakeTimeout(f"TLS handshake not finished within {timeout:g}s (handshake_timeout)")
+            raise handshake_timed_out(timeout)
 
 
 def _syscall_message(exc: SSL.SysCallError, when: str) -> str:
@@ -384,62 +403,93 @@ class TLSTransport:
         self.closing = False
 
     def recv(self, size: int, timeout: Optional[float]) -> bytes:
-        """Read decrypted bytes; b"" at end of stream.
+        """Read decrypted bytes, waiting up to ``timeout``; b"" at end of stream.
 
         Raises BlockingIOError when nothing arrived for ``timeout`` seconds
         (the idle timeout), ConnectionResetError on a reset and TLSError on a
         protocol error.
         """
-        ssl_conn = self._ssl
         while True:
-            if self.closing:
-                return b""
-            with self._lock:
-                try:
-                    return ssl_conn.recv(size)
-                except SSL.WantReadError:
-                    poller = self._read_poll
-                except SSL.WantWriteError:
-                    poller = self._writable()
-                except SSL.ZeroReturnError:
-                    return b""  # close_notify: a clean end
-                except SSL.SysCallError as exc:
-                    self._notified = True  # a broken session gets no close_notify
-                    code = exc.args[0] if exc.args else -1
-                    if code in (-1, 0):
-                        return b""  # TCP FIN without close_notify: treat as end of stream
-                    raise ConnectionResetError(code, os.strerror(code)) from None
-                except SSL.Error as exc:
-                    self._notified = True
-                    raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
+            data, wanted = self._recv_once(size)
+            if data is not None:
+                return data
+            poller = self._read_poll if wanted == select.POLLIN else self._writable()
             if not _wait(poller, timeout):
                 raise BlockingIOError(errno.EAGAIN, "idle timeout")
+
+    def recv_nowait(self, size: int) -> Optional[bytes]:
+        """Read what is decrypted and ready: bytes, b"" at end of stream, None when it must wait.
+
+        For the event loop. Raises like :meth:`recv`.
+        """
+        return self._recv_once(size)[0]
+
+    def _recv_once(self, size: int) -> tuple[Optional[bytes], int]:
+        """One SSL_read: (bytes or b"" at the end, 0), or (None, the poll event to wait for)."""
+        if self.closing:
+            # Told to close: stop without another SSL_read on a half-shut socket.
+            return b"", 0
+        with self._lock:
+            try:
+                return self._ssl.recv(size), 0
+            except SSL.WantReadError:
+                return None, select.POLLIN
+            except SSL.WantWriteError:
+                return None, select.POLLOUT
+            except SSL.ZeroReturnError:
+                return b"", 0  # close_notify: a clean end
+            except SSL.SysCallError as exc:
+                self._notified = True  # a broken session gets no close_notify
+                code = exc.args[0] if exc.args else -1
+                if code in (-1, 0):
+                    return b"", 0  # TCP FIN without close_notify: treat as end of stream
+                raise ConnectionResetError(code, os.strerror(code)) from None
+            except SSL.Error as exc:
+                self._notified = True
+                raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
+
+    def pending(self) -> int:
+        """Decrypted bytes OpenSSL holds already (epoll cannot see them)."""
+        with self._lock:
+            return self._ssl.pending()
+
+    def send_nowait(self, data: memoryview) -> int:
+        """Encrypt and send what the socket takes now; 0 when it must wait.
+
+        After a 0 the same bytes must be offered again (OpenSSL's rule for
+        retried writes). Raises ConnectionResetError, BrokenPipeError or TLSError.
+        """
+        return self._send_once(data)[0]
 
     def sendall(self, data: bytes, deadline: float) -> None:
         """Encrypt and send all of ``data`` by ``deadline`` (monotonic) or raise TimeoutError."""
         view = memoryview(data)
-        ssl_conn = self._ssl
         while view:
-            chunk = view[:WRITE_CHUNK]
-            with self._lock:
-                try:
-                    sent = ssl_conn.send(chunk)
-                    view = view[sent:]
-                    continue
-                except SSL.WantWriteError:
-                    poller = self._writable()
-                except SSL.WantReadError:
-                    poller = self._read_poll
-                except SSL.ZeroReturnError:
-                    raise BrokenPipeError(errno.EPIPE, "peer closed the TLS session") from None
-                except SSL.SysCallError as exc:
-                    code = exc.args[0] if exc.args and isinstance(exc.args[0], int) and exc.args[0] > 0 else errno.EPIPE
-                    raise ConnectionResetError(code, os.strerror(code)) from None
-                except SSL.Error as exc:
-                    raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
+            sent, wanted = self._send_once(view)
+            if sent:
+                view = view[sent:]
+                continue
+            poller = self._read_poll if wanted == select.POLLIN else self._writable()
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not _wait(poller, remaining):
                 raise TimeoutError("send timed out")
+
+    def _send_once(self, data: memoryview) -> tuple[int, int]:
+        """One SSL_write: (bytes sent, 0), or (0, the poll event to wait for)."""
+        with self._lock:
+            try:
+                return self._ssl.send(data[:WRITE_CHUNK]), 0
+            except SSL.WantWriteError:
+                return 0, select.POLLOUT
+            except SSL.WantReadError:
+                return 0, select.POLLIN
+            except SSL.ZeroReturnError:
+                raise BrokenPipeError(errno.EPIPE, "peer closed the TLS session") from None
+            except SSL.SysCallError as exc:
+                code = exc.args[0] if exc.args and isinstance(exc.args[0], int) and exc.args[0] > 0 else errno.EPIPE
+                raise ConnectionResetError(code, os.strerror(code)) from None
+            except SSL.Error as exc:
+                raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
 
     def notify_close(self) -> None:
         """Send close_notify once, without waiting for the peer's (never blocks)."""

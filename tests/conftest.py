@@ -17,6 +17,29 @@ import netpool
 
 DEADLINE = 10.0
 
+# The I/O mode serving() uses unless a test says otherwise; modules marked
+# ``io_modes`` run every test once per mode (see pytest_generate_tests).
+IO_MODES = ("threads", "events")
+_default_io = "threads"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("io_modes") is not None:
+        if "io_mode" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("io_mode")
+        metafunc.parametrize("io_mode", IO_MODES, indirect=True)
+
+
+@pytest.fixture
+def io_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The I/O mode for this test's listeners: every listener behaviour must hold in both."""
+    global _default_io
+    _default_io = getattr(request, "param", "threads")
+    try:
+        yield _default_io
+    finally:
+        _default_io = "threads"
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
     """Poll ``predicate`` until it is truthy; fail the test at the deadline."""
@@ -41,6 +64,7 @@ def serving(**settings: Any) -> Iterator[netpool.Listener]:
     settings.setdefault("handler", echo)
     settings.setdefault("port", 0)
     settings.setdefault("acceptors", 4)
+    settings.setdefault("io", _default_io)
     listener = netpool.start_listener(settings)
     try:
         yield listener

@@ -9,6 +9,8 @@ import pytest
 
 from .conftest import connect, recv_exactly, recv_until_closed, serving, wait_for
 
+pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
+
 
 def open_echoing(listener, n: int) -> list[socket.socket]:
     """Open n clients and prove each is admitted (an echo comes back)."""

@@ -14,6 +14,8 @@ import netpool
 
 from .conftest import connect, recv_exactly, recv_until_closed, serving, wait_for
 
+pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
+
 
 def closed_reasons(listener, total: int) -> dict[str, int]:
     info = wait_for(lambda: (i := listener.info()).closed == total and i, what=f"{total} closures")

@@ -12,6 +12,8 @@ import pytest
 
 from .conftest import connect, recv_exactly, recv_until_closed, serving, wait_for
 
+pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
+
 
 def test_raw_echo_returns_every_byte():
     with serving() as listener, connect(listener) as sock:

@@ -14,6 +14,8 @@ import netpool
 
 from .conftest import connect, netpool_threads, recv_exactly, recv_until_closed, serving, wait_for
 
+pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
+
 
 def test_all_acceptor_threads_block_in_accept_and_share_the_work():
     with serving(acceptors=6) as listener:

@@ -18,6 +18,8 @@ from netpool import ListenerConfig, TLSError
 from .certs import TestCA
 from .conftest import connect, netpool_threads, recv_exactly, recv_until_closed, serving, wait_for
 
+pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):

@@ -1,0 +1,395 @@
+"""The event-driven read path (``io="events"``): a few threads read many connections.
+
+Acceptors stay blocking threads, as the design says; what changes is who
+reads. Each admitted connection goes to one of ``io_threads`` loops, which
+waits on epoll for every connection it owns and runs the handler inline, in
+order per connection, on the loop thread. No thread per connection, so tens
+of thousands of mostly idle clients cost a few hundred bytes each.
+
+The handler's view does not change: the same :class:`Connection` API,
+``send`` still whole-message-or-error and thread-safe. A send the kernel
+cannot take at once is queued and flushed when the socket turns writable; a
+sender only waits (up to ``send_timeout``) once more than ``HIGH_WATER`` bytes
+are queued, so a client that stops reading cannot grow memory without bound.
+
+Handlers run on the loop thread, so a handler that blocks (sleeps, long
+computation, a slow send to a slow reader) holds up every connection of its
+loop: such handlers belong in thread mode or on a worker pool.
+
+Timeouts (idle, send, TLS handshake) are swept by each loop about four times
+per shortest timeout, so they fire within a quarter of their length late.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from .connection import Connection
+from .errors import ConnectionClosed, TLSError
+from .read_loop import RECV_SIZE, reason_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .listener import Listener
+
+__all__ = ["IOLoop", "LoopConnection", "HIGH_WATER"]
+
+log = logging.getLogger("netpool.io_loop")
+
+# Bytes queued in user space (beyond what the kernel holds) before a sender
+# has to wait for the peer to read.
+HIGH_WATER = 256 * 1024
+
+READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_IN_OUT = _IN | select.EPOLLOUT
+
+
+class LoopConnection(Connection):
+    """A Connection served by an :class:`IOLoop`: non-blocking socket, queued sends."""
+
+    __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_ssl_session", "_hs_deadline",
+                 "_alarm_due")
+
+    def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loop = loop
+        self._out: Optional[bytearray] = None
+        self._out_deadline = 0.0
+        self._framer: Any = None
+        self._last_read = 0.0
+        self._ssl_session: Any = None  # an SSL.Connection while its handshake runs on the loop
+        self._hs_deadline = 0.0
+        self._alarm_due = False
+
+    def send_bytes(self, data: bytes) -> None:
+        with self._send_lock:
+            if self.close_reason is not None:
+                raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
+            out = self._out
+            if out:
+                out += data  # keep order behind what is already queued
+            else:
+                sent = self._send_now(memoryview(data))
+                if sent == len(data):
+                    return
+                self._out = out = bytearray(memoryview(data)[sent:])
+                self._out_deadline = time.monotonic() + self._send_timeout
+                self._loop.watch_writable(self, True)
+            if len(out) > HIGH_WATER:
+                self._drain_to(HIGH_WATER)
+
+    def _send_now(self, view: memoryview) -> int:
+        """Send what the kernel takes now; 0 if nothing. Closes the connection on an error."""
+        try:
+            if self._tls is not None:
+                return self._tls.send_nowait(view)
+            return self._sock.send(view)
+        except BlockingIOError:
+            return 0
+        except TLSError as exc:
+            self._request_close("tls_error", socket.SHUT_RDWR)
+            raise ConnectionClosed(f"connection {self.id} is closed (tls_error): {exc}") from None
+        except OSError as exc:
+            self._send_failed(exc)
+            raise  # unreachable: _send_failed raises
+
+    def _flush(self) -> bool:
+        """Send queued bytes (lock held by the caller); True when the queue is empty."""
+        out = self._out
+        if not out:
+            return True
+        view = memoryview(out)
+        total = 0
+        try:
+            while total < len(out):
+                sent = self._send_now(view[total:])
+                if not sent:
+                    break
+                total += sent
+        finally:
+            view.release()
+            if total:
+                del out[:total]
+                self._out_deadline = time.monotonic() + self._send_timeout
+        if out:
+            return False
+        self._out = None
+        return True
+
+    def _drain_to(self, limit: int) -> None:
+        """Wait (lock held) until at most ``limit`` bytes are queued, or time out."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLOUT)
+        deadline = time.monotonic() + self._send_timeout
+        while self._out and len(self._out) > limit:
+            if self._flush():
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._send_timed_out()
+            if self.close_reason is not None:
+                raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
+            poller.poll(max(1, int(remaining * 1000)))
+
+
+class IOLoop:
+    """One loop thread: epoll over the connections it owns, handlers inline."""
+
+    def __init__(self, listener: "Listener", index: int) -> None:
+        self.listener = listener
+        self.index = index
+        self._ep = select.epoll()
+        self._conns: dict[int, LoopConnection] = {}
+        self._pending: collections.deque[LoopConnection] = collections.deque()
+        # An eventfd wakes the loop for new connections and for stop; epoll
+        # watches it like any socket.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake_fd, select.EPOLLIN)
+        self._stopping = False
+        config = listener.config
+        timeouts = [t for t in (config.idle_timeout, config.send_timeout, config.handshake_timeout) if t]
+        self._sweep_every = max(0.01, min(1.0, min(timeouts) / 4))
+        self.thread = threading.Thread(target=self.run, name=f"netpool-io-{config.name}-{index}", daemon=True)
+
+    # -- called from other threads ---------------------------------------------
+
+    def add(self, conn: LoopConnection) -> None:
+        """Hand a newly admitted connection to this loop (from an acceptor)."""
+        self._pending.append(conn)
+        os.eventfd_write(self._wake_fd, 1)
+
+    def stop(self) -> None:
+        self._stopping = True
+        os.eventfd_write(self._wake_fd, 1)
+
+    def watch_writable(self, conn: LoopConnection, on: bool) -> None:
+        try:
+            self._ep.modify(conn._sock.fileno(), _IN_OUT if on else _IN)
+        except (OSError, ValueError):
+            pass  # closing: the loop finishes it anyway
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self) -> None:
+        listener = self.listener
+        config = listener.config
+        handler = config.handler
+        raw = listener._raw_framing
+        bufsize = min(RECV_SIZE, config.max_message_size) if raw else RECV_SIZE
+        conns = self._conns
+        poll = self._ep.poll
+        wake_fd = self._wake_fd
+        next_sweep = time.monotonic() + self._sweep_every
+        try:
+            while not (self._stopping and not conns and not self._pending):
+                events = poll(self._sweep_every)
+                now = time.monotonic()
+                for fd, ev in events:
+                    conn = conns.get(fd)
+                    if conn is None:
+                        if fd == wake_fd:
+                            self._take_new(now)
+                        continue
+                    if conn._ssl_session is not None:
+                        self._handshake(conn, now)
+                        continue
+                    if ev & select.EPOLLOUT:
+                        self._writable(conn)
+                        if not ev & READ_EVENTS:
+                            continue
+                    if conn.close_reason is not None:
+                        self._finish(conn, "error")
+                        continue
+                    tls = conn._tls
+                    try:
+                        if tls is None:
+                            data = conn._sock.recv(bufsize)
+                        else:
+                            data = tls.recv_nowait(bufsize)
+                            if data is None:
+                                continue
+                    except BlockingIOError:
+                        continue
+                    except ConnectionResetError:
+                        self._finish(conn, "reset")
+                        continue
+                    except OSError as exc:
+                        self._finish(conn, "error" if conn.close_reason else self._log_recv_error(conn, exc))
+                        continue
+                    except TLSError as exc:
+                        self._finish(conn, reason_for(conn, exc))
+                        continue
+                    conn._last_read = now
+                    if raw and tls is None:
+                        if not data:
+                            self._finish(conn, "eof")
+                            continue
+                        try:
+                            handler(data, conn)
+                        except Exception as exc:
+                            self._finish(conn, reason_for(conn, exc))
+                            continue
+                        if conn.close_reason is not None:
+                            self._finish(conn, "error")
+                        continue
+                    self._deliver(conn, data, handler, raw)
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + self._sweep_every
+        except BaseException:
+            log.exception("%s: I/O loop %d failed; closing its connections", config.name, self.index)
+            raise
+        finally:
+            for conn in list(conns.values()):
+                conn._force_close()
+                self._finish(conn, "server_stop")
+            self._ep.close()
+            os.close(self._wake_fd)
+
+    def _deliver(self, conn: LoopConnection, data: bytes, handler: Any, raw: bool) -> None:
+        """Frame ``data`` (and whatever TLS still holds) and run the handler on each message."""
+        tls = conn._tls
+        try:
+            while True:
+                if not data:
+                    for message in conn._framer.eof():
+                        handler(message, conn)
+                    self._finish(conn, "eof")
+                    return
+                messages = (data,) if raw else conn._framer.feed(data)
+                for message in messages:
+                    handler(message, conn)
+                    if conn.close_reason is not None or conn._tls is not tls:
+                        break
+                if conn.close_reason is not None:
+                    self._finish(conn, "error")
+                    return
+                if conn._tls is not tls:
+                    # start_tls() ran in the handler: plaintext framed or
+                    # buffered after the request must not pass for TLS data.
+                    conn._framer = self.listener._framer_factory(self.listener.config.max_message_size)
+                    return
+                # OpenSSL may hold decrypted bytes epoll cannot see.
+                if tls is None or not tls.pending():
+                    return
+                data = tls.recv_nowait(RECV_SIZE)
+                if data is None:
+                    return
+        except Exception as exc:
+            self._finish(conn, reason_for(conn, exc))
+
+    def _take_new(self, now: float) -> None:
+        try:
+            os.eventfd_read(self._wake_fd)
+        except BlockingIOError:
+            pass
+        listener = self.listener
+        context = listener._tls_context if listener._tls_implicit else None
+        while self._pending:
+            conn = self._pending.popleft()
+            sock = conn._sock
+            fd = sock.fileno()
+            conn._last_read = now
+            conn._framer = listener._framer_factory(listener.config.max_message_size)
+            try:
+                sock.setblocking(False)
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._conns[fd] = conn
+                self._ep.register(fd, _IN)
+                if context is not None:
+                    from .tls import start_server_session
+
+                    conn._ssl_session = start_server_session(sock, context)
+                    conn._hs_deadline = now + listener.config.handshake_timeout
+                    self._handshake(conn, now)
+                else:
+                    self._ready(conn)
+            except Exception as exc:
+                self._finish(conn, reason_for(conn, exc))
+
+    def _ready(self, conn: LoopConnection) -> None:
+        """The connection can talk: alarm, on_connect (on this loop thread, never an acceptor)."""
+        listener = self.listener
+        if conn._alarm_due:
+            listener._fire_alarm()
+        if listener.config.on_connect is not None:
+            listener.config.on_connect(conn)
+        if conn.close_reason is not None:
+            self._finish(conn, "error")
+
+    def _handshake(self, conn: LoopConnection, now: float) -> None:
+        from .tls import TLSTransport, handshake_step, negotiated
+
+        session = conn._ssl_session
+        try:
+            wanted = handshake_step(session)
+            if wanted:
+                self._ep.modify(conn._sock.fileno(), _IN if wanted == select.POLLIN else select.EPOLLOUT)
+                return
+            conn._ssl_session = None
+            conn._tls = TLSTransport(conn._sock, session)
+            conn.tls = negotiated(session)
+            self._ep.modify(conn._sock.fileno(), _IN)
+            self._ready(conn)
+        except Exception as exc:
+            conn._ssl_session = None
+            self._finish(conn, reason_for(conn, exc))
+
+    def _writable(self, conn: LoopConnection) -> None:
+        # A sender holding the lock is flushing already; never wait for it here.
+        if not conn._send_lock.acquire(blocking=False):
+            return
+        try:
+            if conn._flush():
+                self.watch_writable(conn, False)
+        except ConnectionClosed:
+            pass  # the reason is recorded; the read side finishes it
+        finally:
+            conn._send_lock.release()
+
+    def _sweep(self, now: float) -> None:
+        """Idle, send and handshake deadlines: checked a few times per shortest timeout."""
+        config = self.listener.config
+        idle = config.idle_timeout
+        for conn in list(self._conns.values()):
+            if conn._ssl_session is not None:
+                if now >= conn._hs_deadline:
+                    from .tls import handshake_timed_out
+
+                    conn._ssl_session = None
+                    self._finish(conn, reason_for(conn, handshake_timed_out(config.handshake_timeout)))
+                continue
+            if conn._out and now >= conn._out_deadline:
+                conn._request_close("send_timeout", socket.SHUT_RDWR)
+                self._finish(conn, "send_timeout")
+            elif idle and now - conn._last_read >= idle:
+                self._finish(conn, "idle_timeout")
+
+    def _finish(self, conn: LoopConnection, reason: str) -> None:
+        if conn._out and conn._send_lock.acquire(blocking=False):
+            # Last chance for queued replies (a handler that sent, then closed).
+            try:
+                conn._flush()
+            except ConnectionClosed:
+                pass
+            finally:
+                conn._send_lock.release()
+        fd = conn._sock.fileno()
+        if self._conns.pop(fd, None) is not None:
+            try:
+                self._ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        self.listener._connection_finished(conn, reason)
+
+    def _log_recv_error(self, conn: LoopConnection, exc: OSError) -> str:
+        log.warning("connection %d: receive failed: %s", conn.id, exc)
+        return "error"
