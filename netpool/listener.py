@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional
 from .acceptor import Acceptor
 from .admission import Admission
 from .config import ListenerConfig, format_address
+from .conn_threads import ConnectionThreads
 from .connection import Connection
 from .framing import RawFramer, framer_factory
 from .io_loop import IOLoop, LoopConnection
@@ -122,7 +123,7 @@ class Listener:
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._conns: dict[int, Connection] = {}
-        self._threads: set[threading.Thread] = set()
+        self._conn_threads = ConnectionThreads(config.name)
         self._admitted = 0
         self._refused: collections.Counter[str] = collections.Counter()
         self._closed: collections.Counter[str] = collections.Counter()
@@ -283,15 +284,7 @@ class Listener:
         return True
 
     def _join_connection_threads(self, deadline: float) -> None:
-        with self._lock:
-            threads = list(self._threads)
-        current = threading.current_thread()
-        stuck = 0
-        for thread in threads:
-            if thread is current:
-                continue
-            thread.join(max(0.0, deadline - time.monotonic()))
-            stuck += thread.is_alive()
+        stuck = self._conn_threads.stop(deadline)
         if stuck:
             log.warning("%d connection thread(s) still running user code after stop; not waiting for them", stuck)
 
@@ -425,19 +418,14 @@ class Listener:
             client, peer, listener=self, acceptor=acceptor, encode=self._encode,
             send_timeout=self.config.send_timeout, release=self._admission.release,
         )
-        thread = threading.Thread(
-            target=self._run_connection, args=(conn, alarm_due), name=f"netpool-conn-{conn.id}", daemon=True
-        )
         with self._lock:
             self._conns[conn.id] = conn
-            self._threads.add(thread)
             self._admitted += 1
         try:
-            thread.start()
+            self._conn_threads.submit(serve_connection, conn, self, alarm_due)
         except RuntimeError as exc:  # "can't start new thread": the system's thread limit
             with self._lock:
                 del self._conns[conn.id]
-                self._threads.discard(thread)
                 self._admitted -= 1
             self._admission.release()
             self._fd_log(logging.ERROR, "cannot start a connection thread (%s); refusing clients", exc)
@@ -525,13 +513,6 @@ class Listener:
             return drained
 
     # -- called on connection threads -----------------------------------------
-
-    def _run_connection(self, conn: Connection, alarm_due: bool) -> None:
-        try:
-            serve_connection(conn, self, alarm_due)
-        finally:
-            with self._lock:
-                self._threads.discard(threading.current_thread())
 
     def _fire_alarm(self) -> None:
         callback = self.config.on_alarm
