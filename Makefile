@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean bench bench-tools
 
 venv: $(STAMP)
 
@@ -43,5 +43,26 @@ system-tools:
 test: $(STAMP) system-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The benchmark (not part of make test): the C load generator, the reference
+# servers' packages, then bench/run.py. See bench/results.md for the last run.
+BENCH_ARGS ?=
+LOADGEN := bench/loadgen
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(LOADGEN): bench/loadgen.c
+	@command -v gcc >/dev/null && [ -f /usr/include/openssl/ssl.h ] && command -v taskset >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq gcc libssl-dev util-linux; }
+	gcc -O2 -Wall -Wextra -DWITH_TLS -o $@ $< -lssl -lcrypto
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	@touch $@
+
+bench-tools: $(LOADGEN) $(BENCH_STAMP)
+
+bench: bench-tools
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis $(LOADGEN)

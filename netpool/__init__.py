@@ -26,7 +26,7 @@ from .errors import (
 )
 from .framing import Framer, LengthPrefixFramer, LineFramer, RawFramer
 from .listener import Listener, ListenerInfo, start_listener
-from .tls import TLSConfig, TLSInfo
+from .tls_config import TLSConfig, TLSInfo
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 from .errors import ConfigError
 from .framing import FRAMERS, FramerFactory
 from .loader import load_object
-from .tls import TLSConfig
+from .tls_config import TLSConfig
 
 __all__ = ["ListenerConfig", "Handler", "OVERFLOW_STRATEGIES", "load_toml", "format_address"]
 

@@ -20,10 +20,13 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .errors import ConnectionClosed, SendTimeout, TLSError
-from .tls import TLSHandshakeError, TLSInfo, TLSTransport, negotiated, server_handshake
+from .errors import ConnectionClosed, SendTimeout, TLSError, TLSHandshakeError
+from .tls_config import TLSInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tls import TLSTransport
 
 __all__ = ["Connection", "QuitQueue"]
 
@@ -122,7 +125,7 @@ class Connection:
         self.close_reason: Optional[str] = None
         self.tls: Optional[TLSInfo] = None
         self._sock = sock
-        self._tls: Optional[TLSTransport] = None
+        self._tls: Optional["TLSTransport"] = None
         self._encode = encode
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -220,6 +223,8 @@ class Connection:
         return self.tls
 
     def _handshake(self, context: Any, timeout: float) -> None:
+        from .tls import TLSTransport, negotiated, server_handshake  # pyOpenSSL only when TLS is used
+
         try:
             ssl_conn = server_handshake(self._sock, context, timeout)
         except TLSHandshakeError as exc:

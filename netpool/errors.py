@@ -54,7 +54,19 @@ class MessageTooLarge(FramingError):
 
 
 class TLSError(NetpoolError):
-    """TLS set-up failed (certificate, key or options)."""
+    """TLS set-up failed (certificate, key or options), or a TLS session broke."""
+
+
+class TLSHandshakeError(TLSError):
+    """A client's TLS handshake failed; the connection closes with ``reason``."""
+
+    reason = "tls_error"
+
+
+class TLSHandshakeTimeout(TLSHandshakeError):
+    """A client did not finish its TLS handshake within ``handshake_timeout``."""
+
+    reason = "tls_handshake_timeout"
 
 
 # accept() errors that mean "out of a resource, try again later": back off,

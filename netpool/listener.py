@@ -33,7 +33,6 @@ from .io_loop import IOLoop, LoopConnection
 from .ratelimit import RateLimitedLog
 from .read_loop import serve_connection
 from .sockets import open_listening_socket, remove_unix_socket
-from .tls import build_server_context
 
 __all__ = ["Listener", "ListenerInfo", "start_listener", "ERROR_REASONS"]
 
@@ -109,7 +108,11 @@ class Listener:
         # Built here, before any socket is bound, so a bad certificate or key
         # fails start_listener with the file named and nothing half-started.
         tls = config.ssl
-        self._tls_context = build_server_context(tls, config.name) if tls is not None else None
+        self._tls_context = None
+        if tls is not None:
+            from .tls import build_server_context  # pyOpenSSL is loaded only for TLS listeners
+
+            self._tls_context = build_server_context(tls, config.name)
         self._tls_implicit = tls is not None and tls.mode == "implicit"
         self._admission = Admission(
             config.max_connections,

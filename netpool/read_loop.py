@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from .config import format_address
 from .connection import Connection, set_socket_timeout
-from .errors import ConnectionClosed, FramingError, TLSError
-from .tls import TLSHandshakeError
+from .errors import ConnectionClosed, FramingError, TLSError, TLSHandshakeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .listener import Listener

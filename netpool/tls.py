@@ -14,147 +14,34 @@ Waking a reader works as for plain sockets: shutting the socket down makes
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import select
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
-from .errors import ConfigError, TLSError
+from .errors import TLSError, TLSHandshakeError, TLSHandshakeTimeout
+from .tls_config import TLSConfig, TLSInfo
 
 __all__ = [
-    "TLSConfig",
-    "TLSInfo",
     "TLSTransport",
-    "TLSHandshakeError",
-    "TLSHandshakeTimeout",
     "build_server_context",
     "server_handshake",
+    "start_server_session",
+    "handshake_step",
+    "negotiated",
 ]
 
-VERIFY_MODES = ("none", "optional", "required")
-MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+OPENSSL_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
 # Largest plaintext handed to SSL_write at once: one TLS record holds 16 KiB,
 # and a few records per call keep the lock hold time short for other senders.
 WRITE_CHUNK = 65536
-
-
-@dataclass(frozen=True, kw_only=True)
-class TLSConfig:
-    """TLS options of a listener (``ListenerConfig.ssl``); the same keys work in a dict or TOML.
-
-    ``sni`` maps a server name to extra ``{"certfile": ..., "keyfile": ...}``
-    pairs, chosen by the name the client asks for; other names get the
-    default certificate.
-    """
-
-    certfile: str
-    keyfile: Optional[str] = None
-    """None when the key is in ``certfile``."""
-    password: Optional[str | bytes] = dataclasses.field(default=None, repr=False)
-    """Passphrase of an encrypted key; never logged or shown in a repr."""
-    cafile: Optional[str] = None
-    """CA certificates that sign acceptable client certificates."""
-    verify_client: str = "none"
-    """"none", "optional" (check a certificate if sent) or "required"."""
-    min_version: str = "1.2"
-    """Lowest TLS version served: "1.2" or "1.3"."""
-    ciphers: Optional[str] = None
-    """OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults)."""
-    alpn: tuple[str, ...] = ()
-    """Protocols offered by ALPN, in the server's order of preference."""
-    sni: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
-    mode: str = "implicit"
-    """"implicit": TLS from the first byte; "starttls": plain until the handler calls conn.start_tls()."""
-
-    def __post_init__(self) -> None:
-        def check_path(name: str, value: Any, required: bool = False) -> None:
-            if value is None and not required:
-                return
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"ssl.{name}", f"expected a file path, got {value!r}")
-
-        check_path("certfile", self.certfile, required=True)
-        check_path("keyfile", self.keyfile)
-        check_path("cafile", self.cafile)
-        if self.password is not None and not isinstance(self.password, (str, bytes)):
-            raise ConfigError("ssl.password", "expected a string")
-        if self.verify_client not in VERIFY_MODES:
-            raise ConfigError("ssl.verify_client", f"expected one of {', '.join(VERIFY_MODES)}, got {self.verify_client!r}")
-        if self.verify_client != "none" and self.cafile is None:
-            raise ConfigError("ssl.verify_client", "verifying client certificates needs ssl.cafile (the CA that signs them)")
-        if self.mode not in ("implicit", "starttls"):
-            raise ConfigError("ssl.mode", f"expected implicit or starttls, got {self.mode!r}")
-        if str(self.min_version) not in MIN_VERSIONS:
-            raise ConfigError("ssl.min_version", f"expected 1.2 or 1.3, got {self.min_version!r}")
-        object.__setattr__(self, "min_version", str(self.min_version))
-        if self.ciphers is not None and not isinstance(self.ciphers, str):
-            raise ConfigError("ssl.ciphers", f"expected an OpenSSL cipher string, got {self.ciphers!r}")
-        alpn = (self.alpn,) if isinstance(self.alpn, str) else tuple(self.alpn)
-        if not all(isinstance(p, str) and 0 < len(p) < 256 for p in alpn):
-            raise ConfigError("ssl.alpn", f"expected protocol names like 'h2' or 'xmpp-client', got {self.alpn!r}")
-        object.__setattr__(self, "alpn", alpn)
-        for name, pair in dict(self.sni).items():
-            if not isinstance(pair, Mapping) or not isinstance(pair.get("certfile"), str):
-                raise ConfigError(f"ssl.sni.{name}", "expected {certfile = ..., keyfile = ...}")
-        object.__setattr__(self, "sni", {k.lower(): dict(v) for k, v in dict(self.sni).items()})
-
-    @classmethod
-    def coerce(cls, value: Any) -> Optional["TLSConfig"]:
-        """None or an empty mapping mean plain TCP; a mapping becomes a TLSConfig."""
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            if not value:
-                return None
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ConfigError(f"ssl.{unknown[0]}", f"unknown TLS option (known: {', '.join(sorted(known))})")
-            if "certfile" not in value:
-                raise ConfigError("ssl.certfile", "missing: TLS needs a certificate (netpool cert makes one)")
-            return cls(**value)
-        raise ConfigError("ssl", f"expected TLS options (a mapping or TLSConfig), got {value!r}")
-
-    def describe(self) -> str:
-        """A log-friendly summary (no secrets)."""
-        parts = [self.mode, f"cert={self.certfile}", f"min=TLSv{self.min_version}"]
-        if self.verify_client != "none":
-            parts.append(f"client-certs={self.verify_client}")
-        if self.alpn:
-            parts.append("alpn=" + ",".join(self.alpn))
-        if self.sni:
-            parts.append("sni=" + ",".join(sorted(self.sni)))
-        return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class TLSInfo:
-    """What a TLS connection negotiated (``conn.tls``)."""
-
-    version: str
-    cipher: str
-    alpn: Optional[str]
-    server_name: Optional[str]
-    peer_subject: Optional[str]
-    """The client certificate's subject, as ``CN=alice,O=Example``; None without one."""
-    session_reused: bool
-
-
-class TLSHandshakeError(TLSError):
-    reason = "tls_error"
-
-
-class TLSHandshakeTimeout(TLSHandshakeError):
-    reason = "tls_handshake_timeout"
 
 
 # -- contexts -----------------------------------------------------------------
@@ -227,7 +114,7 @@ def build_server_context(tls: TLSConfig, name: str = "netpool") -> SSL.Context:
 def _context_for(tls: TLSConfig, certfile: str, keyfile: Optional[str], password: Any, where: str,
                  name: str) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.set_min_proto_version(MIN_VERSIONS[tls.min_version])
+    ctx.set_min_proto_version(OPENSSL_VERSIONS[tls.min_version])
     # No renegotiation (a DoS and injection vector), no compression (CRIME),
     # and the server's cipher order.
     ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)

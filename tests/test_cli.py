@@ -26,7 +26,7 @@ import pytest
 
 from netpool import cli
 
-from .conftest import recv_exactly, recv_until_closed, wait_for
+from .conftest import recv_exactly, recv_until_closed
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,0 +1,280 @@
+"""The benchmark driver behind `make bench`: netpool against asyncio, uvloop, gevent and socketserver.
+
+Each server runs pinned to CPU 0 and the C load generator (bench/loadgen.c)
+to CPU 1. Servers are interleaved round by round (A B C ... A B C ...) so
+noise on the machine hits all of them alike; each figure is the median of
+the rounds with the min-max spread beside it, and netpool's figures are
+given as ratios to each reference measured in the same run. Results go to
+bench/results.md (and bench/results.json).
+
+Every run is bounded: the load generator stops itself after its duration,
+servers are killed after each run, and only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SERVERS_DIR = HERE / "servers"
+LOADGEN = HERE / "loadgen"
+PY = sys.executable
+SERVER_CPU, CLIENT_CPU = "0", "1"
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    argv: tuple[str, ...]
+    tls: bool = False
+
+    def command(self, port: int, cert: tuple[str, str] | None) -> list[str]:
+        extra = list(cert) if (self.tls and cert) else []
+        return ["taskset", "-c", SERVER_CPU, PY, str(SERVERS_DIR / self.argv[0]), str(port), *self.argv[1:], *extra]
+
+
+PLAIN_SERVERS = [
+    Server("netpool-threads", ("netpool_server.py", "threads")),
+    Server("netpool-events", ("netpool_server.py", "events")),
+    Server("asyncio", ("asyncio_server.py",)),
+    Server("uvloop", ("uvloop_server.py",)),
+    Server("gevent", ("gevent_server.py",)),
+    Server("socketserver", ("socketserver_server.py",)),
+]
+TLS_SERVERS = [
+    Server("netpool-threads", ("netpool_server.py", "threads"), tls=True),
+    Server("netpool-events", ("netpool_server.py", "events"), tls=True),
+    Server("asyncio+ssl", ("asyncio_server.py",), tls=True),
+]
+REFERENCES = ("asyncio", "uvloop", "gevent", "socketserver", "asyncio+ssl")
+
+
+@dataclass
+class Config:
+    key: str
+    title: str
+    mode: str  # pingpong | connrate | idle
+    n: int  # connections or slots
+    metric: str  # the JSON field compared
+    unit: str
+    servers: list[Server]
+    tls: bool = False
+    higher_is_better: bool = True
+    results: dict[str, list[dict]] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of the server process (VmRSS), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(server: Server, port: int, cert: tuple[str, str] | None) -> subprocess.Popen:
+    proc = subprocess.Popen(server.command(port, cert), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 20
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # servers print READY once listening
+    if line.strip() != "READY" or time.monotonic() > deadline:
+        proc.kill()
+        raise RuntimeError(f"{server.name} did not start: {line!r}")
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)  # the benchmark needs no graceful stop, only a bounded one
+    proc.wait(timeout=10)
+
+
+def run_one(cfg: Config, server: Server, seconds: float, cert: tuple[str, str] | None) -> dict:
+    port = free_port()
+    proc = start_server(server, port, cert)
+    try:
+        base = ["taskset", "-c", CLIENT_CPU, str(LOADGEN)]
+        if cfg.mode == "pingpong":
+            argv = base + ["pingpong", "127.0.0.1", str(port), str(cfg.n), "64", str(seconds)] + (["tls"] if cfg.tls else [])
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 90)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        elif cfg.mode == "connrate":
+            argv = base + ["connrate", "127.0.0.1", str(port), str(cfg.n), str(seconds)]
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        else:
+            argv = base + ["idle", "127.0.0.1", str(port), str(cfg.n), "120"]
+            gen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert gen.stdout is not None and gen.stdin is not None
+            try:
+                holding = gen.stdout.readline().strip()
+                if holding != "HOLDING":
+                    raise RuntimeError(f"idle load generator: {holding!r}")
+                # Let the server finish setting up the last connections before measuring.
+                time.sleep(1.0)
+                rss = rss_mb(proc.pid)
+                gen.stdin.close()
+                result = json.loads(gen.stdout.readline())
+                result["rss_mb"] = round(rss, 1)
+            finally:
+                gen.kill()
+                gen.wait(timeout=10)
+        result["command"] = shlex.join(argv)
+        return result
+    finally:
+        stop_server(proc)
+
+
+def describe_machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    versions = {}
+    for module in ("netpool", "uvloop", "gevent"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - report what is missing
+            versions[module] = "missing"
+    return (f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, Python {platform.python_version()}, "
+            + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+
+def make_cert(tmp: str) -> tuple[str, str]:
+    from netpool.devcert import write_dev_certificate
+
+    return write_dev_certificate(tmp, ["127.0.0.1", "localhost"])
+
+
+def configs(args: argparse.Namespace) -> list[Config]:
+    out: list[Config] = []
+    for n in args.pingpong:
+        out.append(Config(f"pingpong-{n}", f"64-byte ping-pong, {n} connections", "pingpong", n, "rate", "msg/s",
+                          PLAIN_SERVERS))
+    for n in args.connrate:
+        out.append(Config(f"connrate-{n}", f"connection rate, {n} slots", "connrate", n, "rate", "conn/s",
+                          PLAIN_SERVERS))
+    for n in args.idle:
+        servers = [s for s in PLAIN_SERVERS if n <= 10_000 or s.name not in args.idle_skip_threads]
+        out.append(Config(f"idle-{n}", f"{n:,} idle connections", "idle", n, "rss_mb", "MB RSS", servers,
+                          higher_is_better=False))
+    for n in args.tls:
+        out.append(Config(f"tls-{n}", f"TLS 64-byte ping-pong, {n} connections", "pingpong", n, "rate", "msg/s",
+                          TLS_SERVERS, tls=True))
+    return out
+
+
+def summarise(cfg: Config) -> list[str]:
+    lines = [f"### {cfg.title}", "", f"| server | median {cfg.unit} | min-max | extra |", "| --- | --- | --- | --- |"]
+    medians: dict[str, float] = {}
+    for name, runs in cfg.results.items():
+        values = [r[cfg.metric] for r in runs if cfg.metric in r]
+        if not values:
+            lines.append(f"| {name} | failed | | {runs[-1].get('error', '')} |")
+            continue
+        med = statistics.median(values)
+        medians[name] = med
+        extra = ""
+        if cfg.mode == "pingpong":
+            extra = "p50/p99/p999 {}/{}/{} µs, errors {}".format(
+                int(statistics.median(r["p50_us"] for r in runs)), int(statistics.median(r["p99_us"] for r in runs)),
+                int(statistics.median(r["p999_us"] for r in runs)), sum(r["errors"] for r in runs))
+        elif cfg.mode == "connrate":
+            extra = f"errors {sum(r['errors'] for r in runs)}"
+        else:
+            extra = "opened {}, fresh echo p99 {} µs, held sample ok {}/{}".format(
+                min(r["opened"] for r in runs), int(statistics.median(r["fresh_p99_us"] for r in runs)),
+                min(r["sample_ok"] for r in runs), runs[0]["sample"])
+        lines.append(f"| {name} | {med:,.1f} | {min(values):,.1f} - {max(values):,.1f} | {extra} |")
+    ratio_lines = []
+    for ours in ("netpool-threads", "netpool-events"):
+        if ours not in medians:
+            continue
+        parts = []
+        for ref in REFERENCES:
+            if ref in medians and medians[ref]:
+                ratio = medians[ours] / medians[ref]
+                if not cfg.higher_is_better:
+                    ratio = medians[ref] / medians[ours]  # > 1 means netpool uses less memory
+                parts.append(f"{ratio:.2f}x {ref}")
+        ratio_lines.append(f"- **{ours}**: " + ", ".join(parts))
+    lines += ["", *ratio_lines, ""]
+    if not cfg.higher_is_better:
+        lines.insert(len(lines) - 1, "(memory ratios are reference/netpool: above 1.00x netpool uses less)")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0, help="duration of each ping-pong / rate run")
+    ap.add_argument("--pingpong", type=int, nargs="*", default=[1, 50, 1000])
+    ap.add_argument("--connrate", type=int, nargs="*", default=[50])
+    ap.add_argument("--idle", type=int, nargs="*", default=[10_000, 19_000])
+    ap.add_argument("--tls", type=int, nargs="*", default=[50])
+    ap.add_argument("--only", nargs="*", help="run only these servers (names as in the tables)")
+    ap.add_argument("--idle-skip-threads", nargs="*", default=[],
+                    help="servers to leave out of idle runs above 10,000 connections")
+    ap.add_argument("--out", default=str(HERE / "results.md"))
+    args = ap.parse_args()
+    if not LOADGEN.exists():
+        print("build the load generator first: make bench-tools", file=sys.stderr)
+        return 2
+    started = time.time()
+    plan = configs(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        cert = make_cert(tmp)
+        for cfg in plan:
+            servers = [s for s in cfg.servers if not args.only or s.name in args.only]
+            for rnd in range(args.rounds):
+                for server in servers:
+                    try:
+                        result = run_one(cfg, server, args.seconds, cert)
+                    except Exception as exc:  # noqa: BLE001 - a failed run is reported, not fatal
+                        result = {"error": f"{type(exc).__name__}: {exc}"}
+                    cfg.results.setdefault(server.name, []).append(result)
+                    shown = result.get(cfg.metric, result.get("error"))
+                    print(f"[{cfg.key} round {rnd + 1}/{args.rounds}] {server.name}: {shown}", flush=True)
+    lines = [
+        "# netpool benchmark results",
+        "",
+        f"Machine: {describe_machine()}.",
+        f"Run: `{shlex.join([Path(PY).name, 'bench/run.py', *sys.argv[1:]])}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, {time.time() - started:.0f} s; "
+        f"{args.rounds} interleaved rounds, {args.seconds:g} s per run; servers pinned to CPU {SERVER_CPU}, "
+        f"the load generator (bench/loadgen.c) to CPU {CLIENT_CPU}.",
+        "Each server is the few lines in bench/servers/; netpool runs the bundled echo example unchanged.",
+        "",
+    ]
+    for cfg in plan:
+        lines += summarise(cfg)
+        example = next((r["command"] for runs in cfg.results.values() for r in runs if "command" in r), "")
+        lines += [f"Load generator: `{example}`", ""]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".json").write_text(
+        json.dumps({cfg.key: cfg.results for cfg in plan}, indent=1) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
