@@ -28,7 +28,7 @@ from .tls_config import TLSInfo
 if TYPE_CHECKING:  # pragma: no cover
     from .tls import TLSTransport
 
-__all__ = ["Connection", "QuitQueue"]
+__all__ = ["Connection", "RawConnection", "QuitQueue"]
 
 _ids = itertools.count(1)
 _TIMEVAL = struct.Struct("@ll")
@@ -365,3 +365,10 @@ class Connection:
         with self._send_lock:
             sock.close()
         return reason, counted
+
+
+class RawConnection(Connection):
+    """With raw framing a message is its bytes: ``send`` skips the framer step."""
+
+    __slots__ = ()
+    send = Connection.send_bytes

@@ -38,7 +38,7 @@ from .read_loop import RECV_SIZE, reason_for
 if TYPE_CHECKING:  # pragma: no cover
     from .listener import Listener
 
-__all__ = ["IOLoop", "LoopConnection", "HIGH_WATER"]
+__all__ = ["IOLoop", "LoopConnection", "RawLoopConnection", "HIGH_WATER"]
 
 log = logging.getLogger("netpool.io_loop")
 
@@ -76,7 +76,16 @@ class LoopConnection(Connection):
             if out:
                 out += data  # keep order behind what is already queued
             else:
-                sent = self._send_now(memoryview(data))
+                if self._tls is None:
+                    # The hot path: one send() the kernel takes whole.
+                    try:
+                        sent = self._sock.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as exc:
+                        self._send_failed(exc)
+                else:
+                    sent = self._send_now(memoryview(data))
                 if sent == len(data):
                     return
                 self._out = out = bytearray(memoryview(data)[sent:])
@@ -139,6 +148,13 @@ class LoopConnection(Connection):
             poller.poll(max(1, int(remaining * 1000)))
 
 
+class RawLoopConnection(LoopConnection):
+    """With raw framing a message is its bytes: ``send`` skips the framer step."""
+
+    __slots__ = ()
+    send = LoopConnection.send_bytes
+
+
 class IOLoop:
     """One loop thread: epoll over the connections it owns, handlers inline."""
 
@@ -186,6 +202,8 @@ class IOLoop:
         conns = self._conns
         poll = self._ep.poll
         wake_fd = self._wake_fd
+        epollout = select.EPOLLOUT
+        read_events = READ_EVENTS
         next_sweep = time.monotonic() + self._sweep_every
         try:
             while not (self._stopping and not conns and not self._pending):
@@ -200,9 +218,9 @@ class IOLoop:
                     if conn._ssl_session is not None:
                         self._handshake(conn, now)
                         continue
-                    if ev & select.EPOLLOUT:
+                    if ev & epollout:
                         self._writable(conn)
-                        if not ev & READ_EVENTS:
+                        if not ev & read_events:
                             continue
                     if conn.close_reason is not None:
                         self._finish(conn, "error")

@@ -27,9 +27,9 @@ from .acceptor import Acceptor
 from .admission import Admission
 from .config import ListenerConfig, format_address
 from .conn_threads import ConnectionThreads
-from .connection import Connection
+from .connection import Connection, RawConnection
 from .framing import RawFramer, framer_factory
-from .io_loop import IOLoop, LoopConnection
+from .io_loop import IOLoop, LoopConnection, RawLoopConnection
 from .ratelimit import RateLimitedLog
 from .read_loop import serve_connection
 from .sockets import open_listening_socket, remove_unix_socket
@@ -407,7 +407,7 @@ class Listener:
         if self._loops:
             loop = self._loops[self._next_loop % len(self._loops)]
             self._next_loop += 1
-            conn = LoopConnection(
+            conn = (RawLoopConnection if self._raw_framing else LoopConnection)(
                 client, peer, listener=self, acceptor=acceptor, encode=self._encode,
                 send_timeout=self.config.send_timeout, release=self._admission.release, loop=loop,
             )
@@ -417,7 +417,7 @@ class Listener:
                 self._admitted += 1
             loop.add(conn)
             return
-        conn = Connection(
+        conn = (RawConnection if self._raw_framing else Connection)(
             client, peer, listener=self, acceptor=acceptor, encode=self._encode,
             send_timeout=self.config.send_timeout, release=self._admission.release,
         )
