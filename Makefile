@@ -30,7 +30,7 @@ run: $(STAMP)
 
 # Tools the tests drive as real, independent peers (openssl s_client).
 # Installed from Debian's packages when missing, never by hand.
-SYSTEM_TOOLS := openssl
+SYSTEM_TOOLS := openssl haproxy
 .PHONY: system-tools
 system-tools:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
@@ -66,3 +66,30 @@ bench: bench-tools
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis $(LOADGEN)
+
+# The gateway example (examples/gateway): an HTTP front end calling a netpool
+# TCP back end over pooled connections, users in SQLite. `make gateway` seeds
+# 100,000 users on first use (build/gateway/users.db) and serves
+# http://127.0.0.1:$(GATEWAY_PORT) with its back end on 127.0.0.1:7001.
+GATEWAY_PORT = 8080
+GATEWAY_ARGS ?=
+BENCH_GATEWAY_ARGS ?=
+# wrk, the HTTP load generator of bench-gateway, from Debian's packages.
+GATEWAY_TOOLS := wrk
+.PHONY: gateway gateway-tools bench-gateway
+
+gateway: $(STAMP)
+	$(BIN)/python -m netpool.examples.gateway run --port $(GATEWAY_PORT) $(GATEWAY_ARGS)
+
+gateway-tools:
+	@missing=""; for tool in $(GATEWAY_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+# Login throughput at 1,000 HTTP connections, pool on and off (about a minute;
+# not part of make test). E.g. make bench-gateway BENCH_GATEWAY_ARGS="--users 1000000".
+bench-gateway: $(STAMP) gateway-tools
+	$(BIN)/python bench/gateway/bench.py $(BENCH_GATEWAY_ARGS)

@@ -32,6 +32,8 @@ def _default(name: str) -> str:
     if name == "name":
         return "[default: echo, or MODULE for run]"
     value = CLI_DEFAULT_PORT if name == "port" else _DEFAULTS[name]
+    if isinstance(value, tuple):
+        value = ",".join(value)
     return f"[default: {value}]"
 
 
@@ -57,6 +59,9 @@ LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--idle-timeout", "idle_timeout", click.FloatRange(0), "Seconds of silence before a client is closed; 0 = never."),
     ("--send-timeout", "send_timeout", click.FloatRange(0, min_open=True), "Seconds a send may wait on a client that does not read."),
     ("--backlog", "backlog", click.IntRange(1), "Kernel accept queue length."),
+    ("--proxy-protocol", "proxy_protocol", click.Choice(["off", "v1", "v2", "any"]),
+     "Expect HAProxy's PROXY header (from a load balancer) before anything else."),
+    ("--proxy-trusted", "proxy_trusted", str, "Comma-separated networks allowed to send PROXY headers."),
     ("--name", "name", str, "Name used in log lines and thread names."),
 ]
 
@@ -169,6 +174,8 @@ def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: s
         # Shell users type "busy\n" literally; TOML values are already unescaped.
         text = flags["refuse_message"].encode("latin-1", "backslashreplace").decode("unicode_escape")
         settings["refuse_message"] = text.encode()
+    if isinstance(settings.get("proxy_trusted"), str):
+        settings["proxy_trusted"] = [n.strip() for n in settings["proxy_trusted"].split(",") if n.strip()]
     if tls:
         if "alpn" in tls:
             tls["alpn"] = [p.strip() for p in tls["alpn"].split(",") if p.strip()]
@@ -232,6 +239,13 @@ def _serve(settings: dict[str, Any], grace: float, log_level: str) -> None:
     except _StopRequested as stop:
         log.info("%s received: stopping (grace %gs)", stop.signame, grace)
     listener.stop(grace)
+
+
+# `netpool xmpp` ships with the XMPP example, which builds its group from the
+# helpers above: imported here, at the end, and built by a function call.
+from .examples.xmpp_stub.cli import command as _xmpp_command  # noqa: E402
+
+main.add_command(_xmpp_command())
 
 
 if __name__ == "__main__":  # pragma: no cover

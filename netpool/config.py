@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 from .errors import ConfigError
 from .framing import FRAMERS, FramerFactory
 from .loader import load_object
+from .proxy_protocol import parse_networks
 from .tls_config import TLSConfig
 
 __all__ = ["ListenerConfig", "Handler", "OVERFLOW_STRATEGIES", "load_toml", "format_address"]
@@ -104,6 +105,11 @@ class ListenerConfig:
     ssl: Optional[TLSConfig | Mapping[str, Any]] = None
     """TLS options (a TLSConfig or a dict of its keys); None or empty serves plain TCP."""
 
+    proxy_protocol: Literal["off", "v1", "v2", "any"] = "off"
+    """Expect a PROXY protocol header (HAProxy's) from a load balancer before anything else."""
+    proxy_trusted: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    """Networks of the balancers allowed to send PROXY headers; other peers are refused."""
+
     on_connect: Optional[Callable[[Any], None]] = None
     """``on_connect(conn)``: called on the connection's thread before its first read."""
     on_close: Optional[Callable[[Any, str], None]] = None
@@ -178,6 +184,14 @@ class ListenerConfig:
         _timeout("handshake_timeout", self.handshake_timeout, optional=False)
         object.__setattr__(self, "ssl", TLSConfig.coerce(self.ssl))
 
+        if self.proxy_protocol not in ("off", "v1", "v2", "any"):
+            raise ConfigError("proxy_protocol", f"expected off, v1, v2 or any, got {self.proxy_protocol!r}")
+        trusted = (self.proxy_trusted,) if isinstance(self.proxy_trusted, str) else tuple(self.proxy_trusted)
+        try:
+            parse_networks(trusted)
+        except ValueError as exc:
+            raise ConfigError("proxy_trusted", str(exc)) from None
+        object.__setattr__(self, "proxy_trusted", trusted)
         for hook in ("on_connect", "on_close", "on_alarm"):
             _hook(hook, getattr(self, hook))
         if self.alarm_threshold is not None:

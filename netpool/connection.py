@@ -81,6 +81,9 @@ class Connection:
     - ``closed``: True once the connection is closing or closed.
     - ``close_reason``: why it closed (eof, reset, quit, closed, idle_timeout, ...).
     - ``tls``: what TLS negotiated (:class:`TLSInfo`), None for plain TCP.
+    - ``proxied_by``: the balancer's address when a PROXY header named the
+      real client (then ``peer`` is the client's); None otherwise.
+    - ``proxy``: the whole PROXY header (TLVs included), or None.
     """
 
     __slots__ = (
@@ -92,6 +95,8 @@ class Connection:
         "connected_at",
         "close_reason",
         "tls",
+        "proxied_by",
+        "proxy",
         "_sock",
         "_tls",
         "_encode",
@@ -124,6 +129,8 @@ class Connection:
         self.connected_at = time.time()
         self.close_reason: Optional[str] = None
         self.tls: Optional[TLSInfo] = None
+        self.proxied_by: Any = None
+        self.proxy: Any = None
         self._sock = sock
         self._tls: Optional["TLSTransport"] = None
         self._encode = encode

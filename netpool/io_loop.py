@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from .connection import Connection
 from .errors import ConnectionClosed, TLSError
-from .read_loop import RECV_SIZE, reason_for
+from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
+from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from .listener import Listener
@@ -54,8 +55,8 @@ _IN_OUT = _IN | select.EPOLLOUT
 class LoopConnection(Connection):
     """A Connection served by an :class:`IOLoop`: non-blocking socket, queued sends."""
 
-    __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_ssl_session", "_hs_deadline",
-                 "_alarm_due")
+    __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_ssl_session",
+                 "_proxy_reader", "_hs_deadline", "_alarm_due")
 
     def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -64,7 +65,12 @@ class LoopConnection(Connection):
         self._out_deadline = 0.0
         self._framer: Any = None
         self._last_read = 0.0
-        self._ssl_session: Any = None  # an SSL.Connection while its handshake runs on the loop
+        # While _setup is true the connection is not talking yet: its PROXY
+        # header (_proxy_reader) or TLS handshake (_ssl_session, an
+        # SSL.Connection) is being read, before _hs_deadline.
+        self._setup = False
+        self._proxy_reader: Any = None
+        self._ssl_session: Any = None
         self._hs_deadline = 0.0
         self._alarm_due = False
 
@@ -215,8 +221,8 @@ class IOLoop:
                         if fd == wake_fd:
                             self._take_new(now)
                         continue
-                    if conn._ssl_session is not None:
-                        self._handshake(conn, now)
+                    if conn._setup:
+                        self._advance_setup(conn)
                         continue
                     if ev & epollout:
                         self._writable(conn)
@@ -322,14 +328,16 @@ class IOLoop:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._conns[fd] = conn
                 self._ep.register(fd, _IN)
+                if listener._proxy_versions:
+                    check_proxy_source(conn, listener._proxy_trusted)
+                    conn._proxy_reader = ProxyHeaderReader(listener._proxy_versions)
                 if context is not None:
                     from .tls import start_server_session
 
                     conn._ssl_session = start_server_session(sock, context)
-                    conn._hs_deadline = now + listener.config.handshake_timeout
-                    self._handshake(conn, now)
-                else:
-                    self._ready(conn)
+                conn._setup = conn._proxy_reader is not None or conn._ssl_session is not None
+                conn._hs_deadline = now + listener.config.handshake_timeout
+                self._advance_setup(conn)
             except Exception as exc:
                 self._finish(conn, reason_for(conn, exc))
 
@@ -343,22 +351,30 @@ class IOLoop:
         if conn.close_reason is not None:
             self._finish(conn, "error")
 
-    def _handshake(self, conn: LoopConnection, now: float) -> None:
-        from .tls import TLSTransport, handshake_step, negotiated
-
-        session = conn._ssl_session
+    def _advance_setup(self, conn: LoopConnection) -> None:
+        """Read the PROXY header, then run the TLS handshake, then let the handler in."""
         try:
-            wanted = handshake_step(session)
-            if wanted:
-                self._ep.modify(conn._sock.fileno(), _IN if wanted == select.POLLIN else select.EPOLLOUT)
-                return
-            conn._ssl_session = None
-            conn._tls = TLSTransport(conn._sock, session)
-            conn.tls = negotiated(session)
-            self._ep.modify(conn._sock.fileno(), _IN)
+            if conn._proxy_reader is not None:
+                if not read_proxy_header_nowait(conn, conn._proxy_reader):
+                    return
+                conn._proxy_reader = None
+            session = conn._ssl_session
+            if session is not None:
+                from .tls import TLSTransport, handshake_step, negotiated
+
+                wanted = handshake_step(session)
+                if wanted:
+                    self._ep.modify(conn._sock.fileno(), _IN if wanted == select.POLLIN else select.EPOLLOUT)
+                    return
+                conn._ssl_session = None
+                conn._tls = TLSTransport(conn._sock, session)
+                conn.tls = negotiated(session)
+                self._ep.modify(conn._sock.fileno(), _IN)
+            conn._setup = False
             self._ready(conn)
         except Exception as exc:
-            conn._ssl_session = None
+            conn._setup = False
+            conn._ssl_session = conn._proxy_reader = None
             self._finish(conn, reason_for(conn, exc))
 
     def _writable(self, conn: LoopConnection) -> None:
@@ -378,12 +394,18 @@ class IOLoop:
         config = self.listener.config
         idle = config.idle_timeout
         for conn in list(self._conns.values()):
-            if conn._ssl_session is not None:
+            if conn._setup:
                 if now >= conn._hs_deadline:
-                    from .tls import handshake_timed_out
+                    if conn._proxy_reader is not None:
+                        exc: Exception = ProxyHeaderError(
+                            f"no complete PROXY header within {config.handshake_timeout:g}s")
+                    else:
+                        from .tls import handshake_timed_out
 
-                    conn._ssl_session = None
-                    self._finish(conn, reason_for(conn, handshake_timed_out(config.handshake_timeout)))
+                        exc = handshake_timed_out(config.handshake_timeout)
+                    conn._setup = False
+                    conn._ssl_session = conn._proxy_reader = None
+                    self._finish(conn, reason_for(conn, exc))
                 continue
             if conn._out and now >= conn._out_deadline:
                 conn._request_close("send_timeout", socket.SHUT_RDWR)

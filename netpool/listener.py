@@ -31,6 +31,7 @@ from .connection import Connection, RawConnection
 from .framing import RawFramer, framer_factory
 from .io_loop import IOLoop, LoopConnection, RawLoopConnection
 from .ratelimit import RateLimitedLog
+from .proxy_protocol import parse_networks
 from .read_loop import serve_connection
 from .sockets import open_listening_socket, remove_unix_socket
 
@@ -50,6 +51,8 @@ ERROR_REASONS = frozenset(
         "framing_error",
         "tls_error",
         "tls_handshake_timeout",
+        "proxy_header_invalid",
+        "proxy_untrusted",
     }
 )
 
@@ -114,6 +117,8 @@ class Listener:
 
             self._tls_context = build_server_context(tls, config.name)
         self._tls_implicit = tls is not None and tls.mode == "implicit"
+        self._proxy_versions = {"off": (), "v1": (1,), "v2": (2,), "any": (1, 2)}[config.proxy_protocol]
+        self._proxy_trusted = parse_networks(config.proxy_trusted)
         self._admission = Admission(
             config.max_connections,
             config.overflow,

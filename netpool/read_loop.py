@@ -10,13 +10,17 @@ gevent's ``_handle_and_close_when_done`` and trio's ``_run_handler`` do.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
+import select
 import socket
+import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .config import format_address
 from .connection import Connection, set_socket_timeout
 from .errors import ConnectionClosed, FramingError, TLSError, TLSHandshakeError
+from .proxy_protocol import MAX_V2, ProxyHeaderError, ProxyHeaderReader, ProxyUntrusted
 
 if TYPE_CHECKING:  # pragma: no cover
     from .listener import Listener
@@ -56,6 +60,9 @@ def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> 
     reason = "error"
     try:
         prepare_socket(conn._sock, config.idle_timeout, config.send_timeout)
+        if service._proxy_versions:
+            check_proxy_source(conn, service._proxy_trusted)
+            read_proxy_header(conn, ProxyHeaderReader(service._proxy_versions), config.handshake_timeout)
         if service._tls_implicit:
             conn._handshake(service._tls_context, config.handshake_timeout)
         if alarm_due:
@@ -127,6 +134,9 @@ def reason_for(conn: Connection, exc: Exception) -> str:
     if isinstance(exc, TLSError):
         log.warning("connection %d from %s: %s; closing it (tls_error)", conn.id, peer, exc)
         return "tls_error"
+    if isinstance(exc, ProxyHeaderError):
+        log.warning("connection %d from %s: %s; closing it (%s)", conn.id, peer, exc, exc.reason)
+        return exc.reason
     if isinstance(exc, FramingError):
         log.warning("connection %d from %s: %s; closing it (%s)", conn.id, peer, exc, exc.reason)
         return exc.reason
@@ -136,3 +146,73 @@ def reason_for(conn: Connection, exc: Exception) -> str:
         return "error"
     log.error("handler raised on connection %d from %s; closing it", conn.id, peer, exc_info=exc)
     return "handler_error"
+
+
+# -- the PROXY protocol header, read before TLS and before the handler ----------
+
+
+def check_proxy_source(conn: Connection, trusted: tuple) -> None:
+    """Only a trusted balancer may tell us who the client is: anyone else is refused."""
+    peer = conn.peer
+    if isinstance(peer, tuple):
+        address = ipaddress.ip_address(peer[0].split("%", 1)[0])
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in network for network in trusted):
+            return
+    elif not peer or str(peer).startswith("/"):
+        return  # a UNIX socket: trusted through its file mode
+    raise ProxyUntrusted(f"{format_address(peer)} is not in proxy_trusted; it may not send a PROXY header")
+
+
+def read_proxy_header_nowait(conn: Connection, reader: ProxyHeaderReader) -> bool:
+    """Consume what has arrived of the header without blocking; True once it is complete.
+
+    Peeks first and then takes exactly the header's bytes, so whatever
+    follows (a TLS ClientHello, the first message) stays in the socket.
+    """
+    sock = conn._sock
+    while reader.header is None:
+        try:
+            peeked = sock.recv(MAX_V2, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        if not peeked:
+            raise ProxyHeaderError("connection closed before its PROXY header was complete")
+        taken = reader.feed(peeked)
+        if taken:
+            sock.recv(taken)
+        if reader.header is None and taken == len(peeked):
+            return False  # everything there was header: wait for the rest
+    _apply_proxy_header(conn, reader)
+    return True
+
+
+def read_proxy_header(conn: Connection, reader: ProxyHeaderReader, timeout: float) -> None:
+    """Blocking version for the thread-per-connection path, bounded by ``timeout`` in all."""
+    sock = conn._sock
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while reader.header is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000))):
+            raise ProxyHeaderError(f"no complete PROXY header within {timeout:g}s")
+        peeked = sock.recv(MAX_V2, socket.MSG_PEEK)
+        if not peeked:
+            raise ProxyHeaderError("connection closed before its PROXY header was complete")
+        taken = reader.feed(peeked)
+        if taken:
+            sock.recv(taken)
+        if reader.header is None and taken < len(peeked):  # pragma: no cover - feed takes all until complete
+            raise ProxyHeaderError("PROXY header reader stalled")
+    _apply_proxy_header(conn, reader)
+
+
+def _apply_proxy_header(conn: Connection, reader: ProxyHeaderReader) -> None:
+    header = reader.header
+    assert header is not None
+    conn.proxy = header
+    if header.command == "PROXY" and header.source is not None and header.transport in ("TCP4", "TCP6"):
+        conn.proxied_by = conn.peer
+        conn.peer = header.source
