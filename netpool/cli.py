@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import sys
 from typing import Any, Callable, Optional
 
@@ -19,7 +18,8 @@ from . import __version__
 from .config import OVERFLOW_STRATEGIES, ListenerConfig, load_toml
 from .errors import ConfigError, ListenError, TLSError
 from .framing import FRAMERS
-from .listener import start_listener
+from .foreground import run_until_signal
+from .supervisor import serve_processes
 
 log = logging.getLogger("netpool.cli")
 
@@ -59,6 +59,8 @@ LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--idle-timeout", "idle_timeout", click.FloatRange(0), "Seconds of silence before a client is closed; 0 = never."),
     ("--send-timeout", "send_timeout", click.FloatRange(0, min_open=True), "Seconds a send may wait on a client that does not read."),
     ("--backlog", "backlog", click.IntRange(1), "Kernel accept queue length."),
+    ("--processes", "processes", click.IntRange(1, 256),
+     "Worker processes sharing the port (SO_REUSEPORT); max-connections applies to each."),
     ("--proxy-protocol", "proxy_protocol", click.Choice(["off", "v1", "v2", "any"]),
      "Expect HAProxy's PROXY header (from a load balancer) before anything else."),
     ("--proxy-trusted", "proxy_trusted", str, "Comma-separated networks allowed to send PROXY headers."),
@@ -190,27 +192,6 @@ def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: s
     return settings
 
 
-class _StopRequested(BaseException):
-    """Raised in the main thread by the SIGINT/SIGTERM handler to leave wait()."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signame = signal.Signals(signum).name
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    # From now on further signals only log: the graceful stop must not be
-    # interrupted half-way by an impatient second Ctrl-C.
-    signal.signal(signal.SIGINT, _already_stopping)
-    signal.signal(signal.SIGTERM, _already_stopping)
-    raise _StopRequested(signum)
-
-
-def _already_stopping(signum: int, _frame: Any) -> None:
-    log.warning("%s received while stopping; still waiting for connections (SIGKILL aborts)",
-                signal.Signals(signum).name)
-
-
 def _serve(settings: dict[str, Any], grace: float, log_level: str) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -219,26 +200,13 @@ def _serve(settings: dict[str, Any], grace: float, log_level: str) -> None:
         config = ListenerConfig.from_mapping(settings)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    # Hold stop signals from before the "listening" line until the handlers
-    # are in place: a SIGTERM that arrives in between is delivered (and
-    # handled gracefully) when unblocked, instead of killing the process
-    # without a summary.
-    stop_signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
-        listener = start_listener(config)
+        if config.processes > 1:
+            sys.exit(serve_processes(config, config.processes, grace))
+        run_until_signal(config, grace)
     except (ListenError, TLSError) as exc:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-        listener.wait()
-    except _StopRequested as stop:
-        log.info("%s received: stopping (grace %gs)", stop.signame, grace)
-    listener.stop(grace)
 
 
 # `netpool xmpp` ships with the XMPP example, which builds its group from the

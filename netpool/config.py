@@ -73,6 +73,11 @@ class ListenerConfig:
     """Path of a UNIX domain socket to listen on instead of host/port."""
     unix_mode: Optional[int] = None
     """File mode for the UNIX socket (e.g. ``0o660``); None keeps the umask's."""
+    reuse_port: bool = False
+    """Set SO_REUSEPORT so several processes can listen on the same port."""
+    processes: int = 1
+    """Worker processes for ``netpool run``/``serve_processes``, each with its own
+    acceptors and its own max_connections (the limits are per process)."""
     backlog: int = 1024
     """Kernel accept queue length (Ranch's default); with overflow="wait" clients wait here."""
 
@@ -153,6 +158,9 @@ class ListenerConfig:
             if self.unix is None:
                 raise ConfigError("unix_mode", "only applies together with unix=PATH")
         _positive_int("backlog", self.backlog)
+        _positive_int("processes", self.processes)
+        if not isinstance(self.reuse_port, bool):
+            raise ConfigError("reuse_port", f"expected true or false, got {self.reuse_port!r}")
         _positive_int("acceptors", self.acceptors)
         if self.acceptors > 1000:
             raise ConfigError("acceptors", f"{self.acceptors} threads in accept() buys nothing; use at most 1000")

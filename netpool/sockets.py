@@ -38,15 +38,18 @@ def open_listening_socket(config: ListenerConfig, port: int | None = None) -> so
     try:
         # Restart without waiting out TIME_WAIT, as every server does.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if config.reuse_port:
+            # Several processes share the port; the kernel spreads connections.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
         sock.listen(config.backlog)
     except OSError as exc:
         sock.close()
-        raise ListenError(_bind_message(format_address((config.host, port)), exc)) from None
+        raise ListenError(bind_error_message(format_address((config.host, port)), exc)) from None
     return sock
 
 
-def _bind_message(address: str, exc: OSError) -> str:
+def bind_error_message(address: str, exc: OSError) -> str:
     hint = ""
     if exc.errno == errno.EADDRINUSE:
         hint = ": address already in use (another server is listening there; pick another port or stop it)"

@@ -1,0 +1,65 @@
+"""Serving in the foreground of a process until SIGINT or SIGTERM, then stopping gracefully.
+
+Shared by the CLI (one process) and by each worker of the multi-process
+supervisor.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+from .config import ListenerConfig
+from .listener import ListenerInfo, start_listener
+
+__all__ = ["run_until_signal", "StopRequested"]
+
+log = logging.getLogger("netpool.cli")
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class StopRequested(BaseException):
+    """Raised in the main thread by the SIGINT/SIGTERM handler to leave wait()."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signame = signal.Signals(signum).name
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    # From now on further signals only log: the graceful stop must not be
+    # interrupted half-way by an impatient second Ctrl-C.
+    signal.signal(signal.SIGINT, _already_stopping)
+    signal.signal(signal.SIGTERM, _already_stopping)
+    raise StopRequested(signum)
+
+
+def _already_stopping(signum: int, _frame: Any) -> None:
+    log.warning("%s received while stopping; still waiting for connections (SIGKILL aborts)",
+                signal.Signals(signum).name)
+
+
+def run_until_signal(config: ListenerConfig, grace: float) -> ListenerInfo:
+    """Start ``config``'s listener, serve until SIGINT/SIGTERM, stop it within ``grace``.
+
+    Stop signals are held from before the "listening" line until their
+    handlers are in place: a SIGTERM sent the moment the server reports it
+    is up is still handled gracefully, not fatal. Raises ListenError or
+    TLSError if the listener cannot start.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        listener = start_listener(config)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        raise
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        listener.wait()
+    except StopRequested as stop:
+        log.info("%s received: stopping (grace %gs)", stop.signame, grace)
+    return listener.stop(grace)

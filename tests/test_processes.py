@@ -1,0 +1,89 @@
+"""Several worker processes on one port: clients spread across them, a killed worker comes back."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+from pathlib import Path
+
+from .test_cli import server
+
+PID_HANDLER = '''
+import os
+
+def handler(message, conn):
+    conn.send(b"%d" % os.getpid())
+'''
+
+
+def await_lines(srv, patterns: dict[str, str], limit: int = 50) -> dict[str, re.Match]:
+    """Read log lines until each named pattern has matched once, in whatever order they come."""
+    union = re.compile("|".join(f"(?P<{name}>{pattern})" for name, pattern in patterns.items()))
+    found: dict[str, re.Match] = {}
+    for _ in range(limit):
+        if len(found) == len(patterns):
+            break
+        match = srv.expect(union)
+        name = next(n for n in patterns if match.group(n) is not None)
+        found[name] = re.search(patterns[name], match.group(name))
+    assert len(found) == len(patterns), f"missing log lines: {set(patterns) - set(found)}"
+    return found
+
+
+def whose(port: int) -> int:
+    """One client: which worker process answered it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"who\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(64)
+            if not chunk:
+                raise ConnectionError(f"closed after {reply!r}")
+            reply += chunk
+        return int(reply)
+
+
+def seen_pids(port: int, want: set[int], tries: int = 400) -> set[int]:
+    """Ask until every pid in ``want`` answered (bounded); return every pid seen."""
+    seen: set[int] = set()
+    for _ in range(tries):
+        seen.add(whose(port))
+        if want <= seen:
+            break
+    return seen
+
+
+def test_workers_share_the_port_and_a_killed_one_is_restarted(tmp_path: Path):
+    (tmp_path / "pidmod.py").write_text(PID_HANDLER)
+    with server("run", "pidmod:handler", "--port", "0", "--processes", "2", "--framing", "line",
+                cwd=tmp_path) as srv:
+        lines = await_lines(srv, {
+            "serving": r"2 worker processes serving 127\.0\.0\.1:(\d+)",
+            "w0": r"worker 0 started \(pid (\d+)\)",
+            "w1": r"worker 1 started \(pid (\d+)\)",
+            "l0": r"\[0\] listening on",
+            "l1": r"\[1\] listening on",
+        })
+        port = int(lines["serving"][1])
+        pids = {int(lines["w0"][1]), int(lines["w1"][1])}
+        assert seen_pids(port, pids) == pids, "the kernel spreads clients over both workers"
+
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        restarted = srv.expect(re.compile(r"worker (?P<index>\d) started \(pid (?P<pid>\d+)\)"))
+        new_pid = int(restarted["pid"])
+        assert new_pid not in pids
+        survivor = (pids - {victim}).pop()
+        # Served all along: every one of these clients gets an answer.
+        answers = [whose(port) for _ in range(30)]
+        assert set(answers) <= {survivor, new_pid}
+        srv.expect(re.compile(rf"\[{restarted['index']}\] listening on"))
+        assert seen_pids(port, {survivor, new_pid}) == {survivor, new_pid}, "the new worker takes clients"
+
+        returncode, stderr = srv.stop(signal.SIGTERM)
+        assert returncode == 0, stderr
+        assert "was killed by SIGKILL" in stderr
+        summary = re.search(r"all workers stopped \(1 restarts\): accepted (\d+)", stderr)
+        assert summary and int(summary[1]) >= 30
