@@ -57,6 +57,8 @@ LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
      "How bytes become messages: raw chunks, lines, or 4-byte length prefixes."),
     ("--max-message-size", "max_message_size", click.IntRange(1), "Largest message in bytes; larger closes the connection."),
     ("--idle-timeout", "idle_timeout", click.FloatRange(0), "Seconds of silence before a client is closed; 0 = never."),
+    ("--message-timeout", "message_timeout", click.FloatRange(0),
+     "Seconds a message may take from first to last byte (line/length framing); 0 = no limit."),
     ("--send-timeout", "send_timeout", click.FloatRange(0, min_open=True), "Seconds a send may wait on a client that does not read."),
     ("--backlog", "backlog", click.IntRange(1), "Kernel accept queue length."),
     ("--processes", "processes", click.IntRange(1, 256),
@@ -185,8 +187,9 @@ def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: s
         if not isinstance(base, dict):
             raise click.UsageError("ssl in the config file must be a table of TLS options")
         settings["ssl"] = {**base, **tls}
-    if settings.get("idle_timeout") == 0:
-        settings["idle_timeout"] = None
+    for key in ("idle_timeout", "message_timeout"):
+        if settings.get(key) == 0:
+            settings[key] = None
     if "port" not in settings and "unix" not in settings:
         settings["port"] = CLI_DEFAULT_PORT
     return settings

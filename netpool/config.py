@@ -103,6 +103,9 @@ class ListenerConfig:
     """Largest message accepted; a larger one closes that connection (message_too_large)."""
     idle_timeout: Optional[float] = 300.0
     """Seconds without a byte from the peer before the connection is closed; None = never."""
+    message_timeout: Optional[float] = 60.0
+    """Seconds a message may take from its first byte to its last (line and length framing);
+    None = no limit. Stops slow-loris clients that trickle bytes to dodge idle_timeout."""
     send_timeout: float = 30.0
     """Seconds a send may wait for a peer that does not read before the connection is closed."""
     handshake_timeout: float = 10.0
@@ -189,6 +192,7 @@ class ListenerConfig:
         _positive_int("max_message_size", self.max_message_size)
         _timeout("idle_timeout", self.idle_timeout, optional=True)
         _timeout("send_timeout", self.send_timeout, optional=False)
+        _timeout("message_timeout", self.message_timeout, optional=True)
         _timeout("handshake_timeout", self.handshake_timeout, optional=False)
         object.__setattr__(self, "ssl", TLSConfig.coerce(self.ssl))
 

@@ -53,6 +53,12 @@ class MessageTooLarge(FramingError):
     reason = "message_too_large"
 
 
+class MessageTimeout(FramingError):
+    """A message was begun but not finished within ``message_timeout`` (a slow-loris client)."""
+
+    reason = "message_timeout"
+
+
 class TLSError(NetpoolError):
     """TLS set-up failed (certificate, key or options), or a TLS session broke."""
 

@@ -20,9 +20,10 @@ class (or any callable taking ``max_message_size``) as ``framing``.
 from __future__ import annotations
 
 import struct
+import time
 from typing import Callable, Protocol, runtime_checkable
 
-from .errors import FramingError, MessageTooLarge
+from .errors import FramingError, MessageTimeout, MessageTooLarge
 
 __all__ = [
     "Framer",
@@ -124,6 +125,11 @@ class LineFramer:
         self._check(pending)
         return messages
 
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished line held back."""
+        return len(self._buf)
+
     def eof(self) -> list[bytes]:
         if not self._buf:
             return []
@@ -186,6 +192,11 @@ class LengthPrefixFramer:
             del buf[:pos]
         return messages
 
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished frame held back (a header counts once it is read)."""
+        return len(self._buf) + (4 if self._need >= 0 else 0)
+
     def eof(self) -> list[bytes]:
         if self._buf or self._need >= 0:
             pending = len(self._buf)
@@ -198,6 +209,50 @@ class LengthPrefixFramer:
         if len(message) > 0xFFFFFFFF:
             raise ValueError("a length-prefixed message cannot exceed 4 GiB")
         return _LENGTH.pack(len(message)) + message
+
+
+class MessageDeadline:
+    """Wraps a framer: a message begun but not finished within ``timeout`` s raises MessageTimeout.
+
+    The idle timeout cannot catch a slow-loris client, which sends a byte
+    now and then and never completes a message; this can. It needs the
+    wrapped framer's ``pending`` (bytes of an unfinished message held).
+    """
+
+    __slots__ = ("_inner", "_timeout", "_since", "encode", "eof")
+
+    def __init__(self, inner: Framer, timeout: float) -> None:
+        self._inner = inner
+        self._timeout = timeout
+        self._since: float | None = None
+        self.encode = inner.encode
+        self.eof = inner.eof
+
+    @property
+    def pending(self) -> int:
+        return self._inner.pending  # type: ignore[attr-defined, no-any-return]
+
+    def feed(self, data: bytes) -> list[bytes]:
+        messages = self._inner.feed(data)
+        if self._inner.pending:  # type: ignore[attr-defined]
+            now = time.monotonic()
+            if self._since is None or messages:
+                self._since = now
+            elif now - self._since > self._timeout:
+                raise MessageTimeout(
+                    f"a message begun {now - self._since:.1f}s ago is still unfinished "
+                    f"(message_timeout={self._timeout:g}s)"
+                )
+        else:
+            self._since = None
+        return messages
+
+
+def with_message_deadline(factory: FramerFactory, timeout: float | None) -> FramerFactory:
+    """The factory, wrapped with :class:`MessageDeadline` when it can be (framers with ``pending``)."""
+    if timeout is None or not hasattr(factory, "pending"):
+        return factory
+    return lambda max_message_size: MessageDeadline(factory(max_message_size), timeout)
 
 
 FRAMERS: dict[str, FramerFactory] = {

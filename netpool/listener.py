@@ -28,11 +28,11 @@ from .admission import Admission
 from .config import ListenerConfig, format_address
 from .conn_threads import ConnectionThreads
 from .connection import Connection, RawConnection
-from .framing import RawFramer, framer_factory
+from .framing import RawFramer, framer_factory, with_message_deadline
 from .io_loop import IOLoop, LoopConnection, RawLoopConnection
 from .ratelimit import RateLimitedLog
 from .proxy_protocol import parse_networks
-from .read_loop import serve_connection
+from .read_loop import fault_logs, serve_connection
 from .sockets import open_listening_socket, remove_unix_socket
 
 __all__ = ["Listener", "ListenerInfo", "start_listener", "ERROR_REASONS"]
@@ -48,6 +48,7 @@ ERROR_REASONS = frozenset(
         "send_error",
         "send_timeout",
         "message_too_large",
+        "message_timeout",
         "framing_error",
         "tls_error",
         "tls_handshake_timeout",
@@ -105,9 +106,10 @@ class Listener:
 
     def __init__(self, config: ListenerConfig) -> None:
         self.config = config
-        self._framer_factory = framer_factory(config.framing)
-        self._raw_framing = self._framer_factory is RawFramer
-        self._encode = None if self._raw_framing else self._framer_factory(config.max_message_size).encode
+        base_factory = framer_factory(config.framing)
+        self._raw_framing = base_factory is RawFramer
+        self._framer_factory = with_message_deadline(base_factory, config.message_timeout)
+        self._encode = None if self._raw_framing else base_factory(config.max_message_size).encode
         # Built here, before any socket is bound, so a bad certificate or key
         # fails start_listener with the file named and nothing half-started.
         tls = config.ssl
@@ -157,6 +159,7 @@ class Listener:
         # acceptor may enter accept() meanwhile (see _out_of_descriptors).
         self._draining = False
         self._refusals = RateLimitedLog(log)
+        self._fault_logs = fault_logs()
         self._fd_log = RateLimitedLog(log)
 
     def __repr__(self) -> str:

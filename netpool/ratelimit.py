@@ -23,7 +23,7 @@ class RateLimitedLog:
         self._last = -float("inf")
         self._suppressed = 0
 
-    def __call__(self, level: int, msg: str, *args: object) -> None:
+    def __call__(self, level: int, msg: str, *args: object, **kwargs: object) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._last < self._interval:
@@ -33,4 +33,4 @@ class RateLimitedLog:
             suppressed, self._suppressed = self._suppressed, 0
         if suppressed:
             msg = f"{msg} ({suppressed} similar messages suppressed)"
-        self._logger.log(level, msg, *args)
+        self._logger.log(level, msg, *args, **kwargs)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ gevent's ``_handle_and_close_when_done`` and trio's ``_run_handler`` do.
 
 from __future__ import annotations
 
+import collections
 import functools
 import ipaddress
 import logging
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from .config import format_address
 from .connection import Connection, set_socket_timeout
 from .errors import ConnectionClosed, FramingError, TLSError, TLSHandshakeError
+from .ratelimit import RateLimitedLog
 from .proxy_protocol import MAX_V2, ProxyHeaderError, ProxyHeaderReader, ProxyUntrusted
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -121,30 +123,39 @@ def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> 
         service._connection_finished(conn, reason)
 
 
+def fault_logs() -> "collections.defaultdict[str, RateLimitedLog]":
+    """Per-listener fault loggers, one per close reason.
+
+    A storm of one kind of bad client (a slow loris, a scanner) logs about
+    once a second with a count of what it held back, and cannot hide a
+    different fault or another listener's. The counters stay exact.
+    """
+    return collections.defaultdict(lambda: RateLimitedLog(log, interval=1.0))
+
+
 def reason_for(conn: Connection, exc: Exception) -> str:
-    """The close reason for an exception that ended a connection's loop; logs it once.
+    """The close reason for an exception that ended a connection's loop; logs it (rate-limited).
 
     Shared by every read path so a given fault reads the same in the logs
     and counters whichever I/O mode served the connection.
     """
-    peer = format_address(conn.peer)
-    if isinstance(exc, TLSHandshakeError):
-        log.info("connection %d from %s: %s; closing it (%s)", conn.id, peer, exc, exc.reason)
-        return exc.reason
-    if isinstance(exc, TLSError):
-        log.warning("connection %d from %s: %s; closing it (tls_error)", conn.id, peer, exc)
-        return "tls_error"
-    if isinstance(exc, ProxyHeaderError):
-        log.warning("connection %d from %s: %s; closing it (%s)", conn.id, peer, exc, exc.reason)
-        return exc.reason
-    if isinstance(exc, FramingError):
-        log.warning("connection %d from %s: %s; closing it (%s)", conn.id, peer, exc, exc.reason)
-        return exc.reason
     if isinstance(exc, ConnectionClosed):
         # A send inside the handler found the connection closed (send
         # timeout, reset, quit): its own reason is already recorded.
         return "error"
-    log.error("handler raised on connection %d from %s; closing it", conn.id, peer, exc_info=exc)
+    peer = format_address(conn.peer)
+    logs = conn.listener._fault_logs
+    if isinstance(exc, (TLSHandshakeError, ProxyHeaderError, FramingError)):
+        reason = exc.reason
+        level = logging.INFO if isinstance(exc, TLSHandshakeError) else logging.WARNING
+        logs[reason](level, "connection %d from %s: %s; closing it (%s)", conn.id, peer, exc, reason)
+        return reason
+    if isinstance(exc, TLSError):
+        logs["tls_error"](logging.WARNING, "connection %d from %s: %s; closing it (tls_error)",
+                                 conn.id, peer, exc)
+        return "tls_error"
+    logs["handler_error"](logging.ERROR, "handler raised on connection %d from %s; closing it",
+                                 conn.id, peer, exc_info=exc)
     return "handler_error"
 
 
