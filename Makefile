@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv clean bench bench-tools
+.PHONY: run test venv clean bench bench-tools soak
 
 venv: $(STAMP)
 
@@ -63,6 +63,11 @@ bench-tools: $(LOADGEN) $(BENCH_STAMP)
 
 bench: bench-tools
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# 10 minutes of mixed traffic against one listener, then a report (bench/soak-report.md).
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis $(LOADGEN)

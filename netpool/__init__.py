@@ -56,3 +56,44 @@ __all__ = [
     "load_toml",
     "start_listener",
 ]
+
+# The calling side (issue 6): client pool, circuit breaker, deadlines.
+from .breaker import BreakerStats, CircuitBreaker
+from .client_pool import ConnectionPool, PoolConnection, PoolStats
+from .deadline import Deadline
+from .errors import (
+    CircuitOpen,
+    DeadlineExceeded,
+    DialError,
+    PoolClosed,
+    PoolError,
+    PoolTimeout,
+    ProtocolError,
+)
+
+__all__ += [
+    "BreakerStats",
+    "CircuitBreaker",
+    "CircuitOpen",
+    "ConnectionPool",
+    "Deadline",
+    "DeadlineExceeded",
+    "DialError",
+    "PoolClosed",
+    "PoolConnection",
+    "PoolError",
+    "PoolStats",
+    "PoolTimeout",
+    "ProtocolError",
+]
+
+# Worker pool and balancer (issue 6).
+from .errors import Overloaded, WorkerPoolStopped
+from .workers import Lane, WorkerPool, WorkerPoolStats
+
+__all__ += ["Lane", "Overloaded", "WorkerPool", "WorkerPoolStats", "WorkerPoolStopped"]
+
+# Prometheus metrics (issue 6).
+from .metrics import Metrics, MetricsServer, instrument_handler, serve_metrics
+
+__all__ += ["Metrics", "MetricsServer", "instrument_handler", "serve_metrics"]

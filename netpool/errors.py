@@ -87,3 +87,70 @@ ACCEPT_CAPACITY_ERRNOS = frozenset(
 ACCEPT_CLIENT_ERRNOS = frozenset(
     {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENOPROTOOPT, errno.EINTR}
 )
+
+
+# -- the calling side: client pool, circuit breaker, worker pool, deadlines ----
+
+
+class DeadlineExceeded(NetpoolError, TimeoutError):
+    """A call did not finish before its deadline.
+
+    Raised by pooled connections (``request``, ``send``, ``recv_exactly``)
+    and by the pool while waiting for a connection on the caller's deadline.
+    A connection that timed out mid-exchange is discarded by the pool: its
+    stream may hold half a reply.
+    """
+
+
+class PoolError(NetpoolError):
+    """Base class of client-pool errors; ``pool`` is the pool that raised it (urllib3's PoolError)."""
+
+    def __init__(self, pool: object, message: str) -> None:
+        super().__init__(message)
+        self.pool = pool
+
+
+class PoolTimeout(PoolError, TimeoutError):
+    """No connection became free within ``acquire_timeout`` (or the caller's deadline).
+
+    All ``max_open`` connections stayed in use: raise ``max_open``, make the
+    work done while holding a connection shorter, or look for a leak (a
+    connection acquired without ``with``).
+    """
+
+
+class PoolClosed(PoolError):
+    """The pool was closed: it hands out no more connections."""
+
+
+class DialError(PoolError, ConnectionError):
+    """The pool could not open a connection to its target (refused, unreachable, TLS failure)."""
+
+
+class ProtocolError(NetpoolError, ConnectionError):
+    """The peer sent a reply that breaks the length-prefixed protocol (too large, or the stream ended mid-frame)."""
+
+
+class CircuitOpen(NetpoolError):
+    """The circuit breaker is open: the call was not attempted.
+
+    ``retry_after`` is how many seconds remain until the breaker lets a trial
+    call through; a front end can pass it on as an HTTP ``Retry-After``.
+    """
+
+    def __init__(self, breaker: object, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.breaker = breaker
+        self.retry_after = retry_after
+
+
+class Overloaded(NetpoolError):
+    """The worker pool's queues are all full: the work was rejected, not queued.
+
+    Shed the load (answer "busy"), or give the pool more workers or longer
+    queues if the machine has room.
+    """
+
+
+class WorkerPoolStopped(NetpoolError, RuntimeError):
+    """Work was submitted to a worker pool that is stopping or stopped."""

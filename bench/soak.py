@@ -1,0 +1,299 @@
+"""`make soak`: mixed traffic against one netpool listener for a while, then a report.
+
+The server runs as its own process (bench/soak_handler.py through `netpool
+run`), a line protocol with STARTTLS. Against it, for --seconds (600 by
+default), all on 127.0.0.1:
+
+- echo clients on long-lived connections, checking every reply in order;
+- TLS clients that upgrade with STARTTLS, echo, and reconnect now and then;
+- churn: connect, one echo, close (half of them with a reset);
+- hostile clients: slow loris (a byte now and then, never a full line),
+  clients that ask for a flood and never read, and garbage senders.
+
+At the end the report gives the server's RSS, threads and descriptors at the
+start and the end, its counters against what the clients counted, and
+whether anything was lost: every line a client sent and the server answered
+must have come back, in order. The run stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+NETPOOL = str(Path(sys.executable).parent / "netpool")
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[key] += n
+
+
+def proc_status(pid: int) -> dict[str, float]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024
+    threads = int(re.search(r"Threads:\s+(\d+)", status)[1])
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    return {"rss_mb": round(rss, 1), "threads": threads, "fds": fds}
+
+
+class LineSocket:
+    """A blocking line-protocol client with a deadline on every read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def request(self, line: bytes) -> bytes:
+        self.sock.sendall(line + b"\n")
+        return self.read_line()
+
+    def read_line(self) -> bytes:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed by the server")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def echo_client(port: int, stop: threading.Event, stats: Stats, name: str) -> None:
+    seq = 0
+    while not stop.is_set():
+        try:
+            client = LineSocket(connect(port))
+            stats.add("connects")
+            for _ in range(random.randint(200, 2000)):
+                if stop.is_set():
+                    break
+                line = f"{name} {seq} {'x' * random.randint(0, 200)}".encode()
+                stats.add("sent")
+                reply = client.request(line)
+                if reply != line:
+                    stats.add("mismatched")
+                else:
+                    stats.add("echoed")
+                seq += 1
+            client.sock.close()
+        except OSError as exc:
+            stats.add(f"echo error {type(exc).__name__}")
+
+
+def tls_client(port: int, stop: threading.Event, stats: Stats, cafile: str) -> None:
+    ctx = ssl.create_default_context(cafile=cafile)
+    while not stop.is_set():
+        try:
+            plain = LineSocket(connect(port))
+            stats.add("connects")
+            if plain.request(b"STARTTLS") != b"PROCEED":
+                stats.add("starttls refused")
+                continue
+            client = LineSocket(ctx.wrap_socket(plain.sock, server_hostname="localhost"))
+            stats.add("tls upgrades")
+            for i in range(random.randint(50, 500)):
+                if stop.is_set():
+                    break
+                line = f"tls {i} {'y' * random.randint(0, 1000)}".encode()
+                stats.add("sent")
+                if client.request(line) == line:
+                    stats.add("echoed")
+                else:
+                    stats.add("mismatched")
+            client.sock.close()
+        except (OSError, ssl.SSLError) as exc:
+            stats.add(f"tls error {type(exc).__name__}")
+
+
+def churn_client(port: int, stop: threading.Event, stats: Stats) -> None:
+    linger = struct.pack("ii", 1, 0)
+    while not stop.is_set():
+        try:
+            client = LineSocket(connect(port))
+            stats.add("connects")
+            stats.add("sent")
+            if client.request(b"churn") == b"churn":
+                stats.add("echoed")
+            if random.random() < 0.5:
+                client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            client.sock.close()
+        except OSError as exc:
+            stats.add(f"churn error {type(exc).__name__}")
+
+
+def hostile_client(port: int, stop: threading.Event, stats: Stats) -> None:
+    """Slow loris, never-readers and garbage, one after another."""
+    pause = threading.Event()
+    while not stop.is_set():
+        kind = random.choice(["loris", "flood", "garbage", "oversize"])
+        try:
+            sock = connect(port)
+            stats.add("connects")
+            stats.add(f"hostile {kind}")
+            if kind == "loris":
+                for _ in range(40):  # a byte every 0.25 s: message_timeout cuts it
+                    sock.send(b"z")
+                    if pause.wait(0.25) or stop.is_set():
+                        break
+            elif kind == "flood":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(b"FLOOD\n")
+                sock.settimeout(15)
+                try:
+                    sock.recv(1, socket.MSG_PEEK)
+                    # Never read: the server's send_timeout must cut us. Each send
+                    # gets send_timeout; filling the socket buffers first takes a while.
+                    pause.wait(20)
+                except OSError:
+                    pass
+            elif kind == "garbage":
+                sock.sendall(os.urandom(random.randint(1, 4096)))
+            else:
+                sock.sendall(b"a" * 70_000)  # past max_message_size without a newline
+            sock.close()
+        except OSError as exc:
+            stats.add(f"hostile error {type(exc).__name__}")
+
+
+CONTROL_CONNECTIONS = Counter()
+
+
+def server_info(port: int) -> dict:
+    CONTROL_CONNECTIONS["info"] += 1
+    with connect(port) as sock:
+        return json.loads(LineSocket(sock).request(b"INFO"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=600)
+    ap.add_argument("--io", choices=["threads", "events"], default="threads")
+    ap.add_argument("--echo", type=int, default=16)
+    ap.add_argument("--tls", type=int, default=8)
+    ap.add_argument("--churn", type=int, default=4)
+    ap.add_argument("--hostile", type=int, default=8)
+    ap.add_argument("--out", default=str(HERE / "soak-report.md"))
+    args = ap.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="netpool-soak-")
+    from netpool.devcert import write_dev_certificate
+
+    cert, key = write_dev_certificate(tmp, ["localhost", "127.0.0.1"])
+    log_path = Path(tmp) / "server.log"
+    log_file = open(log_path, "w")
+    server = subprocess.Popen(
+        [NETPOOL, "run", "soak_handler:handler", "--port", "0", "--framing", "line", "--io", args.io,
+         "--certfile", cert, "--keyfile", key, "--tls-mode", "starttls", "--max-connections", "3000",
+         "--idle-timeout", "30", "--message-timeout", "5", "--send-timeout", "3", "--grace", "5"],
+        cwd=HERE, stderr=log_file, stdout=subprocess.DEVNULL,
+    )
+    try:
+        port = 0
+        deadline = time.monotonic() + 20
+        while not port and time.monotonic() < deadline and server.poll() is None:
+            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log_path.read_text())
+            port = int(match[1]) if match else 0
+            threading.Event().wait(0.05)
+        if not port:
+            print(log_path.read_text(), file=sys.stderr)
+            return 1
+        before = proc_status(server.pid)
+        stats = Stats()
+        stop = threading.Event()
+        threads = (
+            [threading.Thread(target=echo_client, args=(port, stop, stats, f"e{i}")) for i in range(args.echo)]
+            + [threading.Thread(target=tls_client, args=(port, stop, stats, cert)) for _ in range(args.tls)]
+            + [threading.Thread(target=churn_client, args=(port, stop, stats)) for _ in range(args.churn)]
+            + [threading.Thread(target=hostile_client, args=(port, stop, stats)) for _ in range(args.hostile)]
+        )
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        samples = []
+        while time.monotonic() - started < args.seconds:
+            stop.wait(min(30.0, args.seconds))
+            samples.append((round(time.monotonic() - started), proc_status(server.pid)))
+            print(f"[{samples[-1][0]:>4}s] server {samples[-1][1]}, clients {dict(stats.counts)}", flush=True)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        # Let the server close what the clients left (send timeouts, loris cuts).
+        deadline = time.monotonic() + 30
+        info = server_info(port)
+        while info["live"] > 1 and time.monotonic() < deadline:
+            threading.Event().wait(0.5)
+            info = server_info(port)
+        after = proc_status(server.pid)
+        info = server_info(port)  # this control connection is the last one counted
+        counts = stats.counts
+        client_connects = counts["connects"]
+        lost = counts["sent"] - counts["echoed"] - counts["mismatched"]
+        report = [
+            "# netpool soak report",
+            "",
+            f"{args.seconds:g} s of mixed traffic against one listener (io={args.io}, line framing, STARTTLS, "
+            f"max_connections=3000, idle 30 s, message 5 s, send 3 s), on {os.cpu_count()} CPUs.",
+            "",
+            "| | start | end |",
+            "| --- | --- | --- |",
+            f"| server RSS (MB) | {before['rss_mb']} | {after['rss_mb']} |",
+            f"| server threads | {before['threads']} | {after['threads']} |",
+            f"| server descriptors | {before['fds']} | {after['fds']} |",
+            "",
+            "Samples (s, RSS MB, threads, fds): " + "; ".join(
+                f"{t}: {s['rss_mb']}/{s['threads']}/{s['fds']}" for t, s in samples),
+            "",
+            f"Clients: {dict(sorted(counts.items()))}",
+            "",
+            f"Server info: accepted {info['accepted']}, admitted {info['admitted']}, refused {info['refused']}, "
+            f"closed {info['closed']}, live {info['live']}, errors {info['errors']}",
+            f"Closed by reason: {dict(sorted(info['closed_by_reason'].items()))}",
+            f"Refused by reason: {dict(sorted(info['refused_by_reason'].items()))}",
+            "",
+            f"- client connections {client_connects} + {CONTROL_CONNECTIONS['info']} INFO control connections "
+            f"= {client_connects + CONTROL_CONNECTIONS['info']}; server accepted {info['accepted']}",
+            f"- lines sent {counts['sent']}, echoed intact {counts['echoed']}, mismatched {counts['mismatched']}, "
+            f"lost {lost} (a line whose connection failed before its answer counts as lost)",
+            f"- closed + live = {info['closed'] + info['live']} vs admitted {info['admitted']}",
+        ]
+        text = "\n".join(report) + "\n"
+        Path(args.out).write_text(text)
+        print(text)
+        server.terminate()
+        server.wait(timeout=30)
+        print(log_path.read_text().strip().splitlines()[-1])
+        ok = (counts["mismatched"] == 0 and info["closed"] + info["live"] == info["admitted"]
+              and info["accepted"] == client_connects + CONTROL_CONNECTIONS["info"])
+        return 0 if ok else 1
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
+        log_file.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
