@@ -53,6 +53,8 @@ LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--io", "io", click.Choice(["threads", "events"]),
      "threads: a thread per connection; events: epoll loops read all connections (tens of thousands)."),
     ("--io-threads", "io_threads", click.IntRange(1, 64), "With --io events: how many loop threads."),
+    ("--workers", "workers", click.IntRange(0, 1024),
+     "Run handlers on a pool of N worker threads (per-connection order kept); 0 = on the reading thread."),
     ("--framing", "framing", click.Choice(list(FRAMERS)),
      "How bytes become messages: raw chunks, lines, or 4-byte length prefixes."),
     ("--max-message-size", "max_message_size", click.IntRange(1), "Largest message in bytes; larger closes the connection."),
@@ -96,6 +98,10 @@ def listener_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Seconds live connections get to finish on SIGINT/SIGTERM."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="TOML file with ListenerConfig keys; flags override it."),
+        click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+                     help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (see --metrics-host)."),
+        click.option("--metrics-host", default="127.0.0.1", show_default=True,
+                     help="Address for --metrics-port."),
     ]
     for flag, key, kind, text in reversed(LISTENER_OPTIONS):
         func = click.option(flag, key, type=kind, default=None, help=f"{text} {_default(key)}")(func)
@@ -117,20 +123,22 @@ def main() -> None:
 
 @main.command()
 @listener_options
-def echo(config_file: Optional[str], grace: float, log_level: str, **flags: Any) -> None:
+def echo(config_file: Optional[str], grace: float, log_level: str, metrics_port: Optional[int],
+         metrics_host: str, **flags: Any) -> None:
     """Serve the echo example (examples/echo): every message comes straight back.
 
     Try it with: nc 127.0.0.1 5555
     """
     settings = _settings(config_file, flags, default_name="echo")
     settings["handler"] = ECHO_HANDLER
-    _serve(settings, grace, log_level)
+    _serve(settings, grace, log_level, metrics_port, metrics_host)
 
 
 @main.command()
 @click.argument("handler", metavar="MODULE:HANDLER")
 @listener_options
-def run(handler: str, config_file: Optional[str], grace: float, log_level: str, **flags: Any) -> None:
+def run(handler: str, config_file: Optional[str], grace: float, log_level: str, metrics_port: Optional[int],
+        metrics_host: str, **flags: Any) -> None:
     """Serve handler(message, conn) imported from MODULE:HANDLER.
 
     The current directory is importable, so `netpool run mymodule:handler`
@@ -138,7 +146,7 @@ def run(handler: str, config_file: Optional[str], grace: float, log_level: str, 
     """
     settings = _settings(config_file, flags, default_name=handler.partition(":")[0])
     settings["handler"] = handler
-    _serve(settings, grace, log_level)
+    _serve(settings, grace, log_level, metrics_port, metrics_host)
 
 
 @main.command()
@@ -172,6 +180,8 @@ def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: s
             settings.update(load_toml(config_file))
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None
+    # Options of the process rather than of the listener (metrics) are not settings.
+    flags = {k: v for k, v in flags.items() if not k.startswith("metrics_")}
     tls = {key[4:]: value for key, value in flags.items() if key.startswith("tls_") and value is not None}
     settings.update({key: value for key, value in flags.items() if not key.startswith("tls_") and value is not None})
     if flags.get("refuse_message") is not None:
@@ -195,7 +205,8 @@ def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: s
     return settings
 
 
-def _serve(settings: dict[str, Any], grace: float, log_level: str) -> None:
+def _serve(settings: dict[str, Any], grace: float, log_level: str, metrics_port: Optional[int] = None,
+           metrics_host: str = "127.0.0.1") -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -203,13 +214,36 @@ def _serve(settings: dict[str, Any], grace: float, log_level: str) -> None:
         config = ListenerConfig.from_mapping(settings)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    if metrics_port is not None and config.processes > 1:
+        raise click.UsageError("--metrics-port serves one process's metrics; it cannot be combined with --processes")
+    servers: list[Any] = []
+    on_started: Optional[Callable[[Any], None]] = None
+    if metrics_port is not None:
+        from .metrics import Metrics
+
+        metrics = Metrics()
+        config = config.replace(handler=metrics.instrument_handler(config.handler, listener=config.name))
+
+        def attach_metrics(listener: Any) -> None:
+            metrics.add_listener(listener)
+            if listener.workers is not None:
+                metrics.add_worker_pool(listener.workers)
+            server = metrics.serve(metrics_port, metrics_host)
+            servers.append(server)
+            log.info("metrics on %s", server.url)
+
+        on_started = attach_metrics
+
     try:
         if config.processes > 1:
             sys.exit(serve_processes(config, config.processes, grace))
-        run_until_signal(config, grace)
+        run_until_signal(config, grace, on_started)
     except (ListenError, TLSError) as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
+    finally:
+        for server in servers:
+            server.stop()
 
 
 # `netpool xmpp` ships with the XMPP example, which builds its group from the

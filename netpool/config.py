@@ -97,6 +97,13 @@ class ListenerConfig:
     io_threads: int = 1
     """With io="events": how many loop threads share the connections."""
 
+    workers: int = 0
+    """Run handlers on a pool of this many worker threads (0: on the reading thread).
+    Each connection's messages still reach the handler one at a time, in order."""
+    worker_queue: int = 64
+    """Messages that may wait per connection for a worker before its reader is held
+    (threads) or the connection is closed as overloaded (events)."""
+
     framing: str | FramerFactory = "raw"
     """"raw" (each received chunk), "line", "length" (4-byte big-endian), or a framer factory."""
     max_message_size: int = 65536
@@ -184,6 +191,8 @@ class ListenerConfig:
         if self.io not in ("threads", "events"):
             raise ConfigError("io", f"expected threads or events, got {self.io!r}")
         _positive_int("io_threads", self.io_threads)
+        _positive_int("workers", self.workers, minimum=0)
+        _positive_int("worker_queue", self.worker_queue)
         if isinstance(self.framing, str):
             if self.framing not in FRAMERS:
                 raise ConfigError("framing", f"expected one of {', '.join(FRAMERS)} or a framer factory, got {self.framing!r}")
@@ -195,6 +204,9 @@ class ListenerConfig:
         _timeout("message_timeout", self.message_timeout, optional=True)
         _timeout("handshake_timeout", self.handshake_timeout, optional=False)
         object.__setattr__(self, "ssl", TLSConfig.coerce(self.ssl))
+        if self.workers and self.ssl is not None and self.ssl.mode == "starttls":
+            raise ConfigError("workers", "STARTTLS must run between reads, on the reading thread: "
+                                         "use workers=0 with ssl mode starttls")
 
         if self.proxy_protocol not in ("off", "v1", "v2", "any"):
             raise ConfigError("proxy_protocol", f"expected off, v1, v2 or any, got {self.proxy_protocol!r}")

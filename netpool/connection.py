@@ -97,6 +97,9 @@ class Connection:
         "tls",
         "proxied_by",
         "proxy",
+        "bytes_in",
+        "bytes_out",
+        "_lane",
         "_sock",
         "_tls",
         "_encode",
@@ -131,6 +134,10 @@ class Connection:
         self.tls: Optional[TLSInfo] = None
         self.proxied_by: Any = None
         self.proxy: Any = None
+        # Application bytes received and sent (after TLS), for metrics.
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._lane: Any = None  # the worker-pool lane running this connection's handler calls
         self._sock = sock
         self._tls: Optional["TLSTransport"] = None
         self._encode = encode
@@ -184,15 +191,16 @@ class Connection:
                 raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
             if self._tls is not None:
                 self._send_tls(data)
-                return
-            try:
-                sent = self._sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self._send_failed(exc)
-            if sent != len(data):
-                self._send_rest(data, sent)
+            else:
+                try:
+                    sent = self._sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self._send_failed(exc)
+                if sent != len(data):
+                    self._send_rest(data, sent)
+            self.bytes_out += len(data)
 
     def close(self) -> None:
         """Close the connection; safe to call from any thread, any number of times.

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Any
+from typing import Any, Callable, Optional
 
 from .config import ListenerConfig
-from .listener import ListenerInfo, start_listener
+from .listener import Listener, ListenerInfo, start_listener
 
 __all__ = ["run_until_signal", "StopRequested"]
 
@@ -41,8 +41,12 @@ def _already_stopping(signum: int, _frame: Any) -> None:
                 signal.Signals(signum).name)
 
 
-def run_until_signal(config: ListenerConfig, grace: float) -> ListenerInfo:
+def run_until_signal(config: ListenerConfig, grace: float,
+                     on_started: Optional[Callable[[Listener], Any]] = None) -> ListenerInfo:
     """Start ``config``'s listener, serve until SIGINT/SIGTERM, stop it within ``grace``.
+
+    ``on_started(listener)`` runs once it is listening (to attach metrics,
+    say); if it raises, the listener is stopped and the error propagates.
 
     Stop signals are held from before the "listening" line until their
     handlers are in place: a SIGTERM sent the moment the server reports it
@@ -52,6 +56,12 @@ def run_until_signal(config: ListenerConfig, grace: float) -> ListenerInfo:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         listener = start_listener(config)
+        if on_started is not None:
+            try:
+                on_started(listener)
+            except BaseException:
+                listener.stop(0)
+                raise
     except BaseException:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         raise

@@ -81,6 +81,7 @@ class LoopConnection(Connection):
             out = self._out
             if out:
                 out += data  # keep order behind what is already queued
+                self.bytes_out += len(data)
             else:
                 if self._tls is None:
                     # The hot path: one send() the kernel takes whole.
@@ -92,6 +93,7 @@ class LoopConnection(Connection):
                         self._send_failed(exc)
                 else:
                     sent = self._send_now(memoryview(data))
+                self.bytes_out += len(data)  # counted once queued: it goes out or the connection dies
                 if sent == len(data):
                     return
                 self._out = out = bytearray(memoryview(data)[sent:])
@@ -202,7 +204,7 @@ class IOLoop:
     def run(self) -> None:
         listener = self.listener
         config = listener.config
-        handler = config.handler
+        handler = listener._handler
         raw = listener._raw_framing
         bufsize = min(RECV_SIZE, config.max_message_size) if raw else RECV_SIZE
         conns = self._conns
@@ -251,6 +253,7 @@ class IOLoop:
                         self._finish(conn, reason_for(conn, exc))
                         continue
                     conn._last_read = now
+                    conn.bytes_in += len(data)
                     if raw and tls is None:
                         if not data:
                             self._finish(conn, "eof")
@@ -306,6 +309,7 @@ class IOLoop:
                 data = tls.recv_nowait(RECV_SIZE)
                 if data is None:
                     return
+                conn.bytes_in += len(data)
         except Exception as exc:
             self._finish(conn, reason_for(conn, exc))
 
@@ -428,7 +432,7 @@ class IOLoop:
                 self._ep.unregister(fd)
             except (OSError, ValueError):
                 pass
-        self.listener._connection_finished(conn, reason)
+        self.listener._connection_ended(conn, reason)
 
     def _log_recv_error(self, conn: LoopConnection, exc: OSError) -> str:
         log.warning("connection %d: receive failed: %s", conn.id, exc)

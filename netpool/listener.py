@@ -32,7 +32,9 @@ from .framing import RawFramer, framer_factory, with_message_deadline
 from .io_loop import IOLoop, LoopConnection, RawLoopConnection
 from .ratelimit import RateLimitedLog
 from .proxy_protocol import parse_networks
-from .read_loop import fault_logs, serve_connection
+from .errors import ConnectionClosed, Overloaded, WorkerPoolStopped
+from .read_loop import fault_logs, reason_for, serve_connection
+from .workers import WorkerPool
 from .sockets import open_listening_socket, remove_unix_socket
 
 __all__ = ["Listener", "ListenerInfo", "start_listener", "ERROR_REASONS"]
@@ -54,6 +56,7 @@ ERROR_REASONS = frozenset(
         "tls_handshake_timeout",
         "proxy_header_invalid",
         "proxy_untrusted",
+        "overloaded",
     }
 )
 
@@ -85,6 +88,9 @@ class ListenerInfo:
     grown: int
     refused_by_reason: Mapping[str, int] = field(default_factory=dict)
     closed_by_reason: Mapping[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    """Application bytes received (after TLS) by all connections, closed and open."""
+    bytes_out: int = 0
     accepted_by_acceptor: tuple[int, ...] = ()
     """What each acceptor's accept() returned; clients dropped through the spare descriptor are not in it."""
 
@@ -158,6 +164,12 @@ class Listener:
         # Set while one acceptor drains pending clients through the spare: no
         # acceptor may enter accept() meanwhile (see _out_of_descriptors).
         self._draining = False
+        self._bytes_in = self._bytes_out = 0  # of closed connections; open ones add theirs in info()
+        self.workers: Optional[WorkerPool] = None
+        self._handler = config.handler
+        if config.workers:
+            self.workers = WorkerPool(config.workers, name=config.name)
+            self._handler = self._dispatch
         self._refusals = RateLimitedLog(log)
         self._fault_logs = fault_logs()
         self._fd_log = RateLimitedLog(log)
@@ -249,6 +261,8 @@ class Listener:
                 conn._force_close()
             self._wait_drained(time.monotonic() + FORCE_CLOSE_WAIT)
         self._join_connection_threads(time.monotonic() + FORCE_CLOSE_WAIT)
+        if self.workers is not None:
+            self.workers.stop(drain=True, timeout=FORCE_CLOSE_WAIT)
         for loop in self._loops:
             if loop.thread.ident is not None:
                 loop.stop()
@@ -365,6 +379,8 @@ class Listener:
             closed = dict(self._closed)
             admitted = self._admitted
             open_count = len(self._conns)
+            bytes_in = self._bytes_in + sum(c.bytes_in for c in self._conns.values())
+            bytes_out = self._bytes_out + sum(c.bytes_out for c in self._conns.values())
         n_refused = sum(refused.values())
         return ListenerInfo(
             name=self.config.name,
@@ -382,6 +398,8 @@ class Listener:
             grown=admission.grown,
             refused_by_reason=refused,
             closed_by_reason=closed,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
             accepted_by_acceptor=tuple(a.accepted for a in self._acceptors),
         )
 
@@ -451,9 +469,10 @@ class Listener:
                 client.send(message)
             except OSError:
                 pass
-        client.close()
+        # Counted before the close, so a client that sees the close finds it counted.
         with self._lock:
             self._refused[reason] += 1
+        client.close()
         if reason == "limit":
             self._refusals(
                 logging.WARNING,
@@ -534,6 +553,40 @@ class Listener:
         except Exception:
             log.exception("%s: on_alarm callback raised", self.config.name)
 
+    def _dispatch(self, message: bytes, conn: Connection) -> None:
+        """With workers: queue the handler call on the connection's lane (its order is kept)."""
+        lane = conn._lane
+        if lane is None:
+            assert self.workers is not None
+            lane = conn._lane = self.workers.lane(
+                max_pending=self.config.worker_queue, name=str(conn.id),
+                on_error=lambda exc, _fn, _args: self._handler_failed(conn, exc))
+        try:
+            # Threads: a full lane holds the reader (TCP then slows the peer).
+            # Events: the loop must never wait, so a full lane closes the connection.
+            lane.submit(self.config.handler, message, conn,
+                        timeout=self.config.send_timeout if not self._loops else 0)
+        except Overloaded as exc:
+            conn._request_close("overloaded", socket.SHUT_RDWR)
+            raise ConnectionClosed(f"connection {conn.id}: {exc}") from None
+        except WorkerPoolStopped:
+            raise ConnectionClosed(f"connection {conn.id}: the worker pool is stopped") from None
+
+    def _handler_failed(self, conn: Connection, exc: BaseException) -> None:
+        if isinstance(exc, Exception):
+            reason = reason_for(conn, exc)
+            conn._request_close(reason if reason != "error" else "handler_error", socket.SHUT_RDWR)
+
+    def _connection_ended(self, conn: Connection, reason: str) -> None:
+        """A read path is done with ``conn``: finish it once its queued handler calls have run."""
+        lane = conn._lane
+        if lane is None:
+            self._connection_finished(conn, reason)
+            return
+        if reason != "eof":
+            lane.close()  # the connection is failing: drop what it had queued
+        lane.call_when_idle(lambda: self._connection_finished(conn, reason))
+
     def _connection_finished(self, conn: Connection, reason: str) -> None:
         result = conn._finish(reason)
         if result is None:
@@ -547,6 +600,8 @@ class Listener:
         with self._lock:
             self._conns.pop(conn.id, None)
             self._closed[reason] += 1
+            self._bytes_in += conn.bytes_in
+            self._bytes_out += conn.bytes_out
             if not self._conns:
                 self._drained.notify_all()
         if counted:

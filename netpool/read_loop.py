@@ -58,7 +58,7 @@ def _reader(conn: Connection, idle_timeout: Optional[float]) -> Callable[[int], 
 def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> None:
     """Run one connection to its end on the calling thread."""
     config = service.config
-    handler = config.handler
+    handler = service._handler
     reason = "error"
     try:
         prepare_socket(conn._sock, config.idle_timeout, config.send_timeout)
@@ -93,6 +93,7 @@ def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> 
                 if conn.close_reason is None:
                     log.warning("connection %d from %s: receive failed: %s", conn.id, format_address(conn.peer), exc)
                 break
+            conn.bytes_in += len(data)
             if not data:
                 reason = "eof"
                 messages = framer.eof()
@@ -120,7 +121,7 @@ def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> 
     except Exception as exc:
         reason = reason_for(conn, exc)
     finally:
-        service._connection_finished(conn, reason)
+        service._connection_ended(conn, reason)
 
 
 def fault_logs() -> "collections.defaultdict[str, RateLimitedLog]":
