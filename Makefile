@@ -98,3 +98,25 @@ gateway-tools:
 # not part of make test). E.g. make bench-gateway BENCH_GATEWAY_ARGS="--users 1000000".
 bench-gateway: $(STAMP) gateway-tools
 	$(BIN)/python bench/gateway/bench.py $(BENCH_GATEWAY_ARGS)
+
+# The XMPP example (examples/xmpp_stub): `make xmpp` serves localhost on
+# $(HOST):$(XMPP_PORT) with STARTTLS required, with a development certificate
+# made on first use (build/xmpp/cert). Users live in build/xmpp/users.json:
+# add one with `make xmpp-user NAME=alice` (asks for the password), or try it
+# without any: make xmpp XMPP_ARGS=--accept-any-password
+XMPP_PORT = 5222
+XMPP_ARGS ?=
+XMPP_DIR := build/xmpp
+.PHONY: xmpp xmpp-user
+
+$(XMPP_DIR)/cert/cert.pem: | $(STAMP)
+	$(BIN)/netpool cert --out $(XMPP_DIR)/cert
+
+xmpp: $(STAMP) $(XMPP_DIR)/cert/cert.pem
+	$(BIN)/netpool xmpp --host $(HOST) --port $(XMPP_PORT) --domain localhost \
+		--certfile $(XMPP_DIR)/cert/cert.pem --keyfile $(XMPP_DIR)/cert/key.pem --require-tls \
+		--users $(XMPP_DIR)/users.json $(XMPP_ARGS)
+
+xmpp-user: $(STAMP)
+	@test -n "$(NAME)" || { echo "usage: make xmpp-user NAME=alice" >&2; exit 2; }
+	$(BIN)/netpool xmpp adduser "$(NAME)" --users $(XMPP_DIR)/users.json
