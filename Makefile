@@ -87,12 +87,7 @@ gateway: $(STAMP)
 	$(BIN)/python -m netpool.examples.gateway run --port $(GATEWAY_PORT) $(GATEWAY_ARGS)
 
 gateway-tools:
-	@missing=""; for tool in $(GATEWAY_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:$$missing"; \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
-	fi
+	@$(MAKE) --no-print-directory system-tools SYSTEM_TOOLS="$(GATEWAY_TOOLS)"
 
 # Login throughput at 1,000 HTTP connections, pool on and off (about a minute;
 # not part of make test). E.g. make bench-gateway BENCH_GATEWAY_ARGS="--users 1000000".

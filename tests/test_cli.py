@@ -419,9 +419,8 @@ main()
 """
 
 
-@pytest.mark.timeout(180)
-def test_installed_wheel_finds_the_echo_example(tmp_path: Path) -> None:
-    """A plain (non-editable) install of the wheel serves `netpool echo` from its own files."""
+def install_wheel(tmp_path: Path) -> tuple[Path, Path]:
+    """Build a wheel and install it (no editable links) into tmp_path/site; returns (site, an empty cwd)."""
     # Build from a copy of the sources: an in-tree build would leave build/ and
     # *.egg-info in the checkout, and a stale build/ can leak into later wheels.
     src = tmp_path / "src"
@@ -435,6 +434,13 @@ def test_installed_wheel_finds_the_echo_example(tmp_path: Path) -> None:
     (wheel,) = wheels.glob("netpool-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=60)
+    return site, elsewhere
+
+
+@pytest.mark.timeout(180)
+def test_installed_wheel_finds_the_echo_example(tmp_path: Path) -> None:
+    """A plain (non-editable) install of the wheel serves `netpool echo` from its own files."""
+    site, elsewhere = install_wheel(tmp_path)
     assert (site / "netpool" / "examples" / "echo" / "handler.py").is_file()
     assert (site / "netpool" / "examples" / "echo" / "README.md").is_file(), "package_data README.md not installed"
 

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -50,7 +49,7 @@ import netpool
 from netpool.devcert import write_dev_certificate
 
 from .conftest import wait_for
-from .test_cli import NETPOOL, ROOT, run_cli, server
+from .test_cli import NETPOOL, install_wheel, run_cli, server
 
 DEADLINE = 10.0
 PASSWORDS = {"alice": "wonder land", "bob": "builder"}
@@ -780,17 +779,7 @@ main()
 @pytest.mark.timeout(180)
 def test_installed_wheel_serves_netpool_xmpp(tmp_path):
     """`netpool xmpp` works from a plain (non-editable) install, README included."""
-    src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "tests"))
-    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(wheels), str(src)],
-                   check=True, capture_output=True, timeout=120)
-    (wheel,) = wheels.glob("netpool-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True, timeout=60)
+    site, elsewhere = install_wheel(tmp_path)
     package = site / "netpool" / "examples" / "xmpp_stub"
     assert (package / "README.md").is_file(), "package_data README.md not installed"
 
