@@ -57,19 +57,22 @@ __all__ = [
     "start_listener",
 ]
 
-# The calling side (issue 6): client pool, circuit breaker, deadlines.
-from .breaker import BreakerStats, CircuitBreaker
-from .client_pool import ConnectionPool, PoolConnection, PoolStats
-from .deadline import Deadline
-from .errors import (
+# The calling side: client pool, circuit breaker, deadlines, worker pool.
+from .breaker import BreakerStats, CircuitBreaker  # noqa: E402
+from .client_pool import ConnectionPool, PoolConnection, PoolStats  # noqa: E402
+from .deadline import Deadline  # noqa: E402
+from .errors import (  # noqa: E402
     CircuitOpen,
     DeadlineExceeded,
     DialError,
+    Overloaded,
     PoolClosed,
     PoolError,
     PoolTimeout,
     ProtocolError,
+    WorkerPoolStopped,
 )
+from .workers import Lane, WorkerPool, WorkerPoolStats  # noqa: E402
 
 __all__ += [
     "BreakerStats",
@@ -79,21 +82,31 @@ __all__ += [
     "Deadline",
     "DeadlineExceeded",
     "DialError",
+    "Lane",
+    "Overloaded",
     "PoolClosed",
     "PoolConnection",
     "PoolError",
     "PoolStats",
     "PoolTimeout",
     "ProtocolError",
+    "WorkerPool",
+    "WorkerPoolStats",
+    "WorkerPoolStopped",
+    "Metrics",
+    "MetricsServer",
+    "instrument_handler",
+    "serve_metrics",
 ]
 
-# Worker pool and balancer (issue 6).
-from .errors import Overloaded, WorkerPoolStopped
-from .workers import Lane, WorkerPool, WorkerPoolStats
+_METRICS_NAMES = frozenset({"Metrics", "MetricsServer", "instrument_handler", "serve_metrics"})
 
-__all__ += ["Lane", "Overloaded", "WorkerPool", "WorkerPoolStats", "WorkerPoolStopped"]
 
-# Prometheus metrics (issue 6).
-from .metrics import Metrics, MetricsServer, instrument_handler, serve_metrics
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    # prometheus_client is imported on first use of the metrics names, so a
+    # server that does not export metrics does not carry it in memory.
+    if name in _METRICS_NAMES:
+        from . import metrics
 
-__all__ += ["Metrics", "MetricsServer", "instrument_handler", "serve_metrics"]
+        return getattr(metrics, name)
+    raise AttributeError(f"module 'netpool' has no attribute {name!r}")
