@@ -192,12 +192,7 @@ class Connection:
             if self._tls is not None:
                 self._send_tls(data)
             else:
-                try:
-                    sent = self._sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    self._send_failed(exc)
+                sent = self._send_plain(data)
                 if sent != len(data):
                     self._send_rest(data, sent)
             self.bytes_out += len(data)
@@ -272,6 +267,16 @@ class Connection:
         return self._sock.fileno()
 
     # -- sending, slow path --------------------------------------------------
+
+    def _send_plain(self, data: Any) -> int:
+        """One send() on the plain socket: bytes taken, 0 when it would block; closes and raises on errors."""
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self._send_failed(exc)
+            raise  # unreachable: _send_failed raises
 
     def _send_rest(self, data: bytes, sent: int) -> None:
         # The peer's window is full. Wait for it at most send_timeout in all:

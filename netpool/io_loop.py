@@ -83,16 +83,8 @@ class LoopConnection(Connection):
                 out += data  # keep order behind what is already queued
                 self.bytes_out += len(data)
             else:
-                if self._tls is None:
-                    # The hot path: one send() the kernel takes whole.
-                    try:
-                        sent = self._sock.send(data)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError as exc:
-                        self._send_failed(exc)
-                else:
-                    sent = self._send_now(memoryview(data))
+                # The hot path: one send() the kernel takes whole.
+                sent = self._send_plain(data) if self._tls is None else self._send_now(memoryview(data))
                 self.bytes_out += len(data)  # counted once queued: it goes out or the connection dies
                 if sent == len(data):
                     return
@@ -104,12 +96,10 @@ class LoopConnection(Connection):
 
     def _send_now(self, view: memoryview) -> int:
         """Send what the kernel takes now; 0 if nothing. Closes the connection on an error."""
+        if self._tls is None:
+            return self._send_plain(view)
         try:
-            if self._tls is not None:
-                return self._tls.send_nowait(view)
-            return self._sock.send(view)
-        except BlockingIOError:
-            return 0
+            return self._tls.send_nowait(view)
         except TLSError as exc:
             self._request_close("tls_error", socket.SHUT_RDWR)
             raise ConnectionClosed(f"connection {self.id} is closed (tls_error): {exc}") from None
