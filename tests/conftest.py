@@ -93,6 +93,19 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
+def ask_line(port: int, line: bytes) -> tuple[bytes, tuple[str, int]]:
+    """One client on 127.0.0.1:port: send a line, read one line back; returns (reply, our address)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+        sock.sendall(line + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):  # each recv is bounded by the socket timeout
+            chunk = sock.recv(1024)
+            if not chunk:
+                raise ConnectionError(f"closed after {reply!r}")
+            reply += chunk
+        return reply[:-1], sock.getsockname()
+
+
 def recv_until_closed(sock: socket.socket, limit: int = 1 << 24) -> bytes:
     """Read until EOF (or a reset, which also means closed); the socket timeout bounds it."""
     chunks = []

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from .conftest import serving, wait_for
+from .conftest import ask_line, serving, wait_for
 
 HAPROXY = shutil.which("haproxy")
 pytestmark = [
@@ -89,17 +89,10 @@ def _accepts(port: int) -> bool:
 
 def ask(front: int, text: str) -> tuple[str, str, tuple[str, int]]:
     """One client: send a line through HAProxy; return (back end, address it saw, our address)."""
-    with socket.create_connection(("127.0.0.1", front), timeout=10) as sock:
-        sock.sendall(text.encode() + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(1024)
-            if not chunk:
-                raise ConnectionError(f"closed after {reply!r}")
-            reply += chunk
-        backend, seen, echoed = reply.decode().rstrip("\n").split(" ", 2)
-        assert echoed == text
-        return backend, seen, sock.getsockname()
+    reply, ours = ask_line(front, text.encode())
+    backend, seen, echoed = reply.decode().split(" ", 2)
+    assert echoed == text
+    return backend, seen, ours
 
 
 def test_echo_through_haproxy_reaches_both_back_ends_with_the_real_client_address(balanced):

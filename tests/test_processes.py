@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 from pathlib import Path
 
+from .conftest import ask_line
 from .test_cli import server
 
 PID_HANDLER = '''
@@ -34,15 +34,7 @@ def await_lines(srv, patterns: dict[str, str], limit: int = 50) -> dict[str, re.
 
 def whose(port: int) -> int:
     """One client: which worker process answered it."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"who\n")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(64)
-            if not chunk:
-                raise ConnectionError(f"closed after {reply!r}")
-            reply += chunk
-        return int(reply)
+    return int(ask_line(port, b"who")[0])
 
 
 def seen_pids(port: int, want: set[int], tries: int = 400) -> set[int]:
