@@ -109,6 +109,7 @@ class Connection:
         "_quit",
         "_counted",
         "_finished",
+        "_wr_closed",
         "_release",
         "__weakref__",
     )
@@ -150,6 +151,10 @@ class Connection:
         self._counted = release is not None
         self._release = release
         self._finished = False
+        # The write side is gone (close(), an abort, or finished). A quit or a
+        # server stop only shuts reads: the handler already running may still
+        # send its replies.
+        self._wr_closed = False
 
     def __repr__(self) -> str:
         status = f"closed:{self.close_reason}" if self.close_reason else "open"
@@ -179,7 +184,9 @@ class Connection:
         Thread-safe: sends from several threads never interleave. Blocks while
         the peer's window is full, at most ``send_timeout`` in all; then the
         connection is closed (reason send_timeout) and :class:`SendTimeout` is
-        raised. Raises :class:`ConnectionClosed` once the connection is closing.
+        raised. Raises :class:`ConnectionClosed` once the write side is closed
+        (``close()``, an abort, or the end of the connection); after a quit
+        or a graceful stop the running handler may still send its replies.
         """
         encode = self._encode
         self.send_bytes(encode(message) if encode is not None else message)
@@ -187,7 +194,7 @@ class Connection:
     def send_bytes(self, data: bytes) -> None:
         """Send bytes as they are, bypassing the framer (same guarantees as :meth:`send`)."""
         with self._send_lock:
-            if self.close_reason is not None:
+            if self._wr_closed:
                 raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
             if self._tls is not None:
                 self._send_tls(data)
@@ -341,6 +348,8 @@ class Connection:
             first = self.close_reason is None
             if first:
                 self.close_reason = reason
+            if how == socket.SHUT_RDWR:
+                self._wr_closed = True
             finished = self._finished
         if not finished:
             tls = self._tls
@@ -369,6 +378,7 @@ class Connection:
             if self._finished:
                 return None
             self._finished = True
+            self._wr_closed = True
             if self.close_reason is None:
                 self.close_reason = reason
             reason = self.close_reason

@@ -76,7 +76,7 @@ class LoopConnection(Connection):
 
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
-            if self.close_reason is not None:
+            if self._wr_closed:
                 raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
             out = self._out
             if out:
@@ -141,7 +141,7 @@ class LoopConnection(Connection):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._send_timed_out()
-            if self.close_reason is not None:
+            if self._wr_closed:
                 raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
             poller.poll(max(1, int(remaining * 1000)))
 

@@ -35,7 +35,8 @@ def rss_mb() -> float:
 def assert_recovered(listener, fds_before: int) -> None:
     """No descriptor leaked, every connection thread left is parked, and a fresh client is served."""
     wait_for(lambda: listener.info().open == 0, what="all connections closed")
-    wait_for(lambda: open_fds() == fds_before, what=f"descriptors back to {fds_before} (now {open_fds()})")
+    # At most the baseline: sockets of earlier tests may still have been closing when it was taken.
+    wait_for(lambda: open_fds() <= fds_before, what=f"descriptors back to {fds_before} (now {open_fds()})")
     threads = listener._conn_threads
     wait_for(lambda: threads.parked == threads.threads, what="every connection thread parked, none stuck")
     with connect(listener) as sock:
@@ -175,7 +176,7 @@ def test_truncated_handshakes_and_tls_garbage(tmp_path):
             assert answer == b"" or answer[0] == 0x15, f"only a TLS alert may come back, got {answer!r}"
         info = wait_for(lambda: (i := listener.info()).closed == 4 and i)
         assert info.closed_by_reason == {"tls_error": 4}
-        wait_for(lambda: open_fds() == fds_before)
+        wait_for(lambda: open_fds() <= fds_before, what="descriptors back to the baseline")
         ctx = ssl.create_default_context(cafile=str(ca.path))
         with ctx.wrap_socket(connect(listener), server_hostname="localhost") as sock:
             sock.sendall(b"still serving")

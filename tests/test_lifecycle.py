@@ -92,10 +92,12 @@ def test_stop_lets_a_running_handler_finish_its_reply():
         sock = connect(listener)
         sock.sendall(b"work")
         assert started.wait(10)
+        (conn,) = listener.connections()
         stopper = threading.Thread(target=listener.stop, kwargs={"grace": 5.0})
         stopper.start()
-        wait_for(lambda: listener.state == "stopping", what="stopping")
-        release.set()
+        # The connection has been told to quit while its handler still runs...
+        wait_for(lambda: conn.close_reason == "server_stop", what="the quit to reach the connection")
+        release.set()  # ...and the reply the handler then sends still goes out.
         assert recv_until_closed(sock) == b"finished"
         stopper.join(10)
         assert listener.info().closed_by_reason == {"server_stop": 1}
