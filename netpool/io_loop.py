@@ -8,13 +8,16 @@ of thousands of mostly idle clients cost a few hundred bytes each.
 
 The handler's view does not change: the same :class:`Connection` API,
 ``send`` still whole-message-or-error and thread-safe. A send the kernel
-cannot take at once is queued and flushed when the socket turns writable; a
-sender only waits (up to ``send_timeout``) once more than ``HIGH_WATER`` bytes
-are queued, so a client that stops reading cannot grow memory without bound.
+cannot take at once is queued and flushed when the socket turns writable. A
+sender on another thread (a worker, say) waits, up to ``send_timeout``, once
+more than ``HIGH_WATER`` bytes are queued; a handler on the loop thread never
+waits for a peer: past ``LOOP_QUEUE_LIMIT`` queued bytes its connection is
+closed (``send_overflow``). Either way a client that stops reading cannot
+grow memory without bound, and in the loop's case cannot stall the others.
 
 Handlers run on the loop thread, so a handler that blocks (sleeps, long
-computation, a slow send to a slow reader) holds up every connection of its
-loop: such handlers belong in thread mode or on a worker pool.
+computation) holds up every connection of its loop: such handlers belong in
+thread mode or on a worker pool (``workers=N``).
 
 Timeouts (idle, send, TLS handshake) are swept by each loop about four times
 per shortest timeout, so they fire within a quarter of their length late.
@@ -32,7 +35,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from .connection import Connection
-from .errors import ConnectionClosed, TLSError
+from .errors import ConnectionClosed, SendTimeout, TLSError
 from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
 from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for
 
@@ -46,6 +49,10 @@ log = logging.getLogger("netpool.io_loop")
 # Bytes queued in user space (beyond what the kernel holds) before a sender
 # has to wait for the peer to read.
 HIGH_WATER = 256 * 1024
+
+# What a handler running on the loop thread may queue for one peer before
+# the connection is closed (send_overflow): the loop cannot wait for a peer.
+LOOP_QUEUE_LIMIT = 4 * 1024 * 1024
 
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN = select.EPOLLIN | select.EPOLLRDHUP
@@ -92,7 +99,17 @@ class LoopConnection(Connection):
                 self._out_deadline = time.monotonic() + self._send_timeout
                 self._loop.watch_writable(self, True)
             if len(out) > HIGH_WATER:
-                self._drain_to(HIGH_WATER)
+                if threading.current_thread() is not self._loop.thread:
+                    self._drain_to(HIGH_WATER)  # another thread may wait for the peer
+                elif len(out) > LOOP_QUEUE_LIMIT:
+                    # The loop thread must never wait on one peer (every other
+                    # connection of the loop would wait with it): past the
+                    # limit the connection goes, not the loop's time.
+                    self._request_close("send_overflow", socket.SHUT_RDWR)
+                    raise SendTimeout(
+                        f"connection {self.id}: peer {self.peer!r} left more than {LOOP_QUEUE_LIMIT} bytes "
+                        "unread; closed (send_overflow: an event-loop handler cannot wait for it)"
+                    )
 
     def _send_now(self, view: memoryview) -> int:
         """Send what the kernel takes now; 0 if nothing. Closes the connection on an error."""

@@ -49,6 +49,7 @@ ERROR_REASONS = frozenset(
         "handler_error",
         "send_error",
         "send_timeout",
+        "send_overflow",
         "message_too_large",
         "message_timeout",
         "framing_error",
