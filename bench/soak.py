@@ -33,6 +33,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 HERE = Path(__file__).resolve().parent
 NETPOOL = str(Path(sys.executable).parent / "netpool")
@@ -81,23 +82,27 @@ def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
+def exchange(client: LineSocket, lines: Iterable[bytes], stop: threading.Event, stats: Stats) -> int:
+    """Send each line and check its echo, in order, until done or stopped; returns how many were sent."""
+    sent = 0
+    for line in lines:
+        if stop.is_set():
+            break
+        stats.add("sent")
+        sent += 1
+        stats.add("echoed" if client.request(line) == line else "mismatched")
+    return sent
+
+
 def echo_client(port: int, stop: threading.Event, stats: Stats, name: str) -> None:
     seq = 0
     while not stop.is_set():
         try:
             client = LineSocket(connect(port))
             stats.add("connects")
-            for _ in range(random.randint(200, 2000)):
-                if stop.is_set():
-                    break
-                line = f"{name} {seq} {'x' * random.randint(0, 200)}".encode()
-                stats.add("sent")
-                reply = client.request(line)
-                if reply != line:
-                    stats.add("mismatched")
-                else:
-                    stats.add("echoed")
-                seq += 1
+            lines = (f"{name} {seq + i} {'x' * random.randint(0, 200)}".encode()
+                     for i in range(random.randint(200, 2000)))
+            seq += exchange(client, lines, stop, stats)
             client.sock.close()
         except OSError as exc:
             stats.add(f"echo error {type(exc).__name__}")
@@ -114,15 +119,8 @@ def tls_client(port: int, stop: threading.Event, stats: Stats, cafile: str) -> N
                 continue
             client = LineSocket(ctx.wrap_socket(plain.sock, server_hostname="localhost"))
             stats.add("tls upgrades")
-            for i in range(random.randint(50, 500)):
-                if stop.is_set():
-                    break
-                line = f"tls {i} {'y' * random.randint(0, 1000)}".encode()
-                stats.add("sent")
-                if client.request(line) == line:
-                    stats.add("echoed")
-                else:
-                    stats.add("mismatched")
+            lines = (f"tls {i} {'y' * random.randint(0, 1000)}".encode() for i in range(random.randint(50, 500)))
+            exchange(client, lines, stop, stats)
             client.sock.close()
         except (OSError, ssl.SSLError) as exc:
             stats.add(f"tls error {type(exc).__name__}")

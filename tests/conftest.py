@@ -54,6 +54,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str 
         pause.wait(0.005)
 
 
+def run_concurrently(target: Callable[..., Any], args_list: list[tuple], timeout: float) -> None:
+    """Run ``target(*args)`` on one thread per args tuple; fail if any is still running after ``timeout``."""
+    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = sum(thread.is_alive() for thread in threads)
+    assert not alive, f"{alive} of {len(threads)} threads still running after {timeout}s"
+
+
 def echo(message: bytes, conn: netpool.Connection) -> None:
     conn.send(message)
 

@@ -12,7 +12,7 @@ import netpool
 from netpool.breaker import CircuitBreaker
 from netpool.client_pool import ConnectionPool
 
-from .conftest import serving, wait_for
+from .conftest import run_concurrently, serving, wait_for
 
 
 def boom():
@@ -187,9 +187,5 @@ def test_breaker_is_thread_safe_in_half_open():
         except netpool.CircuitOpen:
             pass
 
-    threads = [threading.Thread(target=racer) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    run_concurrently(racer, [() for _ in range(20)], timeout=10)
     assert len(admitted) == 1

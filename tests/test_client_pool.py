@@ -15,7 +15,7 @@ import netpool
 from netpool.client_pool import ConnectionPool
 
 from .certs import TestCA
-from .conftest import serving, wait_for
+from .conftest import run_concurrently, serving, wait_for
 
 
 def length_echo(**settings):
@@ -53,11 +53,7 @@ def test_requests_reuse_a_few_connections():
             except Exception as exc:  # surfaced below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        run_concurrently(worker, [(n,) for n in range(8)], timeout=30)
         assert not errors
         stats = pool.stats()
         assert backend.info().accepted <= 4
@@ -98,11 +94,7 @@ def test_hammering_never_hands_one_connection_to_two_users(seed):
                 except (KeyError, netpool.PoolTimeout):
                     pass
 
-        threads = [threading.Thread(target=worker, args=(n,)) for n in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_concurrently(worker, [(n,) for n in range(12)], timeout=60)
         assert not problems, problems[:3]
         stats = pool.stats()
         assert peak[0] <= max_open

@@ -12,7 +12,7 @@ import pytest
 
 import netpool
 
-from .conftest import connect, recv_exactly, recv_until_closed, serving, wait_for
+from .conftest import connect, recv_exactly, recv_until_closed, run_concurrently, serving, wait_for
 
 pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
 
@@ -221,11 +221,7 @@ def test_send_is_thread_safe_messages_never_interleave():
             for i in range(per_sender):
                 conn.send(b"%d:%d:" % (n, i) + b"p" * 3000)
 
-        threads = [threading.Thread(target=blast, args=(n,)) for n in range(senders)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        run_concurrently(blast, [(n,) for n in range(senders)], timeout=30)
 
     with serving(handler=handler, framing="length", max_message_size=1 << 16) as listener, connect(listener) as sock:
         sock.sendall(struct.pack(">I", 2) + b"go")

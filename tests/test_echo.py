@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from .conftest import connect, recv_exactly, recv_until_closed, serving, wait_for
+from .conftest import connect, recv_exactly, recv_until_closed, run_concurrently, serving, wait_for
 
 pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
 
@@ -84,12 +84,7 @@ def test_200_clients_100_messages_each_in_order():
             except Exception as exc:  # collected and asserted below
                 errors.append(f"client {n}: {exc!r}")
 
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in threads)
+        run_concurrently(client, [(n,) for n in range(clients)], timeout=60)
         assert errors == []
         info = wait_for(lambda: (i := listener.info()).closed == clients and i, what="all clients closed")
         assert info.accepted == info.admitted == clients

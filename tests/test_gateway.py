@@ -24,7 +24,7 @@ from netpool.examples.gateway.passwords import HashScheme
 from netpool.examples.gateway.seed import ProgressBar, seed
 from netpool.examples.gateway.store import UserStore
 
-from .conftest import serving, wait_for
+from .conftest import run_concurrently, serving, wait_for
 
 FAST = HashScheme.parse("pbkdf2_sha256:50")
 
@@ -128,11 +128,7 @@ def test_the_pool_keeps_back_end_connections_far_below_requests(db):
             finally:
                 c.close()
 
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_concurrently(client, [(n,) for n in range(10)], timeout=60)
         assert not failures
         accepted = gw.backend.info().accepted
         assert 1 <= accepted <= gw.pool.max_open

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from .certs import TestCA
-from .conftest import connect, recv_exactly, recv_until_closed, serving, wait_for
+from .conftest import connect, recv_exactly, recv_until_closed, run_concurrently, serving, wait_for
 
 pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
 
@@ -145,11 +145,7 @@ def test_connect_close_and_reset_floods_leave_exact_counters():
                 except OSError as exc:
                     errors.append(repr(exc))
 
-        threads = [threading.Thread(target=flood, args=(n,)) for n in range(workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        run_concurrently(flood, [(n,) for n in range(workers)], timeout=120)
         assert errors == []
         info = wait_for(lambda: (i := listener.info()).closed == total and i, timeout=60,
                         what=f"{total} closures")

@@ -12,7 +12,7 @@ import pytest
 
 import netpool
 
-from .conftest import connect, netpool_threads, recv_exactly, recv_until_closed, serving, wait_for
+from .conftest import connect, netpool_threads, recv_exactly, recv_until_closed, run_concurrently, serving, wait_for
 
 pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
 
@@ -33,11 +33,7 @@ def test_all_acceptor_threads_block_in_accept_and_share_the_work():
             with lock:
                 socks.append(s)
 
-        threads = [threading.Thread(target=client) for _ in range(40)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
+        run_concurrently(client, [() for _ in range(40)], timeout=20)
         info = wait_for(lambda: (i := listener.info()).accepted == 40 and i, what="40 accepts")
         per_acceptor = info.accepted_by_acceptor
         assert sum(per_acceptor) == 40
@@ -212,11 +208,7 @@ def test_counters_are_exact_after_a_storm():
                 with lock:
                     seen[kind] += 1
 
-        threads = [threading.Thread(target=client, args=(k,)) for k in plan]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_concurrently(client, [(k,) for k in plan], timeout=60)
         served = seen["eof"] + seen["reset"] + seen["quit"]
         info = wait_for(lambda: (i := listener.info()).closed == served and i.live == 0 and i,
                         what="all served clients closed")

@@ -11,7 +11,7 @@ import pytest
 import netpool
 from netpool.workers import Lane, WorkerPool
 
-from .conftest import netpool_threads, wait_for
+from .conftest import netpool_threads, run_concurrently, wait_for
 
 
 @pytest.fixture
@@ -156,11 +156,7 @@ def test_concurrent_submitters_account_for_every_task(pools):
             except netpool.Overloaded:
                 pass
 
-    threads = [threading.Thread(target=submitter, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    run_concurrently(submitter, [(n,) for n in range(8)], timeout=30)
     wait_for(lambda: pool.stats().completed == sum(accepted), what="every accepted task to run")
     stats = pool.stats()
     assert counter[0] == sum(accepted) == stats.submitted
@@ -188,11 +184,7 @@ def test_lanes_keep_each_streams_order_and_never_overlap(pools):
         for i in range(200):
             lanes[lane_no].submit(step, lane_no, i, timeout=10)
 
-    threads = [threading.Thread(target=feeder, args=(n,)) for n in range(len(lanes))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    run_concurrently(feeder, [(n,) for n in range(len(lanes))], timeout=30)
     for lane in lanes:
         assert lane.join(10)
     assert not overlaps
