@@ -93,9 +93,10 @@ class ListenerConfig:
     """Bytes sent to a refused client before closing (a protocol's "busy" line)."""
 
     io: Literal["threads", "events"] = "threads"
-    """"threads": a thread per connection; "events": ``io_threads`` epoll loops read all connections."""
+    """Both read through ``io_threads`` epoll loops. "threads": handlers may block; a connection whose
+    handler blocks gets a thread of its own. "events": handlers must not block (or use ``workers``)."""
     io_threads: int = 1
-    """With io="events": how many loop threads share the connections."""
+    """How many epoll loops share the connections."""
 
     workers: int = 0
     """Run handlers on a pool of this many worker threads (0: on the reading thread).

@@ -1,9 +1,9 @@
-"""Threads for the thread-per-connection mode, reused instead of started per client.
+"""Thread mode's threads (loop owners, handed-off connections), reused instead of started each time.
 
-Starting a thread costs tens of microseconds and a fresh stack; a server that
-accepts thousands of short connections a second spends much of its time
-there. A connection thread that finishes therefore parks for a while and
-takes the next connection, the way a goroutine scheduler reuses its Ms.
+Starting a thread costs tens of microseconds and a fresh stack. In thread
+mode a loop moves to a new thread whenever a handler blocks, and the blocked
+thread serves its connection until it ends; such a thread then parks for a
+while and takes the next job, the way a goroutine scheduler reuses its Ms.
 
 The invariant that keeps this simple: ``idle`` counts parked threads and is
 only changed under ``_lock``; ``submit`` hands work to a parked thread only

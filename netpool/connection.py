@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import select
 import socket
 import struct
 import threading
@@ -288,26 +289,25 @@ class Connection:
     def _send_rest(self, data: bytes, sent: int) -> None:
         # The peer's window is full. Wait for it at most send_timeout in all:
         # a peer that reads one byte now and then cannot hold us forever.
+        # poll() + a non-blocking send, so this works whether the socket is
+        # blocking (a connection's own thread) or not (a loop's connection).
         view = memoryview(data)
         deadline = time.monotonic() + self._send_timeout
         sock = self._sock
-        try:
-            while sent < len(view):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise self._send_timed_out()
-                set_socket_timeout(sock, socket.SO_SNDTIMEO, remaining)
-                try:
-                    sent += sock.send(view[sent:])
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    self._send_failed(exc)
-        finally:
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        while sent < len(view):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._send_timed_out()
+            if not poller.poll(max(1, int(remaining * 1000))):
+                continue
             try:
-                set_socket_timeout(sock, socket.SO_SNDTIMEO, self._send_timeout)
-            except OSError:
-                pass
+                sent += sock.send(view[sent:], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self._send_failed(exc)
 
     def _send_tls(self, data: bytes) -> None:
         assert self._tls is not None

@@ -21,6 +21,18 @@ thread mode or on a worker pool (``workers=N``).
 
 Timeouts (idle, send, TLS handshake) are swept by each loop about four times
 per shortest timeout, so they fire within a quarter of their length late.
+
+Thread mode (``io="threads"``, the default) runs on the same loop with one
+difference, the one Go's scheduler makes for goroutines: handlers may
+block. A monitor thread watches each loop; a handler call still running
+after ``HANDOFF_AFTER`` seconds (a sleep, a database call, a send to a slow
+peer) has its connection taken out of the loop and the loop handed to
+another thread, while the thread stuck in the handler keeps that connection
+as its own connection thread from then on (``read_loop.serve_handed_off``).
+Fast handlers thus pay for no thread switch at all, and a blocking one
+holds the others up for a few milliseconds at most. Sends in thread mode
+block while the peer's window is full (``send_timeout``), as a connection
+thread's would: on the loop thread that is one more way to be handed off.
 """
 
 from __future__ import annotations
@@ -37,12 +49,13 @@ from typing import TYPE_CHECKING, Any, Optional
 from .connection import Connection
 from .errors import ConnectionClosed, SendTimeout, TLSError
 from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
-from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for
+from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for, serve_handed_off
 
 if TYPE_CHECKING:  # pragma: no cover
     from .listener import Listener
 
-__all__ = ["IOLoop", "LoopConnection", "RawLoopConnection", "HIGH_WATER"]
+__all__ = ["IOLoop", "LoopConnection", "RawLoopConnection", "ThreadedLoopConnection", "RawThreadedLoopConnection",
+           "HIGH_WATER", "HANDOFF_AFTER"]
 
 log = logging.getLogger("netpool.io_loop")
 
@@ -54,6 +67,15 @@ HIGH_WATER = 256 * 1024
 # the connection is closed (send_overflow): the loop cannot wait for a peer.
 LOOP_QUEUE_LIMIT = 4 * 1024 * 1024
 
+# Thread mode: how long a handler call may hold its loop before the loop
+# moves to another thread. Short enough that a blocking handler delays the
+# other connections by a few milliseconds; long enough that the monitor's
+# ticks cost well under 1% of a busy loop.
+HANDOFF_AFTER = 0.002
+# An idle loop is checked less often: the first blocking call after a quiet
+# spell is caught within about twice this.
+HANDOFF_IDLE_TICK = 0.02
+
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _IN_OUT = _IN | select.EPOLLOUT
@@ -63,7 +85,7 @@ class LoopConnection(Connection):
     """A Connection served by an :class:`IOLoop`: non-blocking socket, queued sends."""
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_ssl_session",
-                 "_proxy_reader", "_hs_deadline", "_alarm_due")
+                 "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd")
 
     def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -80,6 +102,7 @@ class LoopConnection(Connection):
         self._ssl_session: Any = None
         self._hs_deadline = 0.0
         self._alarm_due = False
+        self._fd = -1  # the descriptor it is registered under, while the loop holds it
 
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
@@ -170,12 +193,62 @@ class RawLoopConnection(LoopConnection):
     send = LoopConnection.send_bytes
 
 
+class ThreadedLoopConnection(LoopConnection):
+    """Thread mode's connection: read by a loop, but ``send`` waits for a slow peer as a thread's would.
+
+    Nothing is queued in user space: a send the kernel cannot take at once
+    waits (up to ``send_timeout``) on whatever thread calls it; on the loop
+    thread the monitor then hands the loop to another thread.
+    """
+
+    __slots__ = ()
+    send = Connection.send
+    send_bytes = Connection.send_bytes
+
+
+class RawThreadedLoopConnection(ThreadedLoopConnection):
+    __slots__ = ()
+    send = Connection.send_bytes
+
+
+class _HandedOff(BaseException):
+    """Raised on a thread whose user call outlived HANDOFF_AFTER: another thread owns the loop now.
+
+    It carries what that thread needs to go on serving the connection alone:
+    messages framed but not yet handled, whether the stream had ended, the
+    handler's exception if it raised, or ``done`` if nothing is left to do.
+    A BaseException so that no ``except Exception`` on the way stops it.
+    """
+
+    def __init__(self, conn: LoopConnection, *, error: Optional[Exception] = None, pending: Any = (),
+                 eof: bool = False, tls: Any = None, done: bool = False) -> None:
+        super().__init__(conn.id)
+        self.conn = conn
+        self.error = error
+        self.pending = pending
+        self.eof = eof
+        self.tls = tls
+        self.done = done
+
+
 class IOLoop:
     """One loop thread: epoll over the connections it owns, handlers inline."""
 
-    def __init__(self, listener: "Listener", index: int) -> None:
+    def __init__(self, listener: "Listener", index: int, *, handoff: bool = False) -> None:
         self.listener = listener
         self.index = index
+        self.handoff = handoff
+        # The user call (handler, hook) running on the loop thread: its
+        # connection while it runs, and a count that changes with each call.
+        # The loop pushes before and pops after; the monitor takes over by
+        # popping first. list.append/pop are atomic, so exactly one wins.
+        # Each owner brings a new list (see _serve).
+        self._calls: list[LoopConnection] = []
+        self._gen = 0
+        self._takeover_lock = threading.Lock()
+        self.handoffs = 0
+        self._monitor: Optional[threading.Thread] = None
+        self._monitor_wake = threading.Event()
         self._ep = select.epoll()
         self._conns: dict[int, LoopConnection] = {}
         self._pending: collections.deque[LoopConnection] = collections.deque()
@@ -188,6 +261,26 @@ class IOLoop:
         timeouts = [t for t in (config.idle_timeout, config.send_timeout, config.handshake_timeout) if t]
         self._sweep_every = max(0.01, min(1.0, min(timeouts) / 4))
         self.thread = threading.Thread(target=self.run, name=f"netpool-io-{config.name}-{index}", daemon=True)
+        if handoff:
+            self._monitor = threading.Thread(target=self._watch, name=f"netpool-handoff-{config.name}-{index}",
+                                             daemon=True)
+
+    def start(self) -> None:
+        if self._monitor is None:
+            self.thread.start()
+            return
+        # Thread mode: the loop runs on a reusable connection thread, since
+        # the thread running it may become a connection's own at any time.
+        self.listener._conn_threads.submit(self.run)
+        self._monitor.start()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the loop's own threads (not handed-off connection threads); True if they ended."""
+        thread = self._monitor if self._monitor is not None else self.thread
+        if thread.ident is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
 
     # -- called from other threads ---------------------------------------------
 
@@ -197,8 +290,11 @@ class IOLoop:
         os.eventfd_write(self._wake_fd, 1)
 
     def stop(self) -> None:
-        self._stopping = True
-        os.eventfd_write(self._wake_fd, 1)
+        with self._takeover_lock:
+            self._stopping = True
+            if self._wake_fd >= 0:  # not yet closed by a loop that ended
+                os.eventfd_write(self._wake_fd, 1)
+        self._monitor_wake.set()
 
     def watch_writable(self, conn: LoopConnection, on: bool) -> None:
         try:
@@ -209,6 +305,25 @@ class IOLoop:
     # -- the loop ----------------------------------------------------------------
 
     def run(self) -> None:
+        """The loop, on whichever thread owns it; in thread mode owners change at hand-offs."""
+        self.thread = threading.current_thread()
+        try:
+            self._serve()
+        except _HandedOff as handed:
+            # Another thread runs the loop now; this one keeps the connection
+            # whose handler held it, as that connection's own thread.
+            if not handed.done:
+                conn = handed.conn
+                serve_handed_off(conn, self.listener, conn._framer, handed.pending, handed.eof, handed.error,
+                                 handed.tls)
+            return
+        except BaseException:
+            log.exception("%s: I/O loop %d failed; closing its connections", self.listener.config.name, self.index)
+            self._close()
+            raise
+        self._close()
+
+    def _serve(self) -> None:
         listener = self.listener
         config = listener.config
         handler = listener._handler
@@ -219,73 +334,118 @@ class IOLoop:
         wake_fd = self._wake_fd
         epollout = select.EPOLLOUT
         read_events = READ_EVENTS
+        # This owner's own call list: after a hand-off the old owner still
+        # pops its list when its handler returns, and must find it empty.
+        self._calls = calls = []
+        push, pop = calls.append, calls.pop
         next_sweep = time.monotonic() + self._sweep_every
-        try:
-            while not (self._stopping and not conns and not self._pending):
-                events = poll(self._sweep_every)
-                now = time.monotonic()
-                for fd, ev in events:
-                    conn = conns.get(fd)
-                    if conn is None:
-                        if fd == wake_fd:
-                            self._take_new(now)
+        if self._pending:  # left by an owner that was handed off while taking them in
+            self._take_new(time.monotonic())
+        while not (self._stopping and not conns and not self._pending):
+            events = poll(self._sweep_every)
+            now = time.monotonic()
+            for fd, ev in events:
+                conn = conns.get(fd)
+                if conn is None:
+                    if fd == wake_fd:
+                        self._take_new(now)
+                    continue
+                if conn._setup:
+                    self._advance_setup(conn)
+                    continue
+                if ev & epollout:
+                    self._writable(conn)
+                    if not ev & read_events:
                         continue
-                    if conn._setup:
-                        self._advance_setup(conn)
-                        continue
-                    if ev & epollout:
-                        self._writable(conn)
-                        if not ev & read_events:
+                if conn.close_reason is not None:
+                    self._finish(conn, "error")
+                    continue
+                tls = conn._tls
+                try:
+                    if tls is None:
+                        data = conn._sock.recv(bufsize)
+                    else:
+                        data = tls.recv_nowait(bufsize)
+                        if data is None:
                             continue
-                    if conn.close_reason is not None:
-                        self._finish(conn, "error")
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    self._finish(conn, "reset")
+                    continue
+                except OSError as exc:
+                    self._finish(conn, "error" if conn.close_reason else self._log_recv_error(conn, exc))
+                    continue
+                except TLSError as exc:
+                    self._finish(conn, reason_for(conn, exc))
+                    continue
+                conn._last_read = now
+                conn.bytes_in += len(data)
+                if raw and tls is None:
+                    if not data:
+                        self._finish(conn, "eof")
                         continue
-                    tls = conn._tls
+                    # The hot path, _user_call inlined.
+                    self._gen += 1
+                    push(conn)
                     try:
-                        if tls is None:
-                            data = conn._sock.recv(bufsize)
-                        else:
-                            data = tls.recv_nowait(bufsize)
-                            if data is None:
-                                continue
-                    except BlockingIOError:
-                        continue
-                    except ConnectionResetError:
-                        self._finish(conn, "reset")
-                        continue
-                    except OSError as exc:
-                        self._finish(conn, "error" if conn.close_reason else self._log_recv_error(conn, exc))
-                        continue
-                    except TLSError as exc:
+                        handler(data, conn)
+                    except Exception as exc:
+                        try:
+                            pop()
+                        except IndexError:
+                            raise self._handed_off(conn, error=exc) from None
                         self._finish(conn, reason_for(conn, exc))
                         continue
-                    conn._last_read = now
-                    conn.bytes_in += len(data)
-                    if raw and tls is None:
-                        if not data:
-                            self._finish(conn, "eof")
-                            continue
-                        try:
-                            handler(data, conn)
-                        except Exception as exc:
-                            self._finish(conn, reason_for(conn, exc))
-                            continue
-                        if conn.close_reason is not None:
-                            self._finish(conn, "error")
-                        continue
-                    self._deliver(conn, data, handler, raw)
-                if now >= next_sweep:
-                    self._sweep(now)
-                    next_sweep = now + self._sweep_every
-        except BaseException:
-            log.exception("%s: I/O loop %d failed; closing its connections", config.name, self.index)
-            raise
-        finally:
-            for conn in list(conns.values()):
-                conn._force_close()
-                self._finish(conn, "server_stop")
-            self._ep.close()
+                    try:
+                        pop()
+                    except IndexError:
+                        raise self._handed_off(conn) from None
+                    if conn.close_reason is not None:
+                        self._finish(conn, "error")
+                    continue
+                self._deliver(conn, data, handler, raw)
+            if now >= next_sweep:
+                self._sweep(now)
+                next_sweep = now + self._sweep_every
+
+    def _close(self) -> None:
+        """The loop has ended (stopped, or failed): finish what it still holds, release its descriptors."""
+        with self._takeover_lock:
+            self._stopping = True  # no hand-off from here on
+        for conn in list(self._conns.values()):
+            conn._force_close()
+            self._finish(conn, "server_stop")
+        self._ep.close()
+        with self._takeover_lock:
             os.close(self._wake_fd)
+            self._wake_fd = -1
+        self._monitor_wake.set()
+
+    def _user_call(self, conn: LoopConnection, fn: Any, *args: Any, **handed: Any) -> None:
+        """Run user code (a handler, a hook) for ``conn``; raises _HandedOff if it outlived the loop's patience."""
+        self._gen += 1
+        calls = self._calls
+        calls.append(conn)
+        try:
+            fn(*args)
+        except Exception as exc:
+            try:
+                calls.pop()
+            except IndexError:
+                raise self._handed_off(conn, error=exc, **handed) from None
+            raise
+        try:
+            calls.pop()
+        except IndexError:
+            raise self._handed_off(conn, **handed) from None
+
+    def _handed_off(self, conn: LoopConnection, **handed: Any) -> _HandedOff:
+        # The monitor popped our call: wait until it has taken the connection
+        # out of the loop and started the next owner, then leave the loop.
+        with self._takeover_lock:
+            pass
+        return _HandedOff(conn, **handed)
 
     def _deliver(self, conn: LoopConnection, data: bytes, handler: Any, raw: bool) -> None:
         """Frame ``data`` (and whatever TLS still holds) and run the handler on each message."""
@@ -293,15 +453,10 @@ class IOLoop:
         try:
             while True:
                 if not data:
-                    for message in conn._framer.eof():
-                        handler(message, conn)
+                    self._handle_each(conn, handler, conn._framer.eof(), tls, eof=True)
                     self._finish(conn, "eof")
                     return
-                messages = (data,) if raw else conn._framer.feed(data)
-                for message in messages:
-                    handler(message, conn)
-                    if conn.close_reason is not None or conn._tls is not tls:
-                        break
+                self._handle_each(conn, handler, (data,) if raw else conn._framer.feed(data), tls)
                 if conn.close_reason is not None:
                     self._finish(conn, "error")
                     return
@@ -320,6 +475,28 @@ class IOLoop:
         except Exception as exc:
             self._finish(conn, reason_for(conn, exc))
 
+    def _handle_each(self, conn: LoopConnection, handler: Any, messages: Any, tls: Any, eof: bool = False) -> None:
+        """The handler on each message in order, until the connection closes or turns to TLS."""
+        calls = self._calls
+        rest = iter(messages)
+        for message in rest:
+            self._gen += 1
+            calls.append(conn)
+            try:
+                handler(message, conn)
+            except Exception as exc:
+                try:
+                    calls.pop()
+                except IndexError:
+                    raise self._handed_off(conn, error=exc) from None
+                raise
+            try:
+                calls.pop()
+            except IndexError:
+                raise self._handed_off(conn, pending=rest, eof=eof, tls=tls) from None
+            if conn.close_reason is not None or conn._tls is not tls:
+                break
+
     def _take_new(self, now: float) -> None:
         try:
             os.eventfd_read(self._wake_fd)
@@ -337,6 +514,7 @@ class IOLoop:
                 sock.setblocking(False)
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn._fd = fd
                 self._conns[fd] = conn
                 self._ep.register(fd, _IN)
                 if listener._proxy_versions:
@@ -355,12 +533,17 @@ class IOLoop:
     def _ready(self, conn: LoopConnection) -> None:
         """The connection can talk: alarm, on_connect (on this loop thread, never an acceptor)."""
         listener = self.listener
+        if conn._alarm_due or listener.config.on_connect is not None:
+            self._user_call(conn, self._connected, conn, tls=conn._tls)
+        if conn.close_reason is not None:
+            self._finish(conn, "error")
+
+    def _connected(self, conn: LoopConnection) -> None:
+        listener = self.listener
         if conn._alarm_due:
             listener._fire_alarm()
         if listener.config.on_connect is not None:
             listener.config.on_connect(conn)
-        if conn.close_reason is not None:
-            self._finish(conn, "error")
 
     def _advance_setup(self, conn: LoopConnection) -> None:
         """Read the PROXY header, then run the TLS handshake, then let the handler in."""
@@ -433,13 +616,61 @@ class IOLoop:
                 pass
             finally:
                 conn._send_lock.release()
-        fd = conn._sock.fileno()
-        if self._conns.pop(fd, None) is not None:
+        fd = conn._fd
+        if self._conns.get(fd) is conn:
+            del self._conns[fd]
             try:
                 self._ep.unregister(fd)
             except (OSError, ValueError):
                 pass
-        self.listener._connection_ended(conn, reason)
+        if self._stopping:  # no hand-off any more: the loop is closing
+            self.listener._connection_ended(conn, reason)
+        else:
+            self._user_call(conn, self.listener._connection_ended, conn, reason, done=True)
+
+    # -- thread mode: the monitor and the hand-off ---------------------------------
+
+    def _watch(self) -> None:
+        """The monitor: hand the loop off when one user call has run for a whole tick."""
+        last = -1
+        tick = HANDOFF_AFTER
+        while not self._stopping:
+            self._monitor_wake.wait(tick)
+            gen = self._gen
+            if gen != last:
+                last, tick = gen, HANDOFF_AFTER
+            elif self._calls:
+                if self._hand_off(gen):
+                    last = -1
+            else:
+                tick = min(tick * 2, HANDOFF_IDLE_TICK)  # quiet: look less often
+
+    def _hand_off(self, gen: int) -> bool:
+        """Take the stuck call's connection out of the loop and start the loop's next owner."""
+        with self._takeover_lock:
+            if self._stopping or self._gen != gen:
+                return False
+            try:
+                conn = self._calls.pop()
+            except IndexError:
+                return False  # the call ended as we looked
+            fd = conn._fd
+            if self._conns.get(fd) is conn:
+                del self._conns[fd]
+                try:
+                    self._ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+            self.handoffs += 1
+            try:
+                self.listener._conn_threads.submit(self.run)
+                return True
+            except RuntimeError as exc:  # no thread can be started (system limit, or stopping)
+                log.error("%s: I/O loop %d cannot start a thread (%s); the monitor runs the loop "
+                          "from now on, so a blocking handler will hold up its connections",
+                          self.listener.config.name, self.index, exc)
+        self.run()  # this thread, the monitor, becomes the owner; no more hand-offs for this loop
+        return False
 
     def _log_recv_error(self, conn: LoopConnection, exc: OSError) -> str:
         log.warning("connection %d: receive failed: %s", conn.id, exc)

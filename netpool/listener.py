@@ -27,13 +27,13 @@ from .acceptor import Acceptor
 from .admission import Admission
 from .config import ListenerConfig, format_address
 from .conn_threads import ConnectionThreads
-from .connection import Connection, RawConnection
+from .connection import Connection
 from .framing import RawFramer, framer_factory, with_message_deadline
-from .io_loop import IOLoop, LoopConnection, RawLoopConnection
+from .io_loop import IOLoop, LoopConnection, RawLoopConnection, RawThreadedLoopConnection, ThreadedLoopConnection
 from .ratelimit import RateLimitedLog
 from .proxy_protocol import parse_networks
 from .errors import ConnectionClosed, Overloaded, WorkerPoolStopped
-from .read_loop import fault_logs, reason_for, serve_connection
+from .read_loop import fault_logs, reason_for
 from .workers import WorkerPool
 from .sockets import open_listening_socket, remove_unix_socket
 
@@ -155,7 +155,9 @@ class Listener:
         self._stopped = threading.Event()
         self._started_at = 0.0
         self._acceptors = [Acceptor(self, i) for i in range(config.acceptors)]
-        self._loops = [IOLoop(self, i) for i in range(config.io_threads)] if config.io == "events" else []
+        # Both modes read through event loops; in thread mode handlers may
+        # block, and a loop held up by one moves to another thread.
+        self._loops = [IOLoop(self, i, handoff=config.io == "threads") for i in range(config.io_threads)]
         # One descriptor held in reserve: when accept() fails with EMFILE it
         # is freed so the pending client can be accepted and closed at once
         # instead of hanging in the backlog (Twisted's reserved descriptor).
@@ -190,14 +192,14 @@ class Listener:
             self._state = "running"
         self._started_at = time.monotonic()
         for loop in self._loops:
-            loop.thread.start()
+            loop.start()
         for acceptor in self._acceptors:
             acceptor.thread.start()
         c = self.config
         log.info(
             "%s listening on %s (io=%s, acceptors=%d, max_connections=%d, overflow=%s, framing=%s, "
             "max_message_size=%d, idle_timeout=%s, tls=%s)",
-            c.name, self.address, c.io if c.io == "threads" else f"events x{c.io_threads}",
+            c.name, self.address, f"{c.io} x{c.io_threads}" if c.io_threads > 1 else c.io,
             c.acceptors, c.max_connections, c.overflow,
             c.framing if isinstance(c.framing, str) else getattr(c.framing, "__name__", "custom"),
             c.max_message_size, "none" if c.idle_timeout is None else f"{c.idle_timeout:g}s",
@@ -261,15 +263,14 @@ class Listener:
             for conn in stuck:
                 conn._force_close()
             self._wait_drained(time.monotonic() + FORCE_CLOSE_WAIT)
+        for loop in self._loops:
+            loop.stop()
         self._join_connection_threads(time.monotonic() + FORCE_CLOSE_WAIT)
         if self.workers is not None:
             self.workers.stop(drain=True, timeout=FORCE_CLOSE_WAIT)
         for loop in self._loops:
-            if loop.thread.ident is not None:
-                loop.stop()
-                loop.thread.join(FORCE_CLOSE_WAIT)
-                if loop.thread.is_alive():
-                    log.warning("I/O loop thread %s still running user code after stop", loop.thread.name)
+            if not loop.join(FORCE_CLOSE_WAIT):
+                log.warning("I/O loop %d of %s still running user code after stop", loop.index, self.config.name)
 
         with self._spare_lock:
             if self._spare is not None:
@@ -431,35 +432,19 @@ class Listener:
             self._refuse(client, "limit")
             return
         peer = peer if peer else self.config.unix
-        if self._loops:
-            loop = self._loops[self._next_loop % len(self._loops)]
-            self._next_loop += 1
-            conn = (RawLoopConnection if self._raw_framing else LoopConnection)(
-                client, peer, listener=self, acceptor=acceptor, encode=self._encode,
-                send_timeout=self.config.send_timeout, release=self._admission.release, loop=loop,
-            )
-            conn._alarm_due = alarm_due
-            with self._lock:
-                self._conns[conn.id] = conn
-                self._admitted += 1
-            loop.add(conn)
-            return
-        conn = (RawConnection if self._raw_framing else Connection)(
-            client, peer, listener=self, acceptor=acceptor, encode=self._encode,
-            send_timeout=self.config.send_timeout, release=self._admission.release,
-        )
+        loop = self._loops[self._next_loop % len(self._loops)]
+        self._next_loop += 1
+        if loop.handoff:
+            cls = RawThreadedLoopConnection if self._raw_framing else ThreadedLoopConnection
+        else:
+            cls = RawLoopConnection if self._raw_framing else LoopConnection
+        conn = cls(client, peer, listener=self, acceptor=acceptor, encode=self._encode,
+                   send_timeout=self.config.send_timeout, release=self._admission.release, loop=loop)
+        conn._alarm_due = alarm_due
         with self._lock:
             self._conns[conn.id] = conn
             self._admitted += 1
-        try:
-            self._conn_threads.submit(serve_connection, conn, self, alarm_due)
-        except RuntimeError as exc:  # "can't start new thread": the system's thread limit
-            with self._lock:
-                del self._conns[conn.id]
-                self._admitted -= 1
-            self._admission.release()
-            self._fd_log(logging.ERROR, "cannot start a connection thread (%s); refusing clients", exc)
-            self._refuse(client, "no_threads")
+        loop.add(conn)
 
     def _refuse(self, client: socket.socket, reason: str) -> None:
         message = self.config.refuse_message
@@ -566,7 +551,7 @@ class Listener:
             # Threads: a full lane holds the reader (TCP then slows the peer).
             # Events: the loop must never wait, so a full lane closes the connection.
             lane.submit(self.config.handler, message, conn,
-                        timeout=self.config.send_timeout if not self._loops else 0)
+                        timeout=self.config.send_timeout if self.config.io == "threads" else 0)
         except Overloaded as exc:
             conn._request_close("overloaded", socket.SHUT_RDWR)
             raise ConnectionClosed(f"connection {conn.id}: {exc}") from None

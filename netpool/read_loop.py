@@ -1,10 +1,15 @@
-"""The thread-per-connection read path: recv -> framer -> handler, in order.
+"""A connection's own thread: recv -> framer -> handler, in order, with blocking calls.
 
-One call of :func:`serve_connection` runs on the connection's own thread for
-the connection's whole life. Whatever happens (EOF, a reset, a quit, a
+Every connection starts on an event loop (``io_loop``). In thread mode, a
+handler that blocks hands the loop to another thread and keeps its
+connection: :func:`serve_handed_off` is what that thread runs from then on,
+for the connection's whole life. Whatever happens (EOF, a reset, a quit, a
 handler that raises, a framing error, the listener stopping), the ``finally``
-hands the connection to ``service.connection_finished`` exactly once, as
+hands the connection to ``service._connection_ended`` exactly once, as
 gevent's ``_handle_and_close_when_done`` and trio's ``_run_handler`` do.
+
+The helpers every read path shares live here too: close reasons and their
+rate-limited logs, and the PROXY protocol header checks.
 """
 
 from __future__ import annotations
@@ -13,10 +18,8 @@ import collections
 import functools
 import ipaddress
 import logging
-import select
 import socket
-import time
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from .config import format_address
 from .connection import Connection, set_socket_timeout
@@ -27,7 +30,7 @@ from .proxy_protocol import MAX_V2, ProxyHeaderError, ProxyHeaderReader, ProxyUn
 if TYPE_CHECKING:  # pragma: no cover
     from .listener import Listener
 
-__all__ = ["serve_connection"]
+__all__ = ["serve_handed_off"]
 
 log = logging.getLogger("netpool.connection")
 
@@ -55,73 +58,90 @@ def _reader(conn: Connection, idle_timeout: Optional[float]) -> Callable[[int], 
     return functools.partial(tls.recv, timeout=idle_timeout)
 
 
-def serve_connection(conn: Connection, service: "Listener", alarm_due: bool) -> None:
-    """Run one connection to its end on the calling thread."""
+def serve_handed_off(conn: Connection, service: "Listener", framer: Any, pending: Iterable[bytes] = (),
+                     eof: bool = False, error: Optional[Exception] = None, tls: Any = None) -> None:
+    """Go on serving, on this thread, a connection whose handler outlived its event loop's patience.
+
+    In thread mode an event loop runs handlers inline; when one blocks, the
+    loop moves to another thread (``io_loop``) and the thread stuck in the
+    handler keeps that connection as its own, as a connection thread would
+    have from the start. Here it delivers what was already framed
+    (``pending``, the stream's end if ``eof``), then reads with blocking calls.
+    """
     config = service.config
     handler = service._handler
     reason = "error"
     try:
-        prepare_socket(conn._sock, config.idle_timeout, config.send_timeout)
-        if service._proxy_versions:
-            check_proxy_source(conn, service._proxy_trusted)
-            read_proxy_header(conn, ProxyHeaderReader(service._proxy_versions), config.handshake_timeout)
-        if service._tls_implicit:
-            conn._handshake(service._tls_context, config.handshake_timeout)
-        if alarm_due:
-            service._fire_alarm()
-        if config.on_connect is not None:
-            config.on_connect(conn)
-        framer = service._framer_factory(config.max_message_size)
-        feed = framer.feed
-        raw = service._raw_framing
-        tls = conn._tls
-        recv = _reader(conn, config.idle_timeout)
-        bufsize = min(RECV_SIZE, config.max_message_size) if raw else RECV_SIZE
-        while True:
+        if error is not None:
+            raise error
+        if conn._tls is not tls:
+            # start_tls() ran in the handler: plaintext framed after the
+            # request must not pass for data that came over TLS.
+            framer, pending = service._framer_factory(config.max_message_size), ()
+        for message in pending:
             if conn.close_reason is not None:
                 break
-            try:
-                data = recv(bufsize)
-            except BlockingIOError:  # nothing from the peer for idle_timeout
-                reason = "idle_timeout"
-                break
-            except ConnectionResetError:
-                reason = "reset"
-                break
-            except OSError as exc:
-                reason = "error"
-                if conn.close_reason is None:
-                    log.warning("connection %d from %s: receive failed: %s", conn.id, format_address(conn.peer), exc)
-                break
-            conn.bytes_in += len(data)
-            if not data:
-                reason = "eof"
-                messages = framer.eof()
-                for message in messages:
-                    handler(message, conn)
-                break
-            if raw:
-                # The Go original's framing needs no framer call per chunk.
-                handler(data, conn)
-                messages = ()
-            else:
-                messages = feed(data)
-            for message in messages:
-                handler(message, conn)
-                if conn.close_reason is not None or conn._tls is not tls:
-                    break
-            if conn._tls is not tls:
-                # start_tls() ran in the handler. Plaintext that arrived after
-                # the STARTTLS request (already framed or still buffered) must
-                # never pass for data that came over TLS: drop it with the framer.
-                tls = conn._tls
-                framer = service._framer_factory(config.max_message_size)
-                feed = framer.feed
-                recv = _reader(conn, config.idle_timeout)
+            handler(message, conn)
+        if eof:
+            reason = "eof"
+        elif conn.close_reason is None:
+            if conn._tls is None:
+                # The loop's socket was non-blocking; a connection thread
+                # blocks in recv, with the kernel keeping the idle timeout.
+                conn._sock.setblocking(True)
+                prepare_socket(conn._sock, config.idle_timeout, config.send_timeout)
+            reason = _read_messages(conn, service, framer)
     except Exception as exc:
         reason = reason_for(conn, exc)
     finally:
         service._connection_ended(conn, reason)
+
+
+def _read_messages(conn: Connection, service: "Listener", framer: Any) -> str:
+    """recv -> framer -> handler until the connection ends; returns why it ended."""
+    config = service.config
+    handler = service._handler
+    feed = framer.feed
+    raw = service._raw_framing
+    tls = conn._tls
+    recv = _reader(conn, config.idle_timeout)
+    bufsize = min(RECV_SIZE, config.max_message_size) if raw else RECV_SIZE
+    while True:
+        if conn.close_reason is not None:
+            return "error"
+        try:
+            data = recv(bufsize)
+        except BlockingIOError:  # nothing from the peer for idle_timeout
+            return "idle_timeout"
+        except ConnectionResetError:
+            return "reset"
+        except OSError as exc:
+            if conn.close_reason is None:
+                log.warning("connection %d from %s: receive failed: %s", conn.id, format_address(conn.peer), exc)
+            return "error"
+        conn.bytes_in += len(data)
+        if not data:
+            for message in framer.eof():
+                handler(message, conn)
+            return "eof"
+        if raw:
+            # The Go original's framing needs no framer call per chunk.
+            handler(data, conn)
+            messages = ()
+        else:
+            messages = feed(data)
+        for message in messages:
+            handler(message, conn)
+            if conn.close_reason is not None or conn._tls is not tls:
+                break
+        if conn._tls is not tls:
+            # start_tls() ran in the handler. Plaintext that arrived after
+            # the STARTTLS request (already framed or still buffered) must
+            # never pass for data that came over TLS: drop it with the framer.
+            tls = conn._tls
+            framer = service._framer_factory(config.max_message_size)
+            feed = framer.feed
+            recv = _reader(conn, config.idle_timeout)
 
 
 def fault_logs() -> "collections.defaultdict[str, RateLimitedLog]":
@@ -198,25 +218,6 @@ def read_proxy_header_nowait(conn: Connection, reader: ProxyHeaderReader) -> boo
             return False  # everything there was header: wait for the rest
     _apply_proxy_header(conn, reader)
     return True
-
-
-def read_proxy_header(conn: Connection, reader: ProxyHeaderReader, timeout: float) -> None:
-    """Blocking version for the thread-per-connection path, bounded by ``timeout`` in all."""
-    sock = conn._sock
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    deadline = time.monotonic() + timeout
-    while reader.header is None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000))):
-            raise ProxyHeaderError(f"no complete PROXY header within {timeout:g}s")
-        peeked = sock.recv(MAX_V2, socket.MSG_PEEK)
-        if not peeked:
-            raise ProxyHeaderError("connection closed before its PROXY header was complete")
-        taken = reader.feed(peeked)  # until the header is complete it takes every byte fed
-        if taken:
-            sock.recv(taken)
-    _apply_proxy_header(conn, reader)
 
 
 def _apply_proxy_header(conn: Connection, reader: ProxyHeaderReader) -> None:

@@ -25,12 +25,12 @@ _default_io = "threads"
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.definition.get_closest_marker("io_modes") is not None:
-        if "io_mode" not in metafunc.fixturenames:
-            metafunc.fixturenames.append("io_mode")
         metafunc.parametrize("io_mode", IO_MODES, indirect=True)
 
 
-@pytest.fixture
+# Autouse: a fixture only named in pytest_generate_tests is never set up, so
+# a test that did not ask for io_mode would run its [events] case in threads.
+@pytest.fixture(autouse=True)
 def io_mode(request: pytest.FixtureRequest) -> Iterator[str]:
     """The I/O mode for this test's listeners: every listener behaviour must hold in both."""
     global _default_io

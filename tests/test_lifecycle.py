@@ -100,8 +100,12 @@ def test_stop_lets_a_running_handler_finish_its_reply():
         sock.close()
 
 
-def test_stop_force_closes_after_grace():
-    """A connection stuck sending to a client that never reads is aborted at the grace deadline."""
+def test_stop_force_closes_after_grace(io_mode):
+    """A connection stuck sending to a client that never reads is aborted at the grace deadline.
+
+    In events mode a loop handler is never stuck on a peer: past 4 MiB queued
+    its connection goes (send_overflow), which may come before the stop.
+    """
 
     def flood(message, conn):
         while True:
@@ -114,7 +118,8 @@ def test_stop_force_closes_after_grace():
         started = time.monotonic()
         info = listener.stop(grace=0.3)
         assert time.monotonic() - started < 3.0
-        assert info.closed_by_reason == {"server_stop": 1}
+        allowed = [{"server_stop": 1}] + ([{"send_overflow": 1}] if io_mode == "events" else [])
+        assert info.closed_by_reason in allowed
         sock.close()
 
 

@@ -1,0 +1,142 @@
+"""Thread mode's hand-off: a handler that blocks moves its connection to a thread of its own.
+
+Thread mode reads every connection through an event loop and runs handlers
+inline; when a call outlives HANDOFF_AFTER, the loop goes to another thread
+and the blocked thread keeps that connection. These tests block handlers and
+hooks for real (sleeps, events) and check that the other clients never wait
+for them, that nothing framed before the block is lost or reordered, and that
+the counters stay exact.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from netpool.io_loop import HANDOFF_AFTER
+
+from .conftest import connect, recv_exactly, serving, wait_for
+
+# Well above HANDOFF_AFTER plus the monitor's idle tick, well below a blocked handler's time.
+PROMPT = 0.5
+BLOCK = 2.0
+
+
+def handoffs(listener) -> int:
+    return sum(loop.handoffs for loop in listener._loops)
+
+
+def echo_time(listener, payload: bytes = b"ping\n") -> float:
+    started = time.monotonic()
+    with connect(listener) as sock:
+        sock.sendall(payload)
+        assert recv_exactly(sock, len(payload)) == payload
+    return time.monotonic() - started
+
+
+def test_a_blocking_handler_does_not_hold_up_other_clients():
+    """While one handler sleeps, ten other clients are each echoed promptly; the sleeper then goes on."""
+    release = threading.Event()
+
+    def handler(message: bytes, conn) -> None:
+        if message == b"block":
+            release.wait(BLOCK)
+        conn.send(message)
+
+    with serving(handler=handler, framing="line") as listener:
+        with connect(listener) as blocked:
+            blocked.sendall(b"block\n")
+            wait_for(lambda: handoffs(listener) == 1, what="the loop handed off")
+            times = [echo_time(listener) for _ in range(10)]
+            assert max(times) < PROMPT, f"other clients waited for a blocked handler: {times}"
+            release.set()
+            assert recv_exactly(blocked, 6) == b"block\n"
+            # The handed-off connection keeps working on its own thread.
+            for i in range(20):
+                blocked.sendall(b"after %d\n" % i)
+                assert recv_exactly(blocked, len(b"after %d\n" % i)) == b"after %d\n" % i
+        info = wait_for(lambda: (i := listener.info()).closed == 11 and i, what="11 closures")
+        assert info.closed_by_reason == {"eof": 11} and info.live == 0
+
+
+def test_messages_framed_with_the_blocking_one_arrive_in_order():
+    """One write holds four lines; the handler blocks on the second: all four come back, in order."""
+
+    def handler(message: bytes, conn) -> None:
+        if message == b"slow":
+            time.sleep(HANDOFF_AFTER * 50)
+        conn.send(message)
+
+    with serving(handler=handler, framing="line") as listener:
+        with connect(listener) as sock:
+            sock.sendall(b"a\nslow\nb\nc\n")
+            assert recv_exactly(sock, 11) == b"a\nslow\nb\nc\n"
+            assert handoffs(listener) == 1
+            sock.sendall(b"d\n")
+            assert recv_exactly(sock, 2) == b"d\n"
+
+
+def test_a_handler_that_blocks_then_raises_closes_only_its_connection(caplog):
+    def handler(message: bytes, conn) -> None:
+        if message == b"boom":
+            time.sleep(HANDOFF_AFTER * 50)
+            raise ValueError("handler failed after blocking")
+        conn.send(message)
+
+    with serving(handler=handler, framing="line") as listener:
+        with connect(listener) as bad, connect(listener) as good:
+            bad.sendall(b"boom\n")
+            wait_for(lambda: listener.info().closed == 1, what="the failing connection closed")
+            good.sendall(b"fine\n")
+            assert recv_exactly(good, 5) == b"fine\n"
+        info = wait_for(lambda: (i := listener.info()).closed == 2 and i, what="2 closures")
+        assert info.closed_by_reason == {"handler_error": 1, "eof": 1}
+    assert "handler failed after blocking" in caplog.text
+
+
+@pytest.mark.parametrize("hook", ["on_connect", "on_close"])
+def test_a_blocking_hook_does_not_hold_up_other_clients(hook):
+    """on_connect and on_close run on the loop too; a slow one is handed off like a handler."""
+    release = threading.Event()
+    first = threading.Event()
+
+    def slow_hook(conn, *args) -> None:
+        if not first.is_set():
+            first.set()
+            release.wait(BLOCK)
+
+    with serving(framing="line", **{hook: slow_hook}) as listener:
+        slow = connect(listener)
+        if hook == "on_close":
+            slow.close()
+        wait_for(first.is_set, what=f"{hook} to run")
+        wait_for(lambda: handoffs(listener) == 1, what="the loop handed off")
+        times = [echo_time(listener) for _ in range(5)]
+        assert max(times) < PROMPT, f"other clients waited for a blocked {hook}: {times}"
+        release.set()
+        if hook == "on_connect":
+            slow.sendall(b"late\n")
+            assert recv_exactly(slow, 5) == b"late\n"
+            slow.close()
+        info = wait_for(lambda: (i := listener.info()).closed == 6 and i, what="6 closures")
+        assert info.closed_by_reason == {"eof": 6} and info.live == 0
+
+
+def test_fast_handlers_are_never_handed_off():
+    """A thousand quick echoes over twenty connections cost no hand-off: they stay on the loop."""
+    with serving(framing="line") as listener:
+        socks = [connect(listener) for _ in range(20)]
+        try:
+            for round_ in range(50):
+                for sock in socks:
+                    sock.sendall(b"%d\n" % round_)
+                for sock in socks:
+                    assert recv_exactly(sock, len(b"%d\n" % round_)) == b"%d\n" % round_
+        finally:
+            for sock in socks:
+                sock.close()
+        # A preempted test process can stretch one quick call past the
+        # threshold now and then; a handful at most, never one per message.
+        assert handoffs(listener) <= 5
