@@ -114,7 +114,15 @@ class LoopConnection(Connection):
                 self.bytes_out += len(data)
             else:
                 # The hot path: one send() the kernel takes whole.
-                sent = self._send_plain(data) if self._tls is None else self._send_now(memoryview(data))
+                if self._tls is None:
+                    try:  # _send_plain, inlined
+                        sent = self._sock.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as exc:
+                        self._send_failed(exc)
+                else:
+                    sent = self._send_now(memoryview(data))
                 self.bytes_out += len(data)  # counted once queued: it goes out or the connection dies
                 if sent == len(data):
                     return

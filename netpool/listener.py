@@ -94,6 +94,8 @@ class ListenerInfo:
     bytes_out: int = 0
     accepted_by_acceptor: tuple[int, ...] = ()
     """What each acceptor's accept() returned; clients dropped through the spare descriptor are not in it."""
+    handoffs: int = 0
+    """Thread mode: handler or hook calls that blocked long enough for their connection to get its own thread."""
 
     def summary(self) -> str:
         """One line for logs: accepted, refused, closed by reason."""
@@ -105,6 +107,7 @@ class ListenerInfo:
             + f", closed {self.closed}"
             + (f" ({reasons})" if reasons else "")
             + f", live {self.live}"
+            + (f", handed off {self.handoffs}" if self.handoffs else "")
         )
 
 
@@ -398,6 +401,7 @@ class Listener:
             closed=sum(closed.values()),
             errors=sum(v for k, v in closed.items() if k in ERROR_REASONS),
             grown=admission.grown,
+            handoffs=sum(loop.handoffs for loop in self._loops),
             refused_by_reason=refused,
             closed_by_reason=closed,
             bytes_in=bytes_in,

@@ -89,6 +89,7 @@ class ListenerCollector(Collector):
         for field, metric, text in (
             ("bytes_in", "netpool_listener_received_bytes", "Bytes received from clients."),
             ("bytes_out", "netpool_listener_sent_bytes", "Bytes sent to clients."),
+            ("handoffs", "netpool_listener_handoffs", "Blocking handler calls whose connection got its own thread."),
         ):
             value = getattr(info, field, None)
             if value is not None:
