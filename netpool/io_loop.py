@@ -256,7 +256,6 @@ class IOLoop:
         self._takeover_lock = threading.Lock()
         self.handoffs = 0
         self._monitor: Optional[threading.Thread] = None
-        self._monitor_wake = threading.Event()
         self._ep = select.epoll()
         self._conns: dict[int, LoopConnection] = {}
         self._pending: collections.deque[LoopConnection] = collections.deque()
@@ -302,7 +301,6 @@ class IOLoop:
             self._stopping = True
             if self._wake_fd >= 0:  # not yet closed by a loop that ended
                 os.eventfd_write(self._wake_fd, 1)
-        self._monitor_wake.set()
 
     def watch_writable(self, conn: LoopConnection, on: bool) -> None:
         try:
@@ -428,7 +426,6 @@ class IOLoop:
         with self._takeover_lock:
             os.close(self._wake_fd)
             self._wake_fd = -1
-        self._monitor_wake.set()
 
     def _user_call(self, conn: LoopConnection, fn: Any, *args: Any, **handed: Any) -> None:
         """Run user code (a handler, a hook) for ``conn``; raises _HandedOff if it outlived the loop's patience."""
@@ -624,6 +621,14 @@ class IOLoop:
                 pass
             finally:
                 conn._send_lock.release()
+        self._forget(conn)
+        if self._stopping:  # no hand-off any more: the loop is closing
+            self.listener._connection_ended(conn, reason)
+        else:
+            self._user_call(conn, self.listener._connection_ended, conn, reason, done=True)
+
+    def _forget(self, conn: LoopConnection) -> None:
+        """Take ``conn`` out of this loop (it is finishing, or handed off); its descriptor stays open."""
         fd = conn._fd
         if self._conns.get(fd) is conn:
             del self._conns[fd]
@@ -631,10 +636,6 @@ class IOLoop:
                 self._ep.unregister(fd)
             except (OSError, ValueError):
                 pass
-        if self._stopping:  # no hand-off any more: the loop is closing
-            self.listener._connection_ended(conn, reason)
-        else:
-            self._user_call(conn, self.listener._connection_ended, conn, reason, done=True)
 
     # -- thread mode: the monitor and the hand-off ---------------------------------
 
@@ -643,7 +644,7 @@ class IOLoop:
         last = -1
         tick = HANDOFF_AFTER
         while not self._stopping:
-            self._monitor_wake.wait(tick)
+            time.sleep(tick)  # one system call; Event.wait would run a Condition's Python per tick
             gen = self._gen
             if gen != last:
                 last, tick = gen, HANDOFF_AFTER
@@ -662,13 +663,7 @@ class IOLoop:
                 conn = self._calls.pop()
             except IndexError:
                 return False  # the call ended as we looked
-            fd = conn._fd
-            if self._conns.get(fd) is conn:
-                del self._conns[fd]
-                try:
-                    self._ep.unregister(fd)
-                except (OSError, ValueError):
-                    pass
+            self._forget(conn)
             self.handoffs += 1
             try:
                 self.listener._conn_threads.submit(self.run)
