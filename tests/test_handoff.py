@@ -10,6 +10,7 @@ the counters stay exact.
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 
@@ -17,6 +18,7 @@ import pytest
 
 from netpool.io_loop import HANDOFF_AFTER
 
+from .certs import TestCA
 from .conftest import connect, recv_exactly, serving, wait_for
 
 # Well above HANDOFF_AFTER plus the monitor's idle tick, well below a blocked handler's time.
@@ -141,3 +143,38 @@ def test_fast_handlers_are_never_handed_off():
         # A preempted test process can stretch one quick call past the
         # threshold now and then; a handful at most, never one per message.
         assert handoffs(listener) <= 5
+
+
+def test_a_tls_connection_blocked_in_its_handler_goes_on_over_tls(tmp_path):
+    """Implicit TLS: a handler blocks mid-stream; the others are served, and the blocked one keeps talking TLS."""
+    ca = TestCA(tmp_path)
+    server = ca.issue("localhost", hosts=("localhost", "127.0.0.1"))
+    ctx = ssl.create_default_context(cafile=str(ca.path))
+    release = threading.Event()
+
+    def handler(message: bytes, conn) -> None:
+        if message == b"block":
+            release.wait(BLOCK)
+        conn.send(message)
+
+    def tls_echo(listener, line: bytes) -> float:
+        started = time.monotonic()
+        with ctx.wrap_socket(connect(listener), server_hostname="localhost") as sock:
+            sock.sendall(line)
+            assert recv_exactly(sock, len(line)) == line
+        return time.monotonic() - started
+
+    settings = {"certfile": str(server.cert), "keyfile": str(server.key)}
+    with serving(handler=handler, framing="line", ssl=settings) as listener:
+        with ctx.wrap_socket(connect(listener), server_hostname="localhost") as blocked:
+            blocked.sendall(b"block\nnext\n")
+            wait_for(lambda: handoffs(listener) == 1, what="the loop handed off")
+            times = [tls_echo(listener, b"tls ping\n") for _ in range(5)]
+            assert max(times) < PROMPT * 2, f"TLS clients waited for a blocked handler: {times}"
+            release.set()
+            assert recv_exactly(blocked, 11) == b"block\nnext\n"
+            blocked.sendall(b"on its own thread\n")
+            assert recv_exactly(blocked, 18) == b"on its own thread\n"
+            assert blocked.version() is not None
+        info = wait_for(lambda: (i := listener.info()).closed == 6 and i, what="6 closures")
+        assert info.errors == 0 and info.live == 0
