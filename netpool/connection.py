@@ -248,6 +248,8 @@ class Connection:
     def _handshake(self, context: Any, timeout: float) -> None:
         from .tls import TLSTransport, negotiated, server_handshake  # pyOpenSSL only when TLS is used
 
+        self._about_to_wait()  # a handshake is round trips with the peer
+
         try:
             ssl_conn = server_handshake(self._sock, context, timeout)
         except TLSHandshakeError as exc:
@@ -281,6 +283,9 @@ class Connection:
 
     # -- sending, slow path --------------------------------------------------
 
+    def _about_to_wait(self) -> None:
+        """Called before waiting on the peer; thread mode's loop connections hand their loop off here."""
+
     def _send_plain(self, data: Any) -> int:
         """One send() on the plain socket: bytes taken, 0 when it would block; closes and raises on errors."""
         try:
@@ -296,6 +301,7 @@ class Connection:
         # a peer that reads one byte now and then cannot hold us forever.
         # poll() + a non-blocking send, so this works whether the socket is
         # blocking (a connection's own thread) or not (a loop's connection).
+        self._about_to_wait()
         view = memoryview(data)
         deadline = time.monotonic() + self._send_timeout
         sock = self._sock

@@ -213,6 +213,16 @@ class ThreadedLoopConnection(LoopConnection):
     send = Connection.send
     send_bytes = Connection.send_bytes
 
+    def _about_to_wait(self) -> None:
+        # A wait on the peer is coming (a full window, a STARTTLS handshake):
+        # when this runs inside the loop's current call, hand the loop off now
+        # instead of holding it until the monitor's next tick, as Go's
+        # entersyscallblock does.
+        loop = self._loop
+        calls = loop._calls
+        if calls and calls[-1] is self and loop.thread is threading.current_thread():
+            loop._hand_off(loop._gen, by_monitor=False)
+
 
 class RawThreadedLoopConnection(ThreadedLoopConnection):
     __slots__ = ()
@@ -654,8 +664,12 @@ class IOLoop:
             else:
                 tick = min(tick * 2, HANDOFF_IDLE_TICK)  # quiet: look less often
 
-    def _hand_off(self, gen: int) -> bool:
-        """Take the stuck call's connection out of the loop and start the loop's next owner."""
+    def _hand_off(self, gen: int, *, by_monitor: bool = True) -> bool:
+        """Take the stuck call's connection out of the loop and start the loop's next owner.
+
+        Run by the monitor, or by the loop thread itself just before it waits
+        on a peer (ThreadedLoopConnection._about_to_wait).
+        """
         with self._takeover_lock:
             if self._stopping or self._gen != gen:
                 return False
@@ -669,6 +683,14 @@ class IOLoop:
                 self.listener._conn_threads.submit(self.run)
                 return True
             except RuntimeError as exc:  # no thread can be started (system limit, or stopping)
+                if not by_monitor:
+                    # The loop's own thread asked: it stays the owner and waits
+                    # in place, as if it had not asked.
+                    self.handoffs -= 1
+                    self._conns[conn._fd] = conn
+                    self._ep.register(conn._fd, _IN)
+                    self._calls.append(conn)
+                    return False
                 log.error("%s: I/O loop %d cannot start a thread (%s); the monitor runs the loop "
                           "from now on, so a blocking handler will hold up its connections",
                           self.listener.config.name, self.index, exc)
