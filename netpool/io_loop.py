@@ -85,7 +85,7 @@ class LoopConnection(Connection):
     """A Connection served by an :class:`IOLoop`: non-blocking socket, queued sends."""
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_ssl_session",
-                 "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd")
+                 "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_blocked")
 
     def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,6 +103,7 @@ class LoopConnection(Connection):
         self._hs_deadline = 0.0
         self._alarm_due = False
         self._fd = -1  # the descriptor it is registered under, while the loop holds it
+        self._blocked = 0  # thread mode: how often one of its calls was handed off
 
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
@@ -269,6 +270,9 @@ class IOLoop:
         self._ep = select.epoll()
         self._conns: dict[int, LoopConnection] = {}
         self._pending: collections.deque[LoopConnection] = collections.deque()
+        # Thread mode: handed-off connections whose blocking call is over,
+        # given back by their thread to be read by the loop again.
+        self._returned: collections.deque[LoopConnection] = collections.deque()
         # An eventfd wakes the loop for new connections and for stop; epoll
         # watches it like any socket.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -306,6 +310,15 @@ class IOLoop:
         self._pending.append(conn)
         os.eventfd_write(self._wake_fd, 1)
 
+    def give_back(self, conn: LoopConnection) -> bool:
+        """A handed-off connection's thread is done blocking: the loop reads it again. False if the loop is ending."""
+        with self._takeover_lock:
+            if self._stopping or self._wake_fd < 0:
+                return False
+            self._returned.append(conn)
+            os.eventfd_write(self._wake_fd, 1)
+        return True
+
     def stop(self) -> None:
         with self._takeover_lock:
             self._stopping = True
@@ -331,7 +344,7 @@ class IOLoop:
             if not handed.done:
                 conn = handed.conn
                 serve_handed_off(conn, self.listener, conn._framer, handed.pending, handed.eof, handed.error,
-                                 handed.tls)
+                                 handed.tls, give_back=self.give_back)
             return
         except BaseException:
             log.exception("%s: I/O loop %d failed; closing its connections", self.listener.config.name, self.index)
@@ -355,9 +368,9 @@ class IOLoop:
         self._calls = calls = []
         push, pop = calls.append, calls.pop
         next_sweep = time.monotonic() + self._sweep_every
-        if self._pending:  # left by an owner that was handed off while taking them in
+        if self._pending or self._returned:  # left by an owner that was handed off while taking them in
             self._take_new(time.monotonic())
-        while not (self._stopping and not conns and not self._pending):
+        while not (self._stopping and not conns and not self._pending and not self._returned):
             events = poll(self._sweep_every)
             now = time.monotonic()
             for fd, ev in events:
@@ -517,6 +530,14 @@ class IOLoop:
             os.eventfd_read(self._wake_fd)
         except BlockingIOError:
             pass
+        while self._returned:
+            conn = self._returned.popleft()
+            conn._last_read = now
+            try:
+                self._conns[conn._fd] = conn
+                self._ep.register(conn._fd, _IN)
+            except OSError as exc:
+                self._finish(conn, reason_for(conn, exc))
         listener = self.listener
         context = listener._tls_context if listener._tls_implicit else None
         while self._pending:
@@ -679,6 +700,7 @@ class IOLoop:
                 return False  # the call ended as we looked
             self._forget(conn)
             self.handoffs += 1
+            conn._blocked += 1
             try:
                 self.listener._conn_threads.submit(self.run)
                 return True
@@ -687,6 +709,7 @@ class IOLoop:
                     # The loop's own thread asked: it stays the owner and waits
                     # in place, as if it had not asked.
                     self.handoffs -= 1
+                    conn._blocked -= 1
                     self._conns[conn._fd] = conn
                     self._ep.register(conn._fd, _IN)
                     self._calls.append(conn)

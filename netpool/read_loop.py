@@ -58,19 +58,24 @@ def _reader(conn: Connection, idle_timeout: Optional[float]) -> Callable[[int], 
     return functools.partial(tls.recv, timeout=idle_timeout)
 
 
-def serve_handed_off(conn: Connection, service: "Listener", framer: Any, pending: Iterable[bytes] = (),
-                     eof: bool = False, error: Optional[Exception] = None, tls: Any = None) -> None:
+def serve_handed_off(conn: Any, service: "Listener", framer: Any, pending: Iterable[bytes] = (),
+                     eof: bool = False, error: Optional[Exception] = None, tls: Any = None,
+                     give_back: Optional[Callable[[Any], bool]] = None) -> None:
     """Go on serving, on this thread, a connection whose handler outlived its event loop's patience.
 
     In thread mode an event loop runs handlers inline; when one blocks, the
     loop moves to another thread (``io_loop``) and the thread stuck in the
-    handler keeps that connection as its own, as a connection thread would
-    have from the start. Here it delivers what was already framed
-    (``pending``, the stream's end if ``eof``), then reads with blocking calls.
+    handler carries on with that connection. Here it delivers what was
+    already framed (``pending``, the stream's end if ``eof``). Then, as Go
+    puts a goroutine back on its run queue after a blocking call, the
+    connection goes back to the loop (``give_back``) the first time; one that
+    blocks again keeps this thread and is read with blocking calls, as a
+    connection thread would.
     """
     config = service.config
     handler = service._handler
     reason = "error"
+    returned = False
     try:
         if error is not None:
             raise error
@@ -85,6 +90,13 @@ def serve_handed_off(conn: Connection, service: "Listener", framer: Any, pending
         if eof:
             reason = "eof"
         elif conn.close_reason is None:
+            conn._framer = framer
+            # Decrypted bytes OpenSSL already holds are invisible to epoll:
+            # such a connection is read here instead.
+            if give_back is not None and conn._blocked < 2 and (conn._tls is None or not conn._tls.pending()):
+                returned = give_back(conn)
+                if returned:
+                    return
             if conn._tls is None:
                 # The loop's socket was non-blocking; a connection thread
                 # blocks in recv, with the kernel keeping the idle timeout.
@@ -94,7 +106,8 @@ def serve_handed_off(conn: Connection, service: "Listener", framer: Any, pending
     except Exception as exc:
         reason = reason_for(conn, exc)
     finally:
-        service._connection_ended(conn, reason)
+        if not returned:
+            service._connection_ended(conn, reason)
 
 
 def _read_messages(conn: Connection, service: "Listener", framer: Any) -> str:

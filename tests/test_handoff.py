@@ -2,7 +2,9 @@
 
 Thread mode reads every connection through an event loop and runs handlers
 inline; when a call outlives HANDOFF_AFTER, the loop goes to another thread
-and the blocked thread keeps that connection. These tests block handlers and
+and the blocked thread carries on with that connection; once the call is
+over the connection goes back to the loop, and one that blocks a second time
+keeps a thread for good. These tests block handlers and
 hooks for real (sleeps, events) and check that the other clients never wait
 for them, that nothing framed before the block is lost or reordered, and that
 the counters stay exact.
@@ -55,10 +57,14 @@ def test_a_blocking_handler_does_not_hold_up_other_clients():
             assert max(times) < PROMPT, f"other clients waited for a blocked handler: {times}"
             release.set()
             assert recv_exactly(blocked, 6) == b"block\n"
-            # The handed-off connection keeps working on its own thread.
+            # Its call over, the connection is back on the loop: it goes on
+            # being served, and the thread it borrowed parks again.
             for i in range(20):
                 blocked.sendall(b"after %d\n" % i)
                 assert recv_exactly(blocked, len(b"after %d\n" % i)) == b"after %d\n" % i
+            threads = listener._conn_threads
+            wait_for(lambda: threads.threads - threads.parked == 1, what="only the loop's own thread busy")
+            assert handoffs(listener) == 1
         info = wait_for(lambda: (i := listener.info()).closed == 11 and i, what="11 closures")
         assert info.closed_by_reason == {"eof": 11} and info.live == 0
         assert "handed off 1" in info.summary()
@@ -178,3 +184,28 @@ def test_a_tls_connection_blocked_in_its_handler_goes_on_over_tls(tmp_path):
             assert blocked.version() is not None
         info = wait_for(lambda: (i := listener.info()).closed == 6 and i, what="6 closures")
         assert info.errors == 0 and info.live == 0
+
+
+def test_a_connection_that_blocks_again_keeps_its_own_thread():
+    """The first block borrows a thread and gives the connection back; the second keeps the thread."""
+    def handler(message: bytes, conn) -> None:
+        if message == b"slow":
+            time.sleep(HANDOFF_AFTER * 50)
+        conn.send(message)
+
+    with serving(handler=handler, framing="line") as listener:
+        threads = listener._conn_threads
+        with connect(listener) as sock:
+            sock.sendall(b"slow\n")
+            assert recv_exactly(sock, 5) == b"slow\n"
+            wait_for(lambda: threads.threads - threads.parked == 1, what="the borrowed thread parked")
+            sock.sendall(b"slow\n")
+            assert recv_exactly(sock, 5) == b"slow\n"
+            assert handoffs(listener) == 2
+            for i in range(10):
+                sock.sendall(b"fast %d\n" % i)
+                assert recv_exactly(sock, len(b"fast %d\n" % i)) == b"fast %d\n" % i
+            assert threads.threads - threads.parked == 2, "the loop's thread and this connection's own"
+            assert handoffs(listener) == 2
+        wait_for(lambda: listener.info().closed == 1, what="the connection closed")
+        wait_for(lambda: threads.threads - threads.parked == 1, what="its thread parked after it closed")
