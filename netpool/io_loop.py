@@ -24,15 +24,17 @@ per shortest timeout, so they fire within a quarter of their length late.
 
 Thread mode (``io="threads"``, the default) runs on the same loop with one
 difference, the one Go's scheduler makes for goroutines: handlers may
-block. A monitor thread watches each loop; a handler call still running
-after ``HANDOFF_AFTER`` seconds (a sleep, a database call, a send to a slow
-peer) has its connection taken out of the loop and the loop handed to
-another thread, while the thread stuck in the handler keeps that connection
-as its own connection thread from then on (``read_loop.serve_handed_off``).
-Fast handlers thus pay for no thread switch at all, and a blocking one
-holds the others up for a few milliseconds at most. Sends in thread mode
+block. A monitor thread watches each loop; a handler or hook call still
+running after ``HANDOFF_AFTER`` seconds (a sleep, a database call) has its
+connection taken out of the loop and the loop handed to another thread. A
+call about to wait on its peer (a full send window, a STARTTLS handshake)
+hands off at once, without waiting for the monitor. The thread stuck in the
+call finishes it (``read_loop.serve_handed_off``) and gives the connection
+back to the loop; a connection that blocks a second time keeps that thread
+for good. Fast handlers thus pay for no thread switch at all, and a blocking
+one holds the others up for a few milliseconds at most. Sends in thread mode
 block while the peer's window is full (``send_timeout``), as a connection
-thread's would: on the loop thread that is one more way to be handed off.
+thread's would.
 """
 
 from __future__ import annotations
