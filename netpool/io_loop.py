@@ -507,23 +507,10 @@ class IOLoop:
 
     def _handle_each(self, conn: LoopConnection, handler: Any, messages: Any, tls: Any, eof: bool = False) -> None:
         """The handler on each message in order, until the connection closes or turns to TLS."""
-        calls = self._calls
         rest = iter(messages)
         for message in rest:
-            self._gen += 1
-            calls.append(conn)
-            try:
-                handler(message, conn)
-            except Exception as exc:
-                try:
-                    calls.pop()
-                except IndexError:
-                    raise self._handed_off(conn, error=exc) from None
-                raise
-            try:
-                calls.pop()
-            except IndexError:
-                raise self._handed_off(conn, pending=rest, eof=eof, tls=tls) from None
+            # If this call is handed off, its thread takes the rest along.
+            self._user_call(conn, handler, message, conn, pending=rest, eof=eof, tls=tls)
             if conn.close_reason is not None or conn._tls is not tls:
                 break
 

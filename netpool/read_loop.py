@@ -1,12 +1,13 @@
 """A connection's own thread: recv -> framer -> handler, in order, with blocking calls.
 
 Every connection starts on an event loop (``io_loop``). In thread mode, a
-handler that blocks hands the loop to another thread and keeps its
-connection: :func:`serve_handed_off` is what that thread runs from then on,
-for the connection's whole life. Whatever happens (EOF, a reset, a quit, a
-handler that raises, a framing error, the listener stopping), the ``finally``
-hands the connection to ``service._connection_ended`` exactly once, as
-gevent's ``_handle_and_close_when_done`` and trio's ``_run_handler`` do.
+handler that blocks hands the loop to another thread and carries on with its
+connection: :func:`serve_handed_off` is what that thread runs, until it gives
+the connection back to the loop or, for one that blocks again, until the
+connection ends. Whatever happens (EOF, a reset, a quit, a handler that
+raises, a framing error, the listener stopping), a connection that ends here
+goes to ``service._connection_ended`` exactly once, as gevent's
+``_handle_and_close_when_done`` and trio's ``_run_handler`` do.
 
 The helpers every read path shares live here too: close reasons and their
 rate-limited logs, and the PROXY protocol header checks.
