@@ -32,6 +32,13 @@ def handoffs(listener) -> int:
     return listener.info().handoffs
 
 
+def slow_echo(message: bytes, conn) -> None:
+    """Echo lines; b"slow" first sleeps well past HANDOFF_AFTER."""
+    if message == b"slow":
+        time.sleep(HANDOFF_AFTER * 50)
+    conn.send(message)
+
+
 def echo_time(listener, payload: bytes = b"ping\n") -> float:
     started = time.monotonic()
     with connect(listener) as sock:
@@ -72,13 +79,7 @@ def test_a_blocking_handler_does_not_hold_up_other_clients():
 
 def test_messages_framed_with_the_blocking_one_arrive_in_order():
     """One write holds four lines; the handler blocks on the second: all four come back, in order."""
-
-    def handler(message: bytes, conn) -> None:
-        if message == b"slow":
-            time.sleep(HANDOFF_AFTER * 50)
-        conn.send(message)
-
-    with serving(handler=handler, framing="line") as listener:
+    with serving(handler=slow_echo, framing="line") as listener:
         with connect(listener) as sock:
             sock.sendall(b"a\nslow\nb\nc\n")
             assert recv_exactly(sock, 11) == b"a\nslow\nb\nc\n"
@@ -188,12 +189,7 @@ def test_a_tls_connection_blocked_in_its_handler_goes_on_over_tls(tmp_path):
 
 def test_a_connection_that_blocks_again_keeps_its_own_thread():
     """The first block borrows a thread and gives the connection back; the second keeps the thread."""
-    def handler(message: bytes, conn) -> None:
-        if message == b"slow":
-            time.sleep(HANDOFF_AFTER * 50)
-        conn.send(message)
-
-    with serving(handler=handler, framing="line") as listener:
+    with serving(handler=slow_echo, framing="line") as listener:
         threads = listener._conn_threads
         with connect(listener) as sock:
             sock.sendall(b"slow\n")
