@@ -205,3 +205,30 @@ def test_a_connection_that_blocks_again_keeps_its_own_thread():
             assert handoffs(listener) == 2
         wait_for(lambda: listener.info().closed == 1, what="the connection closed")
         wait_for(lambda: threads.threads - threads.parked == 1, what="its thread parked after it closed")
+
+
+def test_with_two_loops_each_hands_off_on_its_own():
+    """io_threads=2: a blocked call on each loop; clients of both loops are still echoed promptly."""
+    release = threading.Event()
+
+    def handler(message: bytes, conn) -> None:
+        if message == b"block":
+            release.wait(BLOCK)
+        conn.send(message)
+
+    with serving(handler=handler, framing="line", io_threads=2) as listener:
+        blocked = [connect(listener), connect(listener)]  # round-robin: one per loop
+        try:
+            for sock in blocked:
+                sock.sendall(b"block\n")
+            wait_for(lambda: handoffs(listener) == 2, what="both loops handed off")
+            times = [echo_time(listener) for _ in range(6)]
+            assert max(times) < PROMPT, f"clients waited for a blocked handler: {times}"
+            release.set()
+            for sock in blocked:
+                assert recv_exactly(sock, 6) == b"block\n"
+        finally:
+            for sock in blocked:
+                sock.close()
+        info = wait_for(lambda: (i := listener.info()).closed == 8 and i, what="8 closures")
+        assert info.closed_by_reason == {"eof": 8}
