@@ -71,8 +71,9 @@ LOOP_QUEUE_LIMIT = 4 * 1024 * 1024
 
 # Thread mode: how long a handler call may hold its loop before the loop
 # moves to another thread. Short enough that a blocking handler delays the
-# other connections by a few milliseconds; long enough that the monitor's
-# ticks cost well under 1% of a busy loop.
+# other connections by a few milliseconds. Each tick wakes the monitor for
+# the GIL; whether 500 a second cost a busy loop measurable throughput was
+# not settled within this machine's 10-20% run-to-run noise.
 HANDOFF_AFTER = 0.002
 # An idle loop is checked less often: the first blocking call after a quiet
 # spell is caught within about twice this.
@@ -209,7 +210,7 @@ class ThreadedLoopConnection(LoopConnection):
 
     Nothing is queued in user space: a send the kernel cannot take at once
     waits (up to ``send_timeout``) on whatever thread calls it; on the loop
-    thread the monitor then hands the loop to another thread.
+    thread the loop is first handed to another thread (``_about_to_wait``).
     """
 
     __slots__ = ()
@@ -341,8 +342,8 @@ class IOLoop:
         try:
             self._serve()
         except _HandedOff as handed:
-            # Another thread runs the loop now; this one keeps the connection
-            # whose handler held it, as that connection's own thread.
+            # Another thread runs the loop now; this one finishes with the
+            # connection whose call held it, then gives it back or keeps it.
             if not handed.done:
                 conn = handed.conn
                 serve_handed_off(conn, self.listener, conn._framer, handed.pending, handed.eof, handed.error,
@@ -523,8 +524,7 @@ class IOLoop:
             conn = self._returned.popleft()
             conn._last_read = now
             try:
-                self._conns[conn._fd] = conn
-                self._ep.register(conn._fd, _IN)
+                self._hold(conn)
             except OSError as exc:
                 self._finish(conn, reason_for(conn, exc))
         listener = self.listener
@@ -540,8 +540,7 @@ class IOLoop:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn._fd = fd
-                self._conns[fd] = conn
-                self._ep.register(fd, _IN)
+                self._hold(conn)
                 if listener._proxy_versions:
                     check_proxy_source(conn, listener._proxy_trusted)
                     conn._proxy_reader = ProxyHeaderReader(listener._proxy_versions)
@@ -647,6 +646,11 @@ class IOLoop:
         else:
             self._user_call(conn, self.listener._connection_ended, conn, reason, done=True)
 
+    def _hold(self, conn: LoopConnection) -> None:
+        """Have this loop read ``conn`` (new, given back, or kept after a refused hand-off)."""
+        self._conns[conn._fd] = conn
+        self._ep.register(conn._fd, _IN)
+
     def _forget(self, conn: LoopConnection) -> None:
         """Take ``conn`` out of this loop (it is finishing, or handed off); its descriptor stays open."""
         fd = conn._fd
@@ -688,24 +692,24 @@ class IOLoop:
             except IndexError:
                 return False  # the call ended as we looked
             self._forget(conn)
-            self.handoffs += 1
-            conn._blocked += 1
             try:
                 self.listener._conn_threads.submit(self.run)
-                return True
+                started = True
             except RuntimeError as exc:  # no thread can be started (system limit, or stopping)
                 if not by_monitor:
                     # The loop's own thread asked: it stays the owner and waits
                     # in place, as if it had not asked.
-                    self.handoffs -= 1
-                    conn._blocked -= 1
-                    self._conns[conn._fd] = conn
-                    self._ep.register(conn._fd, _IN)
+                    self._hold(conn)
                     self._calls.append(conn)
                     return False
                 log.error("%s: I/O loop %d cannot start a thread (%s); the monitor runs the loop "
                           "from now on, so a blocking handler will hold up its connections",
                           self.listener.config.name, self.index, exc)
+                started = False
+            self.handoffs += 1
+            conn._blocked += 1
+        if started:
+            return True
         self.run()  # this thread, the monitor, becomes the owner; no more hand-offs for this loop
         return False
 
