@@ -2,7 +2,8 @@
 
 Starting a thread costs tens of microseconds and a fresh stack. In thread
 mode a loop moves to a new thread whenever a handler blocks, and the blocked
-thread serves its connection until it ends; such a thread then parks for a
+thread stays with its connection until the call is over (until the
+connection ends, for one that blocks again); such a thread then parks for a
 while and takes the next job, the way a goroutine scheduler reuses its Ms.
 
 The invariant that keeps this simple: ``idle`` counts parked threads and is

@@ -161,6 +161,10 @@ class Listener:
         # Both modes read through event loops; in thread mode handlers may
         # block, and a loop held up by one moves to another thread.
         self._loops = [IOLoop(self, i, handoff=config.io == "threads") for i in range(config.io_threads)]
+        if config.io == "threads":
+            self._connection_class = RawThreadedLoopConnection if self._raw_framing else ThreadedLoopConnection
+        else:
+            self._connection_class = RawLoopConnection if self._raw_framing else LoopConnection
         # One descriptor held in reserve: when accept() fails with EMFILE it
         # is freed so the pending client can be accepted and closed at once
         # instead of hanging in the backlog (Twisted's reserved descriptor).
@@ -438,12 +442,9 @@ class Listener:
         peer = peer if peer else self.config.unix
         loop = self._loops[self._next_loop % len(self._loops)]
         self._next_loop += 1
-        if loop.handoff:
-            cls = RawThreadedLoopConnection if self._raw_framing else ThreadedLoopConnection
-        else:
-            cls = RawLoopConnection if self._raw_framing else LoopConnection
-        conn = cls(client, peer, listener=self, acceptor=acceptor, encode=self._encode,
-                   send_timeout=self.config.send_timeout, release=self._admission.release, loop=loop)
+        conn = self._connection_class(client, peer, listener=self, acceptor=acceptor, encode=self._encode,
+                                      send_timeout=self.config.send_timeout, release=self._admission.release,
+                                      loop=loop)
         conn._alarm_due = alarm_due
         with self._lock:
             self._conns[conn.id] = conn
