@@ -16,9 +16,10 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# Re-install only when the package metadata changes; the install is editable,
-# so code edits need no new install.
-$(STAMP): setup.cfg pyproject.toml
+# Re-install only when the package metadata or the C module (netpool/_speedups.c,
+# compiled by the install) changes; the install is editable, so Python edits
+# need no new install.
+$(STAMP): setup.cfg pyproject.toml setup.py netpool/_speedups.c
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "netpool needs Python 3.11 or newer (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -70,7 +71,7 @@ soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis $(LOADGEN)
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis $(LOADGEN) netpool/*.so
 
 # The gateway example (examples/gateway): an HTTP front end calling a netpool
 # TCP back end over pooled connections, users in SQLite. `make gateway` seeds

@@ -48,6 +48,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from . import hot_path
 from .connection import Connection
 from .errors import ConnectionClosed, SendTimeout, TLSError
 from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
@@ -112,39 +113,46 @@ class LoopConnection(Connection):
         with self._send_lock:
             if self._wr_closed:
                 raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
-            out = self._out
-            if out:
-                out += data  # keep order behind what is already queued
+            if self._out:
+                self._send_later(data, 0)  # keep order behind what is already queued
+                return
+            # The hot path: one send() the kernel takes whole.
+            if self._tls is None:
+                try:  # _send_plain, inlined
+                    sent = self._sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self._send_failed(exc)
+            else:
+                sent = self._send_now(memoryview(data))
+            if sent == len(data):
                 self.bytes_out += len(data)
             else:
-                # The hot path: one send() the kernel takes whole.
-                if self._tls is None:
-                    try:  # _send_plain, inlined
-                        sent = self._sock.send(data)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError as exc:
-                        self._send_failed(exc)
-                else:
-                    sent = self._send_now(memoryview(data))
-                self.bytes_out += len(data)  # counted once queued: it goes out or the connection dies
-                if sent == len(data):
-                    return
-                self._out = out = bytearray(memoryview(data)[sent:])
-                self._out_deadline = time.monotonic() + self._send_timeout
-                self._loop.watch_writable(self, True)
-            if len(out) > HIGH_WATER:
-                if threading.current_thread() is not self._loop.thread:
-                    self._drain_to(HIGH_WATER)  # another thread may wait for the peer
-                elif len(out) > LOOP_QUEUE_LIMIT:
-                    # The loop thread must never wait on one peer (every other
-                    # connection of the loop would wait with it): past the
-                    # limit the connection goes, not the loop's time.
-                    self._request_close("send_overflow", socket.SHUT_RDWR)
-                    raise SendTimeout(
-                        f"connection {self.id}: peer {self.peer!r} left more than {LOOP_QUEUE_LIMIT} bytes "
-                        "unread; closed (send_overflow: an event-loop handler cannot wait for it)"
-                    )
+                self._send_later(data, sent)
+
+    def _send_later(self, data: bytes, sent: int) -> None:
+        """Queue what the kernel did not take (lock held); the loop flushes it when the socket turns writable."""
+        self.bytes_out += len(data)  # counted once queued: it goes out or the connection dies
+        out = self._out
+        if out:
+            out += memoryview(data)[sent:]
+        else:
+            self._out = out = bytearray(memoryview(data)[sent:])
+            self._out_deadline = time.monotonic() + self._send_timeout
+            self._loop.watch_writable(self, True)
+        if len(out) > HIGH_WATER:
+            if threading.current_thread() is not self._loop.thread:
+                self._drain_to(HIGH_WATER)  # another thread may wait for the peer
+            elif len(out) > LOOP_QUEUE_LIMIT:
+                # The loop thread must never wait on one peer (every other
+                # connection of the loop would wait with it): past the
+                # limit the connection goes, not the loop's time.
+                self._request_close("send_overflow", socket.SHUT_RDWR)
+                raise SendTimeout(
+                    f"connection {self.id}: peer {self.peer!r} left more than {LOOP_QUEUE_LIMIT} bytes "
+                    "unread; closed (send_overflow: an event-loop handler cannot wait for it)"
+                )
 
     def _send_now(self, view: memoryview) -> int:
         """Send what the kernel takes now; 0 if nothing. Closes the connection on an error."""
@@ -203,6 +211,7 @@ class RawLoopConnection(LoopConnection):
 
     __slots__ = ()
     send = LoopConnection.send_bytes
+    _raw_send = True  # hot_path keeps send the same as send_bytes
 
 
 class ThreadedLoopConnection(LoopConnection):
@@ -216,6 +225,11 @@ class ThreadedLoopConnection(LoopConnection):
     __slots__ = ()
     send = Connection.send
     send_bytes = Connection.send_bytes
+
+    def _send_later(self, data: bytes, sent: int) -> None:
+        # What the kernel did not take at once: wait for the peer (lock held).
+        self._send_rest(data, sent)
+        self.bytes_out += len(data)
 
     def _about_to_wait(self) -> None:
         # A wait on the peer is coming (a full window, a STARTTLS handshake):
@@ -231,6 +245,7 @@ class ThreadedLoopConnection(LoopConnection):
 class RawThreadedLoopConnection(ThreadedLoopConnection):
     __slots__ = ()
     send = Connection.send_bytes
+    _raw_send = True
 
 
 class _HandedOff(BaseException):
@@ -363,83 +378,92 @@ class IOLoop:
         bufsize = min(RECV_SIZE, config.max_message_size) if raw else RECV_SIZE
         conns = self._conns
         poll = self._ep.poll
-        wake_fd = self._wake_fd
-        epollout = select.EPOLLOUT
-        read_events = READ_EVENTS
+        serve_event = self._serve_event
+        dispatch = hot_path.active_dispatch()
         # This owner's own call list: after a hand-off the old owner still
         # pops its list when its handler returns, and must find it empty.
         self._calls = calls = []
-        push, pop = calls.append, calls.pop
+        handoff_calls = calls if self.handoff else None
         next_sweep = time.monotonic() + self._sweep_every
         if self._pending or self._returned:  # left by an owner that was handed off while taking them in
             self._take_new(time.monotonic())
         while not (self._stopping and not conns and not self._pending and not self._returned):
             events = poll(self._sweep_every)
             now = time.monotonic()
-            for fd, ev in events:
-                conn = conns.get(fd)
-                if conn is None:
-                    if fd == wake_fd:
-                        self._take_new(now)
-                    continue
-                if conn._setup:
-                    self._advance_setup(conn)
-                    continue
-                if ev & epollout:
-                    self._writable(conn)
-                    if not ev & read_events:
-                        continue
-                if conn.close_reason is not None:
-                    self._finish(conn, "error")
-                    continue
-                tls = conn._tls
-                try:
-                    if tls is None:
-                        data = conn._sock.recv(bufsize)
+            if raw:
+                # Plain reads go through hot_path.dispatch; it stops at the
+                # first event that needs the full path, served here in turn.
+                i, n = 0, len(events)
+                while i < n:
+                    r = dispatch(events, i, conns, handler, handoff_calls, self, bufsize, now)
+                    if r.__class__ is int:
+                        if r >= n:
+                            break
+                        serve_event(*events[r], now)
+                        i = r + 1
                     else:
-                        data = tls.recv_nowait(bufsize)
-                        if data is None:
-                            continue
-                except BlockingIOError:
-                    continue
-                except ConnectionResetError:
-                    self._finish(conn, "reset")
-                    continue
-                except OSError as exc:
-                    self._finish(conn, "error" if conn.close_reason else self._log_recv_error(conn, exc))
-                    continue
-                except TLSError as exc:
-                    self._finish(conn, reason_for(conn, exc))
-                    continue
-                conn._last_read = now
-                conn.bytes_in += len(data)
-                if raw and tls is None:
-                    if not data:
-                        self._finish(conn, "eof")
-                        continue
-                    # The hot path, _user_call inlined.
-                    self._gen += 1
-                    push(conn)
-                    try:
-                        handler(data, conn)
-                    except Exception as exc:
-                        try:
-                            pop()
-                        except IndexError:
-                            raise self._handed_off(conn, error=exc) from None
-                        self._finish(conn, reason_for(conn, exc))
-                        continue
-                    try:
-                        pop()
-                    except IndexError:
-                        raise self._handed_off(conn) from None
-                    if conn.close_reason is not None:
-                        self._finish(conn, "error")
-                    continue
-                self._deliver(conn, data, handler, raw)
+                        i, kind, value = r
+                        self._finish_dispatched(conns[events[i][0]], kind, value)
+                        i += 1
+            else:
+                for fd, ev in events:
+                    serve_event(fd, ev, now)
             if now >= next_sweep:
                 self._sweep(now)
                 next_sweep = now + self._sweep_every
+
+    def _serve_event(self, fd: int, ev: int, now: float) -> None:
+        """One epoll event, the full path: new connections, set-up, flushing, TLS, framing."""
+        conn = self._conns.get(fd)
+        if conn is None:
+            if fd == self._wake_fd:
+                self._take_new(now)
+            return
+        if conn._setup:
+            self._advance_setup(conn)
+            return
+        if ev & select.EPOLLOUT:
+            self._writable(conn)
+            if not ev & READ_EVENTS:
+                return
+        if conn.close_reason is not None:
+            self._finish(conn, "error")
+            return
+        tls = conn._tls
+        listener = self.listener
+        raw = listener._raw_framing
+        bufsize = min(RECV_SIZE, listener.config.max_message_size) if raw else RECV_SIZE
+        try:
+            if tls is None:
+                data = conn._sock.recv(bufsize)
+            else:
+                data = tls.recv_nowait(bufsize)
+                if data is None:
+                    return
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._finish_dispatched(conn, hot_path.RECV_ERROR, exc)
+            return
+        except TLSError as exc:
+            self._finish(conn, reason_for(conn, exc))
+            return
+        conn._last_read = now
+        conn.bytes_in += len(data)
+        self._deliver(conn, data, listener._handler, raw)
+
+    def _finish_dispatched(self, conn: LoopConnection, kind: int, value: Any) -> None:
+        """End a connection as hot_path.dispatch said: its reason, a receive error, or the handler's exception."""
+        if kind == hot_path.FINISH:
+            reason = value
+        elif kind == hot_path.RECV_ERROR:
+            if isinstance(value, ConnectionResetError):
+                reason = "reset"
+            else:
+                reason = "error" if conn.close_reason else self._log_recv_error(conn, value)
+        else:
+            reason = reason_for(conn, value)
+        self._finish(conn, reason)
 
     def _close(self) -> None:
         """The loop has ended (stopped, or failed): finish what it still holds, release its descriptors."""
@@ -716,3 +740,6 @@ class IOLoop:
     def _log_recv_error(self, conn: LoopConnection, exc: OSError) -> str:
         log.warning("connection %d: receive failed: %s", conn.id, exc)
         return "error"
+
+
+hot_path.install(LoopConnection, (LoopConnection, RawLoopConnection, ThreadedLoopConnection, RawThreadedLoopConnection))

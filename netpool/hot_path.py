@@ -1,0 +1,148 @@
+"""The two steps every message of a raw-framed connection takes: read it in, send the reply.
+
+An I/O loop spends most of its time here, so both steps have two versions
+with the same behaviour: the Python below, which defines it, and the C of
+``netpool/_speedups.c``, which is used when it was built (``pip install``
+compiles it; without a compiler the install still succeeds, in Python).
+The C version runs the same system calls without the interpreter's cost per
+bytecode, and without releasing and retaking the GIL around a ``recv`` and
+a ``send`` that cannot block (MSG_DONTWAIT); that is what lets one loop
+thread keep up with uvloop. Set ``NETPOOL_PURE_PYTHON=1`` to use the Python
+version anyway (to compare, or to rule the C out).
+
+``dispatch`` serves a run of epoll events that are plain reads: no PROXY
+header or TLS handshake pending, no TLS, not closing, nothing to flush. It
+stops at the first event that needs the loop's full path and says which,
+so events are still served strictly in order.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from typing import Any, Callable, Optional, Union
+
+__all__ = ["dispatch", "install", "use_speedups", "speedups_active", "FINISH", "RECV_ERROR", "HANDLER_ERROR"]
+
+# What (index, kind, value) from dispatch() asks the loop to do with that
+# event's connection: finish it for the reason ``value``, finish it for a
+# receive error ``value`` (an OSError), or for the handler's exception.
+FINISH, RECV_ERROR, HANDLER_ERROR = 0, 1, 2
+
+Outcome = Union[int, tuple[int, int, Any]]
+
+_EPOLLOUT = select.EPOLLOUT
+
+try:
+    from . import _speedups
+except ImportError:  # not compiled: the Python versions serve
+    _speedups = None
+
+
+def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Optional[list], loop: Any,
+             bufsize: int, now: float) -> Outcome:
+    """Serve ``events[i:]`` while each is a plain read: recv, count, run the handler.
+
+    Returns the index of the first event the loop must serve itself
+    (``len(events)`` when there is none), or ``(index, kind, value)`` when
+    that event's connection must finish (see FINISH). ``calls`` is the
+    loop's call list in thread mode (None in events mode): each handler call
+    is pushed on it and popped after, and an empty list at the pop means the
+    loop's monitor handed the call off; then ``loop._handed_off`` is raised.
+    """
+    n = len(events)
+    while i < n:
+        fd, ev = events[i]
+        if ev & _EPOLLOUT:
+            return i
+        conn = conns.get(fd)
+        if conn is None or conn._setup or conn.close_reason is not None or conn._tls is not None:
+            return i
+        try:
+            data = conn._sock.recv(bufsize)  # non-blocking: the loop set it so
+        except BlockingIOError:
+            i += 1
+            continue
+        except OSError as exc:
+            return i, RECV_ERROR, exc
+        conn._last_read = now
+        if not data:
+            return i, FINISH, "eof"
+        conn.bytes_in += len(data)
+        if calls is None:
+            try:
+                handler(data, conn)
+            except Exception as exc:
+                return i, HANDLER_ERROR, exc
+        else:
+            loop._gen += 1
+            calls.append(conn)
+            try:
+                handler(data, conn)
+            except Exception as exc:
+                try:
+                    calls.pop()
+                except IndexError:
+                    raise loop._handed_off(conn, error=exc) from None
+                return i, HANDLER_ERROR, exc
+            try:
+                calls.pop()
+            except IndexError:
+                raise loop._handed_off(conn) from None
+        if conn.close_reason is not None:
+            return i, FINISH, "error"
+        i += 1
+    return n
+
+
+_active: Callable[..., Outcome] = dispatch
+_base: Optional[type] = None
+_installed: tuple[type, ...] = ()
+
+
+def install(base: type, classes: tuple[type, ...]) -> None:
+    """Use the C ``send_bytes`` on ``classes`` (``base`` and its subclasses), unless told not to.
+
+    Each class that defines ``send_bytes`` keeps its Python version as
+    ``_send_bytes_py``, which the C one falls back on for what it does not
+    do itself (TLS, a queue to append to, a busy send lock, non-bytes).
+    Classes with ``_raw_send = True`` have ``send`` follow ``send_bytes``.
+    """
+    global _base, _installed
+    if _speedups is None:
+        return
+    _speedups.configure(base)
+    _base, _installed = base, classes
+    for cls in classes:
+        own = cls.__dict__.get("send_bytes")
+        if own is not None and "_send_bytes_py" not in cls.__dict__:
+            cls._send_bytes_py = own
+    use_speedups(not os.environ.get("NETPOOL_PURE_PYTHON"))
+
+
+def use_speedups(on: bool) -> bool:
+    """Switch between the C and the Python versions; returns whether C is now in use.
+
+    Takes effect for loops started afterwards, and for sends at once; the
+    tests run both versions this way.
+    """
+    global _active
+    on = on and _speedups is not None and _base is not None
+    _active = _speedups.dispatch if on else dispatch  # type: ignore[union-attr]
+    c_send = _speedups.send_method(_base) if on else None  # type: ignore[union-attr]
+    for cls in _installed:
+        py_send = cls.__dict__.get("_send_bytes_py")
+        if py_send is not None:
+            cls.send_bytes = c_send if on else py_send
+    for cls in _installed:
+        if cls.__dict__.get("_raw_send"):
+            cls.send = cls.send_bytes
+    return on
+
+
+def speedups_active() -> bool:
+    return _active is not dispatch
+
+
+def active_dispatch() -> Callable[..., Outcome]:
+    return _active
