@@ -1,0 +1,213 @@
+"""The hot path (netpool.hot_path): the C version and the Python version must behave alike.
+
+Every test runs once per version and once per I/O mode, against a real
+listener on loopback: what the loop reads, what the handler gets, what is
+sent back and in which order, the byte counters, and why a connection
+closed. The rest of the suite runs with whichever version is installed (C
+where it compiled), so this module is where the Python version is held to
+the same behaviour.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import struct
+import sysconfig
+import threading
+from typing import Iterator
+
+import pytest
+
+import netpool
+from netpool import hot_path
+
+from .conftest import DEADLINE, connect, recv_exactly, recv_until_closed, serving, wait_for
+
+pytestmark = pytest.mark.io_modes
+
+
+@pytest.fixture(params=["c", "python"])
+def version(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with the C hot path, then with the Python one."""
+    if request.param == "c" and hot_path._speedups is None:
+        pytest.skip("netpool._speedups was not compiled (no C compiler at install time)")
+    before = hot_path.speedups_active()
+    hot_path.use_speedups(request.param == "c")
+    try:
+        yield request.param
+    finally:
+        hot_path.use_speedups(before)
+
+
+def test_the_install_compiled_the_c_version_where_a_compiler_exists():
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) here: the Python version serves")
+    assert hot_path._speedups is not None, "pip install did not build netpool._speedups; see its build log"
+
+
+def test_echoes_many_clients_exactly_and_counts_every_byte(version):
+    assert hot_path.speedups_active() == (version == "c")
+    sizes = [1, 7, 64, 1000, 3000, 16000]
+    with serving() as listener:
+        clients = [connect(listener) for _ in range(20)]
+        expected = 0
+        try:
+            for round_ in range(30):
+                for n, sock in enumerate(clients):
+                    payload = bytes([(n + round_) % 251]) * sizes[(n + round_) % len(sizes)]
+                    sock.sendall(payload)
+                    assert recv_exactly(sock, len(payload)) == payload
+                    expected += len(payload)
+        finally:
+            for sock in clients:
+                sock.close()
+        wait_for(lambda: listener.info().closed == 20, what="all 20 connections to close")
+        info = listener.info()
+    assert (info.bytes_in, info.bytes_out) == (expected, expected)
+    assert info.closed_by_reason == {"eof": 20}
+
+
+def big_reply(message: bytes, conn: netpool.Connection) -> None:
+    # 1 MiB per byte received (the requests may arrive in one read or
+    # several): more than the kernel takes at once, so the rest is queued
+    # (events) or waited for (threads) behind the partial send.
+    for letter in message:
+        conn.send(bytes([letter]) * (1 << 20))
+
+
+def test_replies_larger_than_the_socket_buffer_arrive_whole_and_in_order(version):
+    with serving(handler=big_reply) as listener, connect(listener) as sock:
+        for letter in b"abc":
+            sock.sendall(bytes([letter]))
+        for letter in b"abc":
+            assert recv_exactly(sock, 1 << 20) == bytes([letter]) * (1 << 20)
+        wait_for(lambda: listener.info().bytes_out == 3 << 20, what="3 MiB counted out")
+
+
+def test_sends_from_other_threads_never_interleave_with_the_handlers(version):
+    # Four threads send fixed-size records while the handler echoes records
+    # of the same size: every record must arrive intact, none cut into.
+    record = 512
+    started = threading.Event()
+    conns: list[netpool.Connection] = []
+
+    def on_connect(conn: netpool.Connection) -> None:
+        conns.append(conn)
+        started.set()
+
+    def blast(k: int) -> None:
+        for i in range(300):
+            conns[0].send(struct.pack("!II", k, i).ljust(record, b"t"))
+
+    with serving(on_connect=on_connect) as listener, connect(listener) as sock:
+        assert started.wait(DEADLINE)
+        senders = [threading.Thread(target=blast, args=(k,)) for k in range(4)]
+        for thread in senders:
+            thread.start()
+        echoed = [struct.pack("!II", 99, i).ljust(record, b"e") for i in range(300)]
+        received = bytearray()
+        for rec in echoed:  # the client's own records go out one by one, the echo comes back among the rest
+            sock.sendall(rec)
+            received += sock.recv(65536)
+        for thread in senders:
+            thread.join(DEADLINE)
+            assert not thread.is_alive()
+        total = (4 * 300 + 300) * record
+        received += recv_exactly(sock, total - len(received))
+    records = [bytes(received[i:i + record]) for i in range(0, total, record)]
+    seen: dict[int, list[int]] = {}
+    for rec in records:
+        k, i = struct.unpack("!II", rec[:8])
+        assert rec[8:] == (b"e" if k == 99 else b"t") * (record - 8), f"record {k}:{i} was cut into"
+        seen.setdefault(k, []).append(i)
+    assert seen == {k: list(range(300)) for k in (0, 1, 2, 3, 99)}
+
+
+def raise_on_boom(message: bytes, conn: netpool.Connection) -> None:
+    if message == b"boom":
+        raise ValueError("the handler cannot take boom")
+    conn.send(message)
+
+
+def test_a_handler_that_raises_closes_only_its_connection_and_logs_why(version, caplog):
+    with serving(handler=raise_on_boom) as listener, connect(listener) as bad, connect(listener) as good:
+        good.sendall(b"before")
+        assert recv_exactly(good, 6) == b"before"
+        with caplog.at_level(logging.ERROR, logger="netpool"):
+            bad.sendall(b"boom")
+            assert recv_until_closed(bad) == b""
+            wait_for(lambda: listener.info().closed == 1, what="the raising connection to close")
+        good.sendall(b"after")
+        assert recv_exactly(good, 5) == b"after"
+        assert listener.info().closed_by_reason == {"handler_error": 1}
+    record = next(r for r in caplog.records if "handler raised" in r.getMessage())
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
+    assert "raise_on_boom" in caplog.text  # the traceback reaches the handler's own frame
+
+
+def close_on_bye(message: bytes, conn: netpool.Connection) -> None:
+    conn.send(b"bye!" if message == b"bye" else message)
+    if message == b"bye":
+        conn.close()
+
+
+def test_close_in_the_handler_sends_the_reply_first_then_ends_the_connection(version):
+    with serving(handler=close_on_bye) as listener, connect(listener) as sock:
+        sock.sendall(b"hello")
+        assert recv_exactly(sock, 5) == b"hello"
+        sock.sendall(b"bye")
+        assert recv_until_closed(sock) == b"bye!"
+        wait_for(lambda: listener.info().closed == 1, what="the connection to close")
+        assert listener.info().closed_by_reason == {"closed": 1}
+
+
+def test_a_reset_and_an_orderly_close_are_told_apart(version):
+    with serving() as listener:
+        with connect(listener) as sock:
+            sock.sendall(b"x")
+            assert recv_exactly(sock, 1) == b"x"
+        rude = connect(listener)
+        rude.sendall(b"y")
+        assert recv_exactly(rude, 1) == b"y"
+        rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        rude.close()  # RST instead of FIN
+        wait_for(lambda: listener.info().closed == 2, what="both connections to close")
+        assert listener.info().closed_by_reason == {"eof": 1, "reset": 1}
+
+
+def send_buffers(message: bytes, conn: netpool.Connection) -> None:
+    # Not bytes: the C send leaves these to the Python path.
+    conn.send(bytearray(message))
+    conn.send(memoryview(message.upper()))
+
+
+def test_bytearray_and_memoryview_replies_go_out_too(version):
+    with serving(handler=send_buffers) as listener, connect(listener) as sock:
+        sock.sendall(b"abc")
+        assert recv_exactly(sock, 6) == b"abcABC"
+        # Counted just after the send() that the client may already have read.
+        wait_for(lambda: listener.info().bytes_out == 6, what="6 bytes counted out")
+
+
+def test_a_handler_that_blocks_is_handed_off_and_the_rest_go_on(version, io_mode):
+    if io_mode != "threads":
+        pytest.skip("hand-off is thread mode's")
+    release = threading.Event()
+
+    def slow_on_wait(message: bytes, conn: netpool.Connection) -> None:
+        if message == b"wait":
+            release.wait(DEADLINE)
+        conn.send(message)
+
+    with serving(handler=slow_on_wait) as listener, connect(listener) as slow, connect(listener) as fast:
+        slow.sendall(b"wait")
+        wait_for(lambda: listener.info().handoffs == 1, what="the blocked call to be handed off")
+        fast.sendall(b"quick")
+        assert recv_exactly(fast, 5) == b"quick"
+        release.set()
+        assert recv_exactly(slow, 4) == b"wait"
+        slow.sendall(b"again")  # given back to the loop: served as before
+        assert recv_exactly(slow, 5) == b"again"
