@@ -17,11 +17,11 @@
  *       one non-blocking send() when nobody else is sending and nothing is
  *       queued; anything else goes to the Python method it replaces.
  *
- * Why holding the GIL is enough: the Python send paths run under
- * conn._send_lock and only leave the GIL inside that lock. If the lock is
- * free, no thread is in the middle of a send, and none can start one until
- * this code returns, because nothing here releases the GIL or runs Python
- * code before the bytes are in the kernel.
+ * The C send takes conn._send_lock without waiting, as every Python send
+ * path does with waiting: if another thread holds it (or is just taking it),
+ * the Python method waits its turn instead. Testing lock.locked() instead
+ * would not do: a thread woken in acquire() owns the lock before it has the
+ * GIL to say so.
  *
  * Connection fields are __slots__, read at the offsets of their member
  * descriptors, looked up once by configure().
@@ -31,6 +31,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 
@@ -39,8 +40,7 @@ static Py_ssize_t off_fd, off_setup, off_tls, off_close_reason, off_last_read, o
     off_wr_closed, off_out, off_send_lock;
 static PyTypeObject *conn_type;  /* LoopConnection */
 static PyTypeObject *lock_type;  /* _thread.lock */
-static PyObject *lock_locked;    /* _thread.lock.locked, a method descriptor */
-static PyObject *lock_acquire, *lock_release;
+static PyObject *lock_acquire, *lock_release; /* _thread.lock's own methods (descriptors) */
 static PyObject *str_gen, *str_handed_off, *str_error, *str_eof, *str_send_later, *str_send_bytes_py,
     *str_send_failed;
 static PyObject *kw_error; /* ("error",) for loop._handed_off(conn, error=exc) */
@@ -73,14 +73,41 @@ static PyObject *configure(PyObject *mod, PyObject *cls) {
         PyErr_SetString(PyExc_TypeError, "configure() takes the LoopConnection class");
         return NULL;
     }
-    if (slot_offset(cls, "_fd", &off_fd) || slot_offset(cls, "_setup", &off_setup) ||
-        slot_offset(cls, "_tls", &off_tls) || slot_offset(cls, "close_reason", &off_close_reason) ||
-        slot_offset(cls, "_last_read", &off_last_read) || slot_offset(cls, "bytes_in", &off_bytes_in) ||
-        slot_offset(cls, "bytes_out", &off_bytes_out) || slot_offset(cls, "_wr_closed", &off_wr_closed) ||
-        slot_offset(cls, "_out", &off_out) || slot_offset(cls, "_send_lock", &off_send_lock))
+    if (conn_type != NULL) {
+        if ((PyObject *)conn_type == cls) Py_RETURN_NONE;
+        PyErr_SetString(PyExc_RuntimeError, "configure() was already called with another class");
         return NULL;
-    Py_XSETREF(conn_type, (PyTypeObject *)Py_NewRef(cls));
+    }
+    Py_ssize_t fd, setup, tls, close_reason, last_read, bytes_in, bytes_out, wr_closed, out, send_lock;
+    if (slot_offset(cls, "_fd", &fd) || slot_offset(cls, "_setup", &setup) || slot_offset(cls, "_tls", &tls) ||
+        slot_offset(cls, "close_reason", &close_reason) || slot_offset(cls, "_last_read", &last_read) ||
+        slot_offset(cls, "bytes_in", &bytes_in) || slot_offset(cls, "bytes_out", &bytes_out) ||
+        slot_offset(cls, "_wr_closed", &wr_closed) || slot_offset(cls, "_out", &out) ||
+        slot_offset(cls, "_send_lock", &send_lock))
+        return NULL;
+    off_fd = fd, off_setup = setup, off_tls = tls, off_close_reason = close_reason, off_last_read = last_read;
+    off_bytes_in = bytes_in, off_bytes_out = bytes_out, off_wr_closed = wr_closed, off_out = out;
+    off_send_lock = send_lock;
+    conn_type = (PyTypeObject *)Py_NewRef(cls);
     Py_RETURN_NONE;
+}
+
+/* The descriptor in an int slot, or -1 if it is not one (unset, closed, out of range). */
+static int slot_fd(PyObject *conn) {
+    PyObject *obj = SLOT(conn, off_fd);
+    if (obj == NULL || !PyLong_CheckExact(obj)) return -1;
+    long fd = PyLong_AsLong(obj);
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_Clear();
+        return -1;
+    }
+    return (int)fd;
+}
+
+static void set_slot(PyObject *conn, Py_ssize_t off, PyObject *value) {
+    PyObject *old = SLOT(conn, off);
+    SLOT(conn, off) = Py_NewRef(value);
+    Py_XDECREF(old);
 }
 
 /* conn.attr += n for an int slot. */
@@ -92,18 +119,14 @@ static int add_to_slot(PyObject *conn, Py_ssize_t off, Py_ssize_t n) {
     }
     PyObject *delta = PyLong_FromSsize_t(n);
     if (delta == NULL) return -1;
+    Py_INCREF(old);
     PyObject *sum = PyNumber_Add(old, delta);
     Py_DECREF(delta);
-    if (sum == NULL) return -1;
-    SLOT(conn, off) = sum;
     Py_DECREF(old);
+    if (sum == NULL) return -1;
+    set_slot(conn, off, sum);
+    Py_DECREF(sum);
     return 0;
-}
-
-static void set_slot(PyObject *conn, Py_ssize_t off, PyObject *value) {
-    PyObject *old = SLOT(conn, off);
-    SLOT(conn, off) = Py_NewRef(value);
-    Py_XDECREF(old);
 }
 
 static PyObject *outcome(Py_ssize_t i, int kind, PyObject *value) {
@@ -148,9 +171,11 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "dispatch(): bad arguments, or configure() not called");
         return NULL;
     }
-    if (bufsize > RECV_MAX) bufsize = RECV_MAX;
-    Py_ssize_t n = PyList_GET_SIZE(events);
-    for (; i < n; i++) {
+    if (i < 0 || bufsize < 1 || bufsize > RECV_MAX) {
+        PyErr_Format(PyExc_ValueError, "dispatch(): start must be >= 0 and bufsize in 1..%d", RECV_MAX);
+        return NULL;
+    }
+    for (; i < PyList_GET_SIZE(events); i++) {
         PyObject *event = PyList_GET_ITEM(events, i);
         if (!PyTuple_CheckExact(event) || PyTuple_GET_SIZE(event) != 2) goto slow;
         long ev = PyLong_AsLong(PyTuple_GET_ITEM(event, 1));
@@ -164,13 +189,8 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         if (!PyObject_TypeCheck(conn, conn_type) || SLOT(conn, off_setup) != Py_False ||
             SLOT(conn, off_close_reason) != Py_None || SLOT(conn, off_tls) != Py_None)
             goto slow;
-        PyObject *fdobj = SLOT(conn, off_fd);
-        if (fdobj == NULL) goto slow;
-        int fd = (int)PyLong_AsLong(fdobj);
-        if (fd < 0) {
-            if (PyErr_Occurred()) return NULL;
-            goto slow;
-        }
+        int fd = slot_fd(conn);
+        if (fd < 0) goto slow;
         ssize_t got;
         do {
             got = recv(fd, recv_buf, (size_t)bufsize, MSG_DONTWAIT);
@@ -208,8 +228,12 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         PyObject *exc = NULL;
         if (res == NULL) {
             if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* KeyboardInterrupt and such end the loop */
-                if (calls != Py_None && PyList_GET_SIZE(calls) > 0)
+                if (calls != Py_None && PyList_GET_SIZE(calls) > 0) {
+                    PyObject *type, *value, *tb;
+                    PyErr_Fetch(&type, &value, &tb);
                     PyList_SetSlice(calls, PyList_GET_SIZE(calls) - 1, PyList_GET_SIZE(calls), NULL);
+                    PyErr_Restore(type, value, tb);
+                }
                 goto fail;
             }
             exc = take_exception();
@@ -246,17 +270,91 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
     slow:
         return PyLong_FromSsize_t(i);
     }
-    return PyLong_FromSsize_t(n);
+    return PyLong_FromSsize_t(i);
 }
 
-/* lock.acquire(False) / lock.release() through the type's own methods. */
-static int lock_call(PyObject *method, PyObject *lock, PyObject *arg) {
-    PyObject *argv[2] = {lock, arg};
-    PyObject *r = PyObject_Vectorcall(method, argv, arg ? 2 : 1, NULL);
+/* Taking and dropping conn._send_lock without waiting.
+ *
+ * Through the lock's own acquire(False)/release() methods this costs about
+ * 1,000 instructions a message (argument tuples, keyword parsing): more than
+ * the rest of the send. CPython 3.11 and 3.12 lay a _thread.lock out as
+ * below, and their acquire()/release() do exactly what try_lock()/unlock()
+ * do; module init checks that on a real lock (lock_direct) and otherwise
+ * the methods are called. */
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock lock_lock;
+    PyObject *in_weakreflist;
+    char locked;
+} thread_lock;
+static int lock_direct;
+
+/* 1 if taken, 0 if busy, -1 on an error. */
+static int try_lock(PyObject *lock) {
+    if (lock_direct) {
+        thread_lock *tl = (thread_lock *)lock;
+        if (!PyThread_acquire_lock(tl->lock_lock, NOWAIT_LOCK)) return 0;
+        tl->locked = 1;
+        return 1;
+    }
+    PyObject *argv[2] = {lock, Py_False};
+    PyObject *r = PyObject_Vectorcall(lock_acquire, argv, 2, NULL);
     if (r == NULL) return -1;
-    int ok = r == Py_True || r == Py_None;
+    int ok = r == Py_True;
     Py_DECREF(r);
     return ok;
+}
+
+static int unlock(PyObject *lock) {
+    if (lock_direct) {
+        thread_lock *tl = (thread_lock *)lock;
+        tl->locked = 0;
+        PyThread_release_lock(tl->lock_lock);
+        return 0;
+    }
+    PyObject *r = PyObject_Vectorcall(lock_release, &lock, 1, NULL);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* Whether a real _thread.lock behaves as thread_lock says, under both APIs. */
+static int check_lock_layout(PyObject *allocate_lock) {
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+    if (lock_type->tp_basicsize != (Py_ssize_t)sizeof(thread_lock)) return 0;
+    PyObject *lock = PyObject_CallNoArgs(allocate_lock);
+    if (lock == NULL) return -1;
+    if (Py_TYPE(lock) != lock_type) {
+        Py_DECREF(lock);
+        return 0;
+    }
+    thread_lock *tl = (thread_lock *)lock;
+    int ok = tl->locked == 0 && tl->lock_lock != NULL;
+    PyObject *argv[2] = {lock, Py_False};
+    PyObject *r = ok ? PyObject_Vectorcall(lock_acquire, argv, 2, NULL) : NULL;
+    if (r != NULL) {
+        /* Taken through the method: the flag says so, and the OS lock is busy. */
+        ok = r == Py_True && tl->locked == 1 && !PyThread_acquire_lock(tl->lock_lock, NOWAIT_LOCK);
+        Py_DECREF(r);
+        r = PyObject_Vectorcall(lock_release, &lock, 1, NULL);
+        Py_XDECREF(r);
+        /* Released through the method: flag clear, OS lock free; then the
+         * other way round, which the method must accept. */
+        if (r != NULL && ok && tl->locked == 0 && PyThread_acquire_lock(tl->lock_lock, NOWAIT_LOCK)) {
+            tl->locked = 1;
+            r = PyObject_Vectorcall(lock_release, &lock, 1, NULL);
+            Py_XDECREF(r);
+            ok = r != NULL && tl->locked == 0;
+        } else {
+            ok = 0;
+        }
+    }
+    PyErr_Clear();
+    Py_DECREF(lock);
+    return ok;
+#else
+    (void)allocate_lock;
+    return 0;
+#endif
 }
 
 static PyObject *send_slow(PyObject *self, PyObject *data) {
@@ -268,65 +366,58 @@ static PyObject *send_bytes(PyObject *self, PyObject *data) {
     if (!PyBytes_CheckExact(data)) return send_slow(self, data);
     PyObject *lock = SLOT(self, off_send_lock);
     if (lock == NULL || Py_TYPE(lock) != lock_type) return send_slow(self, data);
-    PyObject *held = PyObject_Vectorcall(lock_locked, &lock, 1, NULL);
-    if (held == NULL) return NULL;
-    Py_DECREF(held);
-    PyObject *out = SLOT(self, off_out);
-    PyObject *fdobj = SLOT(self, off_fd);
-    if (held != Py_False || SLOT(self, off_wr_closed) != Py_False || SLOT(self, off_tls) != Py_None ||
-        out == NULL || (out != Py_None && (!PyByteArray_CheckExact(out) || PyByteArray_GET_SIZE(out) > 0)) ||
-        fdobj == NULL)
-        return send_slow(self, data);
-    /* _wr_closed is set before the descriptor is closed (Connection._finish),
-     * and the GIL is held from that check to here: fd is still this socket's. */
-    int fd = (int)PyLong_AsLong(fdobj);
-    if (fd < 0) {
-        if (PyErr_Occurred()) return NULL;
-        return send_slow(self, data);
+    Py_INCREF(lock); /* _send_later runs Python code: keep the lock we took alive */
+    int got = try_lock(lock);
+    if (got <= 0) {
+        Py_DECREF(lock);
+        return got < 0 ? NULL : send_slow(self, data); /* busy: wait in the Python path */
     }
+    PyObject *r = NULL;
+    PyObject *out = SLOT(self, off_out);
+    int fd = slot_fd(self);
+    if (SLOT(self, off_wr_closed) != Py_False || SLOT(self, off_tls) != Py_None || out == NULL ||
+        (out != Py_None && (!PyByteArray_CheckExact(out) || PyByteArray_GET_SIZE(out) > 0)) || fd < 0) {
+        /* Closed, TLS, or a queue to join: the Python method decides. */
+        if (unlock(lock) == 0) r = send_slow(self, data);
+        Py_DECREF(lock);
+        return r;
+    }
+    /* _wr_closed is set before the descriptor is closed (Connection._finish
+     * closes it holding this lock): fd is still this socket's. */
     Py_ssize_t len = PyBytes_GET_SIZE(data);
     ssize_t sent;
     do {
         sent = send(fd, PyBytes_AS_STRING(data), (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
     if (sent == len) {
-        if (add_to_slot(self, off_bytes_out, len) < 0) return NULL;
-        Py_RETURN_NONE;
-    }
-    if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+        if (add_to_slot(self, off_bytes_out, len) == 0) r = Py_NewRef(Py_None);
+    } else if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
         PyErr_SetFromErrno(PyExc_OSError);
         PyObject *exc = take_exception();
         PyObject *argv[2] = {self, exc};
-        PyObject *r = PyObject_VectorcallMethod(str_send_failed, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        Py_DECREF(exc);
-        return r; /* _send_failed raises */
-    }
-    /* The kernel took part (or none): the rest waits, in order, under the
-     * send lock, as the Python path would (_send_later). The lock is free
-     * and the GIL still held, so this acquire cannot fail. */
-    if (sent < 0) sent = 0;
-    int ok = lock_call(lock_acquire, lock, Py_False);
-    if (ok <= 0) {
-        if (ok == 0) PyErr_SetString(PyExc_RuntimeError, "send lock taken under the GIL");
-        return NULL;
-    }
-    PyObject *sent_obj = PyLong_FromSsize_t(sent);
-    PyObject *r = NULL;
-    if (sent_obj != NULL) {
-        PyObject *argv[3] = {self, data, sent_obj};
-        r = PyObject_VectorcallMethod(str_send_later, argv, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        Py_DECREF(sent_obj);
+        r = PyObject_VectorcallMethod(str_send_failed, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(exc); /* _send_failed raises */
+    } else {
+        /* The kernel took part, or none: the rest waits, in order, as the
+         * Python path would have it wait (_send_later), lock held. */
+        PyObject *sent_obj = PyLong_FromSsize_t(sent < 0 ? 0 : sent);
+        if (sent_obj != NULL) {
+            PyObject *argv[3] = {self, data, sent_obj};
+            r = PyObject_VectorcallMethod(str_send_later, argv, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            Py_DECREF(sent_obj);
+        }
     }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    if (lock_call(lock_release, lock, NULL) < 0) {
-        Py_XDECREF(r);
+    if (unlock(lock) < 0) {
+        Py_CLEAR(r);
         Py_XDECREF(type);
         Py_XDECREF(value);
         Py_XDECREF(tb);
-        return NULL;
+    } else {
+        PyErr_Restore(type, value, tb);
     }
-    PyErr_Restore(type, value, tb);
+    Py_DECREF(lock);
     return r;
 }
 
@@ -336,8 +427,8 @@ static PyMethodDef send_bytes_def = {
 };
 
 static PyObject *send_method(PyObject *mod, PyObject *cls) {
-    if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "send_method() takes a class");
+    if (conn_type == NULL || !PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, conn_type)) {
+        PyErr_SetString(PyExc_TypeError, "send_method() takes the class given to configure(), after it");
         return NULL;
     }
     return PyDescr_NewMethod((PyTypeObject *)cls, &send_bytes_def);
@@ -357,9 +448,9 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     PyObject *thread = PyImport_ImportModule("_thread");
     if (thread == NULL) return NULL;
     lock_type = (PyTypeObject *)PyObject_GetAttrString(thread, "LockType");
+    PyObject *allocate_lock = PyObject_GetAttrString(thread, "allocate_lock");
     Py_DECREF(thread);
-    if (lock_type == NULL) return NULL;
-    lock_locked = PyObject_GetAttrString((PyObject *)lock_type, "locked");
+    if (lock_type == NULL || allocate_lock == NULL) return NULL;
     lock_acquire = PyObject_GetAttrString((PyObject *)lock_type, "acquire");
     lock_release = PyObject_GetAttrString((PyObject *)lock_type, "release");
     str_gen = PyUnicode_InternFromString("_gen");
@@ -369,11 +460,18 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     str_send_later = PyUnicode_InternFromString("_send_later");
     str_send_bytes_py = PyUnicode_InternFromString("_send_bytes_py");
     str_send_failed = PyUnicode_InternFromString("_send_failed");
-    if (!lock_locked || !lock_acquire || !lock_release || !str_gen || !str_handed_off || !str_error || !str_eof ||
+    if (!lock_acquire || !lock_release || !str_gen || !str_handed_off || !str_error || !str_eof ||
         !str_send_later || !str_send_bytes_py || !str_send_failed)
         return NULL;
+    lock_direct = check_lock_layout(allocate_lock);
+    Py_DECREF(allocate_lock);
+    if (lock_direct < 0) return NULL;
     kw_error = PyTuple_Pack(1, str_error);
     one = PyLong_FromLong(1);
     if (kw_error == NULL || one == NULL) return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && (PyModule_AddIntConstant(m, "RECV_MAX", RECV_MAX) < 0 ||
+                      PyModule_AddIntConstant(m, "LOCK_DIRECT", lock_direct) < 0))
+        Py_CLEAR(m);
+    return m;
 }

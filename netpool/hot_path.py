@@ -85,6 +85,10 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
                 except IndexError:
                     raise loop._handed_off(conn, error=exc) from None
                 return i, HANDLER_ERROR, exc
+            except BaseException:  # KeyboardInterrupt and such end the loop: nothing to hand off
+                if calls:
+                    calls.pop()
+                raise
             try:
                 calls.pop()
             except IndexError:
@@ -109,7 +113,9 @@ def install(base: type, classes: tuple[type, ...]) -> None:
     Classes with ``_raw_send = True`` have ``send`` follow ``send_bytes``.
     """
     global _base, _installed
-    if _speedups is None:
+    from .read_loop import RECV_SIZE
+
+    if _speedups is None or RECV_SIZE > _speedups.RECV_MAX:  # a stale build reading shorter chunks: not used
         return
     _speedups.configure(base)
     _base, _installed = base, classes

@@ -211,3 +211,22 @@ def test_a_handler_that_blocks_is_handed_off_and_the_rest_go_on(version, io_mode
         assert recv_exactly(slow, 4) == b"wait"
         slow.sendall(b"again")  # given back to the loop: served as before
         assert recv_exactly(slow, 5) == b"again"
+
+
+def test_a_send_waits_while_another_thread_holds_the_send_lock(version):
+    # The C send must not slip past a sender that holds the lock (a worker
+    # thread in the middle of a long send): the reply waits for its turn.
+    conns: list[netpool.Connection] = []
+    with serving(on_connect=conns.append) as listener, connect(listener) as sock:
+        wait_for(lambda: conns, what="on_connect")
+        lock = conns[0]._send_lock
+        assert lock.acquire(timeout=DEADLINE)
+        try:
+            sock.sendall(b"held")
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                sock.recv(16)  # nothing may arrive while the lock is held
+        finally:
+            lock.release()
+        sock.settimeout(DEADLINE)
+        assert recv_exactly(sock, 4) == b"held"
