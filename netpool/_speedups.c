@@ -92,6 +92,17 @@ static PyObject *configure(PyObject *mod, PyObject *cls) {
     Py_RETURN_NONE;
 }
 
+/* Whether obj is a LoopConnection; the last class seen is remembered, since
+ * a listener has one connection class. */
+static PyTypeObject *last_conn_class;
+static int is_conn(PyObject *obj) {
+    PyTypeObject *t = Py_TYPE(obj);
+    if (t == last_conn_class) return 1;
+    if (!PyType_IsSubtype(t, conn_type)) return 0;
+    last_conn_class = t; /* borrowed: a class outlives its instances */
+    return 1;
+}
+
 /* The descriptor in an int slot, or -1 if it is not one (unset, closed, out of range). */
 static int slot_fd(PyObject *conn) {
     PyObject *obj = SLOT(conn, off_fd);
@@ -116,6 +127,17 @@ static int add_to_slot(PyObject *conn, Py_ssize_t off, Py_ssize_t n) {
     if (old == NULL) {
         PyErr_SetString(PyExc_AttributeError, "byte counter not set");
         return -1;
+    }
+    if (PyLong_CheckExact(old)) { /* the usual case: no int objects but the result */
+        Py_ssize_t v = PyLong_AsSsize_t(old);
+        if (v >= 0 && v <= PY_SSIZE_T_MAX - n) {
+            PyObject *sum = PyLong_FromSsize_t(v + n);
+            if (sum == NULL) return -1;
+            set_slot(conn, off, sum);
+            Py_DECREF(sum);
+            return 0;
+        }
+        PyErr_Clear();
     }
     PyObject *delta = PyLong_FromSsize_t(n);
     if (delta == NULL) return -1;
@@ -186,7 +208,7 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
             if (PyErr_Occurred()) return NULL;
             goto slow;
         }
-        if (!PyObject_TypeCheck(conn, conn_type) || SLOT(conn, off_setup) != Py_False ||
+        if (!is_conn(conn) || SLOT(conn, off_setup) != Py_False ||
             SLOT(conn, off_close_reason) != Py_None || SLOT(conn, off_tls) != Py_None)
             goto slow;
         int fd = slot_fd(conn);
@@ -434,7 +456,56 @@ static PyObject *send_method(PyObject *mod, PyObject *cls) {
     return PyDescr_NewMethod((PyTypeObject *)cls, &send_bytes_def);
 }
 
+/* epoll_wait(epfd, timeout) -> [(fd, events), ...], as select.epoll.poll
+ * gives them, for less: that builds each pair through Py_BuildValue's
+ * format parser and allocates room for 1,023 events per call. */
+#define MAX_EVENTS 512
+static PyObject *wait_events(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "epoll_wait() takes an epoll descriptor and a timeout in seconds");
+        return NULL;
+    }
+    long epfd = PyLong_AsLong(args[0]);
+    if (epfd == -1 && PyErr_Occurred()) return NULL;
+    double timeout = PyFloat_AsDouble(args[1]);
+    if (timeout == -1.0 && PyErr_Occurred()) return NULL;
+    if (epfd < 0 || epfd > INT_MAX || timeout > INT_MAX / 1000) {
+        PyErr_SetString(PyExc_ValueError, "epoll_wait(): bad descriptor or timeout");
+        return NULL;
+    }
+    int ms = timeout < 0 ? -1 : (int)(timeout * 1000.0 + 0.999); /* rounded up, as select.epoll does */
+    struct epoll_event events[MAX_EVENTS];
+    int n;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait((int)epfd, events, MAX_EVENTS, ms);
+        Py_END_ALLOW_THREADS
+        if (n >= 0 || errno != EINTR) break;
+        if (PyErr_CheckSignals() < 0) return NULL; /* PEP 475: retry unless a handler raised */
+    }
+    if (n < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *list = PyList_New(n);
+    if (list == NULL) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *fd = PyLong_FromLong(events[i].data.fd);
+        PyObject *ev = PyLong_FromUnsignedLong(events[i].events);
+        PyObject *pair = fd && ev ? PyTuple_New(2) : NULL;
+        if (pair == NULL) {
+            Py_XDECREF(fd);
+            Py_XDECREF(ev);
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(pair, 0, fd);
+        PyTuple_SET_ITEM(pair, 1, ev);
+        PyList_SET_ITEM(list, i, pair);
+    }
+    return list;
+}
+
 static PyMethodDef methods[] = {
+    {"epoll_wait", (PyCFunction)(void (*)(void))wait_events, METH_FASTCALL,
+     "epoll_wait(epfd, timeout) -> [(fd, events), ...]; what select.epoll.poll returns."},
     {"configure", configure, METH_O, "Look up the LoopConnection slot offsets; call once."},
     {"dispatch", (PyCFunction)(void (*)(void))dispatch, METH_FASTCALL,
      "Serve the plain reads in events[start:]; see netpool.hot_path.dispatch."},

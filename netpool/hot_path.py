@@ -18,6 +18,7 @@ so events are still served strictly in order.
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 from typing import Any, Callable, Optional, Union
@@ -144,6 +145,13 @@ def use_speedups(on: bool) -> bool:
         if cls.__dict__.get("_raw_send"):
             cls.send = cls.send_bytes
     return on
+
+
+def poller(ep: "select.epoll") -> Callable[[float], list]:
+    """The wait of a loop on ``ep``: ``poll(timeout) -> [(fd, events), ...]``."""
+    if _active is dispatch:
+        return ep.poll
+    return functools.partial(_speedups.epoll_wait, ep.fileno())  # type: ignore[union-attr]
 
 
 def speedups_active() -> bool:

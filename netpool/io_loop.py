@@ -19,6 +19,12 @@ Handlers run on the loop thread, so a handler that blocks (sleeps, long
 computation) holds up every connection of its loop: such handlers belong in
 thread mode or on a worker pool (``workers=N``).
 
+Plain reads of raw-framed connections (no TLS, nothing queued) take the
+hot path (``hot_path.dispatch``, in C where it compiled): recv, the
+handler, its send, in a few thousand machine instructions. Everything else
+(new connections, PROXY headers, handshakes, flushing, TLS, framing) is
+served by ``_serve_event``, in the same order the events came in.
+
 Timeouts (idle, send, TLS handshake) are swept by each loop about four times
 per shortest timeout, so they fire within a quarter of their length late.
 
@@ -299,6 +305,8 @@ class IOLoop:
         config = listener.config
         timeouts = [t for t in (config.idle_timeout, config.send_timeout, config.handshake_timeout) if t]
         self._sweep_every = max(0.01, min(1.0, min(timeouts) / 4))
+        # With raw framing a read is a message: no larger than a message may be.
+        self._bufsize = min(RECV_SIZE, config.max_message_size) if listener._raw_framing else RECV_SIZE
         self.thread = threading.Thread(target=self.run, name=f"netpool-io-{config.name}-{index}", daemon=True)
         if handoff:
             self._monitor = threading.Thread(target=self._watch, name=f"netpool-handoff-{config.name}-{index}",
@@ -372,12 +380,11 @@ class IOLoop:
 
     def _serve(self) -> None:
         listener = self.listener
-        config = listener.config
         handler = listener._handler
         raw = listener._raw_framing
-        bufsize = min(RECV_SIZE, config.max_message_size) if raw else RECV_SIZE
+        bufsize = self._bufsize
         conns = self._conns
-        poll = self._ep.poll
+        poll = hot_path.poller(self._ep)
         serve_event = self._serve_event
         dispatch = hot_path.active_dispatch()
         # This owner's own call list: after a hand-off the old owner still
@@ -431,13 +438,11 @@ class IOLoop:
             return
         tls = conn._tls
         listener = self.listener
-        raw = listener._raw_framing
-        bufsize = min(RECV_SIZE, listener.config.max_message_size) if raw else RECV_SIZE
         try:
             if tls is None:
-                data = conn._sock.recv(bufsize)
+                data = conn._sock.recv(self._bufsize)
             else:
-                data = tls.recv_nowait(bufsize)
+                data = tls.recv_nowait(self._bufsize)
                 if data is None:
                     return
         except BlockingIOError:
@@ -450,7 +455,7 @@ class IOLoop:
             return
         conn._last_read = now
         conn.bytes_in += len(data)
-        self._deliver(conn, data, listener._handler, raw)
+        self._deliver(conn, data, listener._handler, listener._raw_framing)
 
     def _finish_dispatched(self, conn: LoopConnection, kind: int, value: Any) -> None:
         """End a connection as hot_path.dispatch said: its reason, a receive error, or the handler's exception."""
