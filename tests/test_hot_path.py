@@ -230,3 +230,33 @@ def test_a_send_waits_while_another_thread_holds_the_send_lock(version):
             lock.release()
         sock.settimeout(DEADLINE)
         assert recv_exactly(sock, 4) == b"held"
+
+
+def test_the_c_epoll_wait_reports_what_select_epoll_reports():
+    if hot_path._speedups is None:
+        pytest.skip("netpool._speedups was not compiled")
+    import select
+    import time
+
+    wait = hot_path._speedups.epoll_wait
+    pairs = [socket.socketpair() for _ in range(5)]
+    ep = select.epoll()
+    try:
+        for reader, _ in pairs:
+            ep.register(reader.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+        assert wait(ep.fileno(), 0) == [] == ep.poll(0)
+        started = time.monotonic()
+        assert wait(ep.fileno(), 0.05) == []
+        assert time.monotonic() - started >= 0.045  # waited out its timeout, rounded up
+        pairs[1][1].sendall(b"x")
+        pairs[3][1].sendall(b"y")
+        pairs[4][1].close()  # EOF: EPOLLIN | EPOLLRDHUP
+        assert sorted(wait(ep.fileno(), 1.0)) == sorted(ep.poll(1.0))
+        assert {fd for fd, _ in wait(ep.fileno(), 0)} == {pairs[i][0].fileno() for i in (1, 3, 4)}
+        with pytest.raises(OSError):
+            wait(pairs[0][0].fileno(), 0)  # not an epoll descriptor: EINVAL, as select.epoll would say
+    finally:
+        ep.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
