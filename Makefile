@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv clean bench bench-tools soak
+.PHONY: run test venv clean bench bench-tools bench-instructions soak
 
 venv: $(STAMP)
 
@@ -64,6 +64,13 @@ bench-tools: $(LOADGEN) $(BENCH_STAMP)
 
 bench: bench-tools
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Instructions per echoed message under callgrind: the same every run, unlike
+# throughput on a shared machine (bench/instructions.py).
+bench-instructions: bench-tools
+	@command -v valgrind >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq valgrind; }
+	$(BIN)/python bench/instructions.py $(BENCH_ARGS)
 
 # 10 minutes of mixed traffic against one listener, then a report (bench/soak-report.md).
 SOAK_ARGS ?=

@@ -387,7 +387,8 @@ static PyObject *send_slow(PyObject *self, PyObject *data) {
 static PyObject *send_bytes(PyObject *self, PyObject *data) {
     if (!PyBytes_CheckExact(data)) return send_slow(self, data);
     PyObject *lock = SLOT(self, off_send_lock);
-    if (lock == NULL || Py_TYPE(lock) != lock_type) return send_slow(self, data);
+    if (lock == NULL || Py_TYPE(lock) != lock_type || SLOT(self, off_tls) != Py_None)
+        return send_slow(self, data); /* TLS: no need to try the lock first (checked again under it) */
     Py_INCREF(lock); /* _send_later runs Python code: keep the lock we took alive */
     int got = try_lock(lock);
     if (got <= 0) {

@@ -381,7 +381,10 @@ class IOLoop:
     def _serve(self) -> None:
         listener = self.listener
         handler = listener._handler
-        raw = listener._raw_framing
+        # Raw framing without implicit TLS: reads may take the hot path (a
+        # STARTTLS connection leaves it when it upgrades). Otherwise every
+        # event needs the full path, and asking dispatch first only costs.
+        plain = listener._raw_framing and not listener._tls_implicit
         bufsize = self._bufsize
         conns = self._conns
         poll = hot_path.poller(self._ep)
@@ -397,7 +400,7 @@ class IOLoop:
         while not (self._stopping and not conns and not self._pending and not self._returned):
             events = poll(self._sweep_every)
             now = time.monotonic()
-            if raw:
+            if plain:
                 # Plain reads go through hot_path.dispatch; it stops at the
                 # first event that needs the full path, served here in turn.
                 i, n = 0, len(events)
