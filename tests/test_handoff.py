@@ -39,6 +39,16 @@ def slow_echo(message: bytes, conn) -> None:
     conn.send(message)
 
 
+def echo_after(release: threading.Event):
+    """An echo handler whose b"block" line first waits for ``release`` (at most BLOCK seconds)."""
+    def handler(message: bytes, conn) -> None:
+        if message == b"block":
+            release.wait(BLOCK)
+        conn.send(message)
+
+    return handler
+
+
 def echo_time(listener, payload: bytes = b"ping\n") -> float:
     started = time.monotonic()
     with connect(listener) as sock:
@@ -50,11 +60,7 @@ def echo_time(listener, payload: bytes = b"ping\n") -> float:
 def test_a_blocking_handler_does_not_hold_up_other_clients():
     """While one handler sleeps, ten other clients are each echoed promptly; the sleeper then goes on."""
     release = threading.Event()
-
-    def handler(message: bytes, conn) -> None:
-        if message == b"block":
-            release.wait(BLOCK)
-        conn.send(message)
+    handler = echo_after(release)
 
     with serving(handler=handler, framing="line") as listener:
         with connect(listener) as blocked:
@@ -158,11 +164,7 @@ def test_a_tls_connection_blocked_in_its_handler_goes_on_over_tls(tmp_path):
     server = ca.issue("localhost", hosts=("localhost", "127.0.0.1"))
     ctx = ssl.create_default_context(cafile=str(ca.path))
     release = threading.Event()
-
-    def handler(message: bytes, conn) -> None:
-        if message == b"block":
-            release.wait(BLOCK)
-        conn.send(message)
+    handler = echo_after(release)
 
     def tls_echo(listener, line: bytes) -> float:
         started = time.monotonic()
@@ -210,11 +212,7 @@ def test_a_connection_that_blocks_again_keeps_its_own_thread():
 def test_with_two_loops_each_hands_off_on_its_own():
     """io_threads=2: a blocked call on each loop; clients of both loops are still echoed promptly."""
     release = threading.Event()
-
-    def handler(message: bytes, conn) -> None:
-        if message == b"block":
-            release.wait(BLOCK)
-        conn.send(message)
+    handler = echo_after(release)
 
     with serving(handler=handler, framing="line", io_threads=2) as listener:
         blocked = [connect(listener), connect(listener)]  # round-robin: one per loop
