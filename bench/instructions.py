@@ -39,16 +39,22 @@ SERVERS = {
 def measure(name: str, port: int, conns: int, seconds: float, workdir: str) -> tuple[int, int]:
     script, env = SERVERS[name]
     out = os.path.join(workdir, re.sub(r"\W+", "_", name) + ".cg")
-    log = open(os.path.join(workdir, "server.log"), "w+")
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, script[0], str(port),
-         *script[1:]],
-        cwd=os.path.join(HERE, "servers"), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    log_path = os.path.join(workdir, "server.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, script[0], str(port),
+             *script[1:]],
+            cwd=os.path.join(HERE, "servers"), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+    def server_log() -> str:
+        with open(log_path) as f:
+            return f.read()
+
     try:
         deadline = time.monotonic() + 120  # valgrind starts Python about 50 times slower
-        while "READY" not in open(log.name).read():
+        while "READY" not in server_log():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start: {open(log.name).read()[-2000:]}")
+                raise RuntimeError(f"{name} did not start: {server_log()[-2000:]}")
             time.sleep(0.2)
         loadgen = [os.path.join(HERE, "loadgen"), "pingpong", "127.0.0.1", str(port), str(conns), "64"]
         subprocess.run(loadgen + ["1"], capture_output=True, check=True, timeout=60)  # warm-up
