@@ -17,6 +17,14 @@
  *       one non-blocking send() when nobody else is sending and nothing is
  *       queued; anything else goes to the Python method it replaces.
  *
+ * Both serve TLS connections too, once configure_tls() has been given
+ * OpenSSL's entry points as pyOpenSSL links them: SSL_read and SSL_write are
+ * called on the session's SSL pointer directly, under the transport's lock
+ * as netpool/tls.py calls them, with the GIL held (the socket is
+ * non-blocking, so they cannot wait). That skips what pyOpenSSL adds per
+ * call: a cffi buffer, a GIL release and retake, three callback checks and
+ * the exception it raises for "would block".
+ *
  * The C send takes conn._send_lock without waiting, as every Python send
  * path does with waiting: if another thread holds it (or is just taking it),
  * the Python method waits its turn instead. Testing lock.locked() instead
@@ -31,6 +39,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <string.h>
 #include <limits.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -43,7 +52,6 @@ static PyTypeObject *lock_type;  /* _thread.lock */
 static PyObject *lock_acquire, *lock_release; /* _thread.lock's own methods (descriptors) */
 static PyObject *str_gen, *str_handed_off, *str_error, *str_eof, *str_send_later, *str_send_bytes_py,
     *str_send_failed;
-static PyObject *kw_error; /* ("error",) for loop._handed_off(conn, error=exc) */
 static PyObject *one;
 
 #define RECV_MAX 65536
@@ -52,7 +60,32 @@ static char recv_buf[RECV_MAX];
 #define SLOT(obj, off) (*(PyObject **)((char *)(obj) + (off)))
 
 /* Kinds in the (index, kind, value) result; hot_path.py names them. */
-enum { FINISH = 0, RECV_ERROR = 1, HANDLER_ERROR = 2 };
+enum { FINISH = 0, RECV_ERROR = 1, HANDLER_ERROR = 2, TLS_ERROR = 3 };
+
+/* OpenSSL, as pyOpenSSL links it (cryptography's copy, not the system's):
+ * its functions by address, from configure_tls(). */
+static struct {
+    int (*read)(void *ssl, void *buf, int num);
+    int (*write)(void *ssl, const void *buf, int num);
+    int (*get_error)(const void *ssl, int ret);
+    int (*pending)(const void *ssl);
+    unsigned long (*err_get)(void);
+    unsigned long (*err_peek)(void);
+    void (*err_clear)(void);
+    const char *(*err_reason_string)(unsigned long e);
+    int (*err_get_reason)(unsigned long e);
+    int eof_reason;  /* SSL_R_UNEXPECTED_EOF_WHILE_READING, or -1 where OpenSSL has none */
+    int write_chunk; /* tls.WRITE_CHUNK */
+} ossl;
+/* TLSTransport: its class, its slots, and TLSError. */
+static PyTypeObject *tls_type;
+static Py_ssize_t off_tls_ptr, off_tls_lock, off_tls_closing, off_tls_notified;
+static PyObject *tls_error_type;
+static PyObject *str_tls, *str_tls_send_failed;
+static PyObject *kw_error_tls; /* ("error", "tls") for loop._handed_off(conn, error=exc, tls=tls) */
+
+/* SSL_get_error's codes (stable across OpenSSL versions). */
+enum { E_NONE = 0, E_SSL = 1, E_WANT_READ = 2, E_WANT_WRITE = 3, E_SYSCALL = 5, E_ZERO_RETURN = 6 };
 
 static int slot_offset(PyObject *cls, const char *name, Py_ssize_t *off) {
     PyObject *d = PyObject_GetAttrString(cls, name);
@@ -167,15 +200,143 @@ static PyObject *take_exception(void) {
     return value;
 }
 
-/* The monitor took this call's connection: raise loop._handed_off(conn, error=exc). */
-static PyObject *raise_handed_off(PyObject *loop, PyObject *conn, PyObject *exc) {
-    PyObject *args[3] = {loop, conn, exc};
-    PyObject *handed = PyObject_VectorcallMethod(str_handed_off, args,
-                                                 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, exc ? kw_error : NULL);
+/* The monitor took this call's connection: raise loop._handed_off(conn, error=exc, tls=tls). */
+static PyObject *raise_handed_off(PyObject *loop, PyObject *conn, PyObject *exc, PyObject *tls) {
+    PyObject *args[4] = {loop, conn, exc ? exc : Py_None, tls};
+    PyObject *handed = PyObject_VectorcallMethod(str_handed_off, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                                 kw_error_tls);
     if (handed == NULL) return NULL;
     PyErr_SetObject((PyObject *)Py_TYPE(handed), handed);
     Py_DECREF(handed);
     return NULL;
+}
+
+static int try_lock(PyObject *lock);
+static int unlock(PyObject *lock);
+
+/* -- TLS ------------------------------------------------------------------ */
+
+/* The SSL pointer of a TLSTransport the C path may use, or NULL. */
+static void *tls_session(PyObject *tls) {
+    if (tls_type == NULL || Py_TYPE(tls) != tls_type) return NULL;
+    PyObject *lock = SLOT(tls, off_tls_lock), *ptr = SLOT(tls, off_tls_ptr);
+    if (lock == NULL || Py_TYPE(lock) != lock_type || ptr == NULL || !PyLong_CheckExact(ptr)) return NULL;
+    void *ssl = PyLong_AsVoidPtr(ptr);
+    if (ssl == NULL) PyErr_Clear();
+    return ssl;
+}
+
+/* What a failed SSL_read or SSL_write (ret <= 0) means, read as tls.py reads
+ * the exception pyOpenSSL raises for it:
+ *   TLS_WANT      WantReadError or WantWriteError: try again later
+ *   TLS_CLOSED    ZeroReturnError: the peer's close_notify
+ *   TLS_EOF       SysCallError(-1): the stream ended without close_notify
+ *   TLS_OS_ERROR  SysCallError(errno): *code says which
+ *   TLS_FAILED    any other SSL.Error: *exc is the TLSError (NULL and an
+ *                 exception set if it could not be made)
+ * The error queue is left empty, as pyOpenSSL leaves it. */
+enum { TLS_WANT, TLS_CLOSED, TLS_EOF, TLS_OS_ERROR, TLS_FAILED };
+
+/* Said when OpenSSL failed without a reason in its queue (tls._ssl_reason says the same). */
+#define NO_REASON "OpenSSL gave no reason"
+
+static PyObject *tls_error_from_queue(void) {
+    PyObject *parts = PyList_New(0), *exc = NULL;
+    unsigned long e;
+    while (parts != NULL && (e = ossl.err_get()) != 0) {
+        const char *text = ossl.err_reason_string(e);
+        PyObject *part = PyUnicode_DecodeUTF8(text ? text : "", text ? (Py_ssize_t)strlen(text) : 0, "replace");
+        if (part == NULL || PyList_Append(parts, part) < 0) Py_CLEAR(parts);
+        Py_XDECREF(part);
+    }
+    ossl.err_clear();
+    if (parts == NULL) return NULL;
+    PyObject *sep = PyUnicode_FromString("; ");
+    PyObject *reason = PyList_GET_SIZE(parts) == 0 ? PyUnicode_FromString(NO_REASON)
+                       : sep != NULL               ? PyUnicode_Join(sep, parts)
+                                                   : NULL;
+    PyObject *message = reason ? PyUnicode_FromFormat("TLS error: %U", reason) : NULL;
+    if (message != NULL) exc = PyObject_CallOneArg(tls_error_type, message);
+    Py_XDECREF(message);
+    Py_XDECREF(reason);
+    Py_XDECREF(sep);
+    Py_DECREF(parts);
+    return exc;
+}
+
+static int tls_failure(void *ssl, int ret, int err_no, int *code, PyObject **exc) {
+    switch (ossl.get_error(ssl, ret)) {
+    case E_WANT_READ:
+    case E_WANT_WRITE:
+        return TLS_WANT;
+    case E_ZERO_RETURN:
+    case E_NONE:
+        return TLS_CLOSED;
+    case E_SYSCALL:
+        if (ossl.err_peek() == 0 || err_no != 0) {
+            ossl.err_clear();
+            if (ret < 0 && err_no != 0) {
+                *code = err_no;
+                return TLS_OS_ERROR;
+            }
+            return TLS_EOF;
+        }
+        break; /* the queue says why */
+    case E_SSL: {
+        /* OpenSSL 3 reports a missing close_notify this way; pyOpenSSL
+         * turns it back into SysCallError(-1). */
+        unsigned long e = ossl.err_peek();
+        if (e != 0 && ossl.eof_reason >= 0 && ossl.err_get_reason(e) == ossl.eof_reason) {
+            ossl.err_clear();
+            return TLS_EOF;
+        }
+        break;
+    }
+    }
+    *exc = tls_error_from_queue();
+    return TLS_FAILED;
+}
+
+static PyObject *os_error(PyObject *type, int code, const char *text) {
+    return PyObject_CallFunction(type, "is", code, text ? text : strerror(code));
+}
+
+/* One SSL_read into recv_buf, for dispatch. */
+enum { READ_WANT = -1, READ_SLOW = -2, READ_RESET = -3, READ_TLS_ERROR = -4, READ_PY_ERROR = -5 };
+static Py_ssize_t tls_read(PyObject *tls, void *ssl, Py_ssize_t bufsize, PyObject **exc) {
+    if (SLOT(tls, off_tls_closing) != Py_False) return 0; /* told to close: no SSL_read on a half-shut socket */
+    PyObject *lock = SLOT(tls, off_tls_lock);
+    int got = try_lock(lock);
+    if (got <= 0) return got < 0 ? READ_PY_ERROR : READ_SLOW; /* busy: the loop's Python path waits for it */
+    ossl.err_clear(); /* SSL_get_error is only right with an empty queue */
+    errno = 0;
+    int n = ossl.read(ssl, recv_buf, (int)bufsize);
+    int err_no = errno, code = 0;
+    int kind = n > 0 ? TLS_WANT : tls_failure(ssl, n, err_no, &code, exc);
+    if (unlock(lock) < 0) {
+        if (n <= 0 && kind == TLS_FAILED) Py_XDECREF(*exc);
+        return READ_PY_ERROR;
+    }
+    if (n > 0) return n;
+    if (kind == TLS_WANT) return READ_WANT;
+    if (kind == TLS_CLOSED) return 0;
+    set_slot(tls, off_tls_notified, Py_True); /* a broken session gets no close_notify */
+    if (kind == TLS_EOF) return 0;
+    if (kind == TLS_OS_ERROR) {
+        *exc = os_error(PyExc_ConnectionResetError, code, NULL);
+        return *exc ? READ_RESET : READ_PY_ERROR;
+    }
+    return *exc ? READ_TLS_ERROR : READ_PY_ERROR;
+}
+
+/* Whether OpenSSL holds decrypted bytes epoll cannot see: 1, 0, READ_SLOW if
+ * another thread is in the session (let the loop read again), or READ_PY_ERROR. */
+static int tls_has_pending(PyObject *tls, void *ssl) {
+    PyObject *lock = SLOT(tls, off_tls_lock);
+    int got = try_lock(lock);
+    if (got <= 0) return got < 0 ? READ_PY_ERROR : READ_SLOW;
+    int pending = ossl.pending(ssl) > 0;
+    return unlock(lock) < 0 ? READ_PY_ERROR : pending;
 }
 
 static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
@@ -208,22 +369,37 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
             if (PyErr_Occurred()) return NULL;
             goto slow;
         }
-        if (!is_conn(conn) || SLOT(conn, off_setup) != Py_False ||
-            SLOT(conn, off_close_reason) != Py_None || SLOT(conn, off_tls) != Py_None)
+        if (!is_conn(conn) || SLOT(conn, off_setup) != Py_False || SLOT(conn, off_close_reason) != Py_None)
             goto slow;
-        int fd = slot_fd(conn);
-        if (fd < 0) goto slow;
-        ssize_t got;
-        do {
-            got = recv(fd, recv_buf, (size_t)bufsize, MSG_DONTWAIT);
-        } while (got < 0 && errno == EINTR);
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) continue;
-            PyErr_SetFromErrno(PyExc_OSError);
-            PyObject *exc = take_exception();
-            PyObject *result = outcome(i, RECV_ERROR, exc);
-            Py_DECREF(exc);
-            return result;
+        PyObject *tls = SLOT(conn, off_tls); /* borrowed; held across the handler below */
+        void *ssl = NULL;
+        Py_ssize_t got;
+        if (tls == Py_None) {
+            int fd = slot_fd(conn);
+            if (fd < 0) goto slow;
+            do {
+                got = recv(fd, recv_buf, (size_t)bufsize, MSG_DONTWAIT);
+            } while (got < 0 && errno == EINTR);
+            if (got < 0) {
+                if (errno == EAGAIN || errno == EWOULDBLOCK) continue;
+                PyErr_SetFromErrno(PyExc_OSError);
+                PyObject *exc = take_exception();
+                PyObject *result = outcome(i, RECV_ERROR, exc);
+                Py_DECREF(exc);
+                return result;
+            }
+        } else {
+            if ((ssl = tls_session(tls)) == NULL) goto slow;
+            PyObject *exc = NULL;
+            got = tls_read(tls, ssl, bufsize, &exc);
+            if (got < 0) {
+                if (got == READ_WANT) continue;
+                if (got == READ_SLOW) goto slow;
+                if (got == READ_PY_ERROR) return NULL;
+                PyObject *result = outcome(i, got == READ_RESET ? RECV_ERROR : TLS_ERROR, exc);
+                Py_DECREF(exc);
+                return result;
+            }
         }
         set_slot(conn, off_last_read, now);
         if (got == 0) return outcome(i, FINISH, str_eof);
@@ -233,6 +409,7 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         /* The call protocol of io_loop: push, call, pop; an empty list at
          * the pop means the monitor handed this call off. */
         Py_INCREF(conn); /* the handler may close it and the loop forget it */
+        Py_INCREF(tls);
         if (calls != Py_None) {
             PyObject *gen = PyObject_GetAttr(loop, str_gen);
             if (gen == NULL) goto fail;
@@ -265,8 +442,9 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         if (calls != Py_None) {
             Py_ssize_t depth = PyList_GET_SIZE(calls);
             if (depth == 0) {
-                raise_handed_off(loop, conn, exc);
+                raise_handed_off(loop, conn, exc, tls);
                 Py_XDECREF(exc);
+                Py_DECREF(tls);
                 Py_DECREF(conn);
                 return NULL;
             }
@@ -278,15 +456,26 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         if (exc != NULL) {
             PyObject *result = outcome(i, HANDLER_ERROR, exc);
             Py_DECREF(exc);
+            Py_DECREF(tls);
             Py_DECREF(conn);
             return result;
         }
         int closing = SLOT(conn, off_close_reason) != Py_None;
+        int more = 0;
+        if (!closing && tls != Py_None && SLOT(conn, off_tls) == tls) {
+            /* OpenSSL may hold decrypted bytes epoll cannot see: read this event again. */
+            more = tls_has_pending(tls, ssl);
+        }
+        Py_DECREF(tls);
         Py_DECREF(conn);
         if (closing) return outcome(i, FINISH, str_error);
+        if (more == READ_PY_ERROR) return NULL;
+        if (more == READ_SLOW) goto slow; /* the loop reads it again, waiting for the session's lock */
+        if (more) i--;
         continue;
     fail:
         Py_XDECREF(data);
+        Py_DECREF(tls);
         Py_DECREF(conn);
         return NULL;
     slow:
@@ -384,11 +573,83 @@ static PyObject *send_slow(PyObject *self, PyObject *data) {
     return PyObject_VectorcallMethod(str_send_bytes_py, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
 }
 
+/* What the kernel did not take: the Python path's _send_later(data, sent), lock held. */
+static PyObject *send_later(PyObject *self, PyObject *data, Py_ssize_t sent) {
+    PyObject *sent_obj = PyLong_FromSsize_t(sent);
+    if (sent_obj == NULL) return NULL;
+    PyObject *argv[3] = {self, data, sent_obj};
+    PyObject *r = PyObject_VectorcallMethod(str_send_later, argv, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(sent_obj);
+    return r;
+}
+
+/* conn.<method>(exc), which closes the connection and raises. */
+static PyObject *send_failed(PyObject *self, PyObject *method, PyObject *exc) {
+    if (exc == NULL) return NULL;
+    PyObject *argv[2] = {self, exc};
+    PyObject *r = PyObject_VectorcallMethod(method, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(exc);
+    return r;
+}
+
+static PyObject *send_plain(PyObject *self, PyObject *data, int fd) {
+    /* _wr_closed is set before the descriptor is closed (Connection._finish
+     * closes it holding the send lock): fd is still this socket's. */
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    ssize_t sent;
+    do {
+        sent = send(fd, PyBytes_AS_STRING(data), (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    if (sent == len) return add_to_slot(self, off_bytes_out, len) == 0 ? Py_NewRef(Py_None) : NULL;
+    if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return send_failed(self, str_send_failed, take_exception());
+    }
+    /* The kernel took part, or none: the rest waits, in order, as the
+     * Python path would have it wait. */
+    return send_later(self, data, sent < 0 ? 0 : sent);
+}
+
+/* One SSL_write of the first WRITE_CHUNK bytes, as LoopConnection's
+ * _send_now does; the rest goes to _send_later. Returns Py_None (a new
+ * reference) for "done", NULL on an error, or Py_Ellipsis (borrowed) when
+ * another thread is in the session and the Python method must wait for it. */
+static PyObject *send_tls(PyObject *self, PyObject *tls, void *ssl, PyObject *data) {
+    PyObject *lock = SLOT(tls, off_tls_lock);
+    int got = try_lock(lock);
+    if (got <= 0) return got < 0 ? NULL : Py_Ellipsis;
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    int chunk = len < ossl.write_chunk ? (int)len : ossl.write_chunk;
+    ossl.err_clear();
+    errno = 0;
+    int n = ossl.write(ssl, PyBytes_AS_STRING(data), chunk);
+    int err_no = errno, code = 0;
+    PyObject *exc = NULL;
+    int kind = n > 0 ? TLS_WANT : tls_failure(ssl, n, err_no, &code, &exc);
+    if (unlock(lock) < 0) {
+        Py_XDECREF(exc);
+        return NULL;
+    }
+    if (n == len) return add_to_slot(self, off_bytes_out, len) == 0 ? Py_NewRef(Py_None) : NULL;
+    if (n > 0 || kind == TLS_WANT) return send_later(self, data, n > 0 ? n : 0);
+    switch (kind) {
+    case TLS_CLOSED:
+        return send_failed(self, str_send_failed, os_error(PyExc_BrokenPipeError, EPIPE, "peer closed the TLS session"));
+    case TLS_EOF:
+        return send_failed(self, str_send_failed, os_error(PyExc_ConnectionResetError, EPIPE, NULL));
+    case TLS_OS_ERROR:
+        return send_failed(self, str_send_failed, os_error(PyExc_ConnectionResetError, code, NULL));
+    default:
+        return send_failed(self, str_tls_send_failed, exc);
+    }
+}
+
 static PyObject *send_bytes(PyObject *self, PyObject *data) {
     if (!PyBytes_CheckExact(data)) return send_slow(self, data);
     PyObject *lock = SLOT(self, off_send_lock);
-    if (lock == NULL || Py_TYPE(lock) != lock_type || SLOT(self, off_tls) != Py_None)
-        return send_slow(self, data); /* TLS: no need to try the lock first (checked again under it) */
+    PyObject *tls = SLOT(self, off_tls);
+    if (lock == NULL || Py_TYPE(lock) != lock_type || (tls != Py_None && tls_session(tls) == NULL))
+        return send_slow(self, data); /* a TLS session only Python can drive: no need to try the lock */
     Py_INCREF(lock); /* _send_later runs Python code: keep the lock we took alive */
     int got = try_lock(lock);
     if (got <= 0) {
@@ -397,48 +658,35 @@ static PyObject *send_bytes(PyObject *self, PyObject *data) {
     }
     PyObject *r = NULL;
     PyObject *out = SLOT(self, off_out);
-    int fd = slot_fd(self);
-    if (SLOT(self, off_wr_closed) != Py_False || SLOT(self, off_tls) != Py_None || out == NULL ||
-        (out != Py_None && (!PyByteArray_CheckExact(out) || PyByteArray_GET_SIZE(out) > 0)) || fd < 0) {
-        /* Closed, TLS, or a queue to join: the Python method decides. */
+    tls = SLOT(self, off_tls); /* again, under the lock start_tls() holds */
+    void *ssl = tls == Py_None ? NULL : tls_session(tls);
+    int fd = tls == Py_None ? slot_fd(self) : 0;
+    if (SLOT(self, off_wr_closed) != Py_False || out == NULL ||
+        (out != Py_None && (!PyByteArray_CheckExact(out) || PyByteArray_GET_SIZE(out) > 0)) || fd < 0 ||
+        (tls != Py_None && ssl == NULL)) {
+        /* Closed, or a queue to join: the Python method decides. */
         if (unlock(lock) == 0) r = send_slow(self, data);
         Py_DECREF(lock);
         return r;
     }
-    /* _wr_closed is set before the descriptor is closed (Connection._finish
-     * closes it holding this lock): fd is still this socket's. */
-    Py_ssize_t len = PyBytes_GET_SIZE(data);
-    ssize_t sent;
-    do {
-        sent = send(fd, PyBytes_AS_STRING(data), (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
-    } while (sent < 0 && errno == EINTR);
-    if (sent == len) {
-        if (add_to_slot(self, off_bytes_out, len) == 0) r = Py_NewRef(Py_None);
-    } else if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        PyObject *exc = take_exception();
-        PyObject *argv[2] = {self, exc};
-        r = PyObject_VectorcallMethod(str_send_failed, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        Py_DECREF(exc); /* _send_failed raises */
+    if (tls == Py_None) {
+        r = send_plain(self, data, fd);
     } else {
-        /* The kernel took part, or none: the rest waits, in order, as the
-         * Python path would have it wait (_send_later), lock held. */
-        PyObject *sent_obj = PyLong_FromSsize_t(sent < 0 ? 0 : sent);
-        if (sent_obj != NULL) {
-            PyObject *argv[3] = {self, data, sent_obj};
-            r = PyObject_VectorcallMethod(str_send_later, argv, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-            Py_DECREF(sent_obj);
-        }
+        Py_INCREF(tls);
+        r = send_tls(self, tls, ssl, data);
+        Py_DECREF(tls);
     }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     if (unlock(lock) < 0) {
-        Py_CLEAR(r);
+        if (r != Py_Ellipsis) Py_CLEAR(r);
+        r = NULL;
         Py_XDECREF(type);
         Py_XDECREF(value);
         Py_XDECREF(tb);
     } else {
         PyErr_Restore(type, value, tb);
+        if (r == Py_Ellipsis) r = send_slow(self, data); /* the session is busy: the Python method waits */
     }
     Py_DECREF(lock);
     return r;
@@ -504,6 +752,62 @@ static PyObject *wait_events(PyObject *mod, PyObject *const *args, Py_ssize_t na
     return list;
 }
 
+/* configure_tls(TLSTransport, TLSError, functions, eof_reason, write_chunk):
+ * functions are the addresses of SSL_read, SSL_write, SSL_get_error,
+ * SSL_pending, ERR_get_error, ERR_peek_error, ERR_clear_error,
+ * ERR_reason_error_string and ERR_GET_REASON in the OpenSSL pyOpenSSL uses
+ * (netpool/tls.py takes them from its cffi library). Once. */
+static PyObject *configure_tls(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5 || !PyType_Check(args[0]) || !PyType_Check(args[1]) || !PyTuple_CheckExact(args[2]) ||
+        PyTuple_GET_SIZE(args[2]) != 9) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure_tls(transport_class, error_class, (9 function addresses), eof_reason, write_chunk)");
+        return NULL;
+    }
+    if (tls_type != NULL) {
+        if ((PyObject *)tls_type == args[0]) Py_RETURN_NONE;
+        PyErr_SetString(PyExc_RuntimeError, "configure_tls() was already called with another class");
+        return NULL;
+    }
+    void *fn[9];
+    for (int k = 0; k < 9; k++) {
+        fn[k] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(args[2], k));
+        if (fn[k] == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "configure_tls(): a function address is 0");
+            return NULL;
+        }
+    }
+    long eof_reason = PyLong_AsLong(args[3]), write_chunk = PyLong_AsLong(args[4]);
+    if ((eof_reason == -1 || write_chunk == -1) && PyErr_Occurred()) return NULL;
+    if (write_chunk < 1 || write_chunk > INT_MAX || eof_reason < -1 || eof_reason > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "configure_tls(): bad eof_reason or write_chunk");
+        return NULL;
+    }
+    Py_ssize_t ptr, lock, closing, notified;
+    if (slot_offset(args[0], "_ssl_ptr", &ptr) || slot_offset(args[0], "_lock", &lock) ||
+        slot_offset(args[0], "closing", &closing) || slot_offset(args[0], "_notified", &notified))
+        return NULL;
+    ossl.read = (int (*)(void *, void *, int))fn[0];
+    ossl.write = (int (*)(void *, const void *, int))fn[1];
+    ossl.get_error = (int (*)(const void *, int))fn[2];
+    ossl.pending = (int (*)(const void *))fn[3];
+    ossl.err_get = (unsigned long (*)(void))fn[4];
+    ossl.err_peek = (unsigned long (*)(void))fn[5];
+    ossl.err_clear = (void (*)(void))fn[6];
+    ossl.err_reason_string = (const char *(*)(unsigned long))fn[7];
+    ossl.err_get_reason = (int (*)(unsigned long))fn[8];
+    ossl.eof_reason = (int)eof_reason;
+    ossl.write_chunk = (int)write_chunk;
+    off_tls_ptr = ptr, off_tls_lock = lock, off_tls_closing = closing, off_tls_notified = notified;
+    tls_error_type = Py_NewRef(args[1]);
+    tls_type = (PyTypeObject *)Py_NewRef(args[0]); /* last: the C path serves TLS from here on */
+    Py_RETURN_NONE;
+}
+
+static PyObject *tls_configured(PyObject *mod, PyObject *unused) {
+    return PyBool_FromLong(tls_type != NULL);
+}
+
 static PyMethodDef methods[] = {
     {"epoll_wait", (PyCFunction)(void (*)(void))wait_events, METH_FASTCALL,
      "epoll_wait(epfd, timeout) -> [(fd, events), ...]; what select.epoll.poll returns."},
@@ -511,6 +815,9 @@ static PyMethodDef methods[] = {
     {"dispatch", (PyCFunction)(void (*)(void))dispatch, METH_FASTCALL,
      "Serve the plain reads in events[start:]; see netpool.hot_path.dispatch."},
     {"send_method", send_method, METH_O, "A send_bytes method descriptor for the given connection class."},
+    {"configure_tls", (PyCFunction)(void (*)(void))configure_tls, METH_FASTCALL,
+     "Give the C path OpenSSL's entry points, so it serves TLS sessions too; call once."},
+    {"tls_configured", tls_configured, METH_NOARGS, "Whether configure_tls() has been called."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -538,9 +845,11 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     lock_direct = check_lock_layout(allocate_lock);
     Py_DECREF(allocate_lock);
     if (lock_direct < 0) return NULL;
-    kw_error = PyTuple_Pack(1, str_error);
+    str_tls = PyUnicode_InternFromString("tls");
+    str_tls_send_failed = PyUnicode_InternFromString("_tls_send_failed");
+    kw_error_tls = str_tls ? PyTuple_Pack(2, str_error, str_tls) : NULL;
     one = PyLong_FromLong(1);
-    if (kw_error == NULL || one == NULL) return NULL;
+    if (kw_error_tls == NULL || str_tls_send_failed == NULL || one == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddIntConstant(m, "RECV_MAX", RECV_MAX) < 0 ||
                       PyModule_AddIntConstant(m, "LOCK_DIRECT", lock_direct) < 0))

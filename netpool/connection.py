@@ -320,15 +320,14 @@ class Connection:
             except OSError as exc:
                 self._send_failed(exc)
 
-    def _send_tls(self, data: bytes) -> None:
+    def _send_tls(self, data: "bytes | memoryview") -> None:
         assert self._tls is not None
         try:
             self._tls.sendall(data, time.monotonic() + self._send_timeout)
         except TimeoutError:
             raise self._send_timed_out() from None
         except TLSError as exc:
-            self._request_close("tls_error", socket.SHUT_RDWR)
-            raise ConnectionClosed(f"connection {self.id} is closed (tls_error): {exc}") from None
+            self._tls_send_failed(exc)
         except OSError as exc:
             self._send_failed(exc)
 
@@ -338,6 +337,10 @@ class Connection:
             f"connection {self.id}: peer {self.peer!r} did not take the data within "
             f"{self._send_timeout:g} s (send_timeout); closed"
         )
+
+    def _tls_send_failed(self, exc: TLSError) -> None:
+        self._request_close("tls_error", socket.SHUT_RDWR)
+        raise ConnectionClosed(f"connection {self.id} is closed (tls_error): {exc}") from None
 
     def _send_failed(self, exc: OSError) -> None:
         reason = self.close_reason

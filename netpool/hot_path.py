@@ -11,9 +11,12 @@ thread keep up with uvloop. Set ``NETPOOL_PURE_PYTHON=1`` to use the Python
 version anyway (to compare, or to rule the C out).
 
 ``dispatch`` serves a run of epoll events that are plain reads: no PROXY
-header or TLS handshake pending, no TLS, not closing, nothing to flush. It
-stops at the first event that needs the loop's full path and says which,
-so events are still served strictly in order.
+header or TLS handshake pending, not closing, nothing to flush. It stops at
+the first event that needs the loop's full path and says which, so events
+are still served strictly in order. Reads of an established TLS session are
+plain reads too: the C version calls OpenSSL's ``SSL_read`` and
+``SSL_write`` itself once ``netpool.tls`` has handed it their addresses
+(``install_tls``), under the same per-session lock as ``tls.TLSTransport``.
 """
 
 from __future__ import annotations
@@ -23,12 +26,16 @@ import os
 import select
 from typing import Any, Callable, Optional, Union
 
-__all__ = ["dispatch", "install", "use_speedups", "speedups_active", "FINISH", "RECV_ERROR", "HANDLER_ERROR"]
+from .errors import TLSError
+
+__all__ = ["dispatch", "install", "install_tls", "use_speedups", "speedups_active", "tls_speedups_ready",
+           "FINISH", "RECV_ERROR", "HANDLER_ERROR", "TLS_ERROR"]
 
 # What (index, kind, value) from dispatch() asks the loop to do with that
 # event's connection: finish it for the reason ``value``, finish it for a
-# receive error ``value`` (an OSError), or for the handler's exception.
-FINISH, RECV_ERROR, HANDLER_ERROR = 0, 1, 2
+# receive error ``value`` (an OSError), for the handler's exception, or for
+# a broken TLS session (a TLSError).
+FINISH, RECV_ERROR, HANDLER_ERROR, TLS_ERROR = 0, 1, 2, 3
 
 Outcome = Union[int, tuple[int, int, Any]]
 
@@ -57,15 +64,24 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
         if ev & _EPOLLOUT:
             return i
         conn = conns.get(fd)
-        if conn is None or conn._setup or conn.close_reason is not None or conn._tls is not None:
+        if conn is None or conn._setup or conn.close_reason is not None:
             return i
+        tls = conn._tls
         try:
-            data = conn._sock.recv(bufsize)  # non-blocking: the loop set it so
+            if tls is None:
+                data = conn._sock.recv(bufsize)  # non-blocking: the loop set it so
+            else:
+                data = tls.recv_nowait(bufsize)
+                if data is None:  # part of a record, or the session must write first
+                    i += 1
+                    continue
         except BlockingIOError:
             i += 1
             continue
         except OSError as exc:
             return i, RECV_ERROR, exc
+        except TLSError as exc:
+            return i, TLS_ERROR, exc
         conn._last_read = now
         if not data:
             return i, FINISH, "eof"
@@ -84,7 +100,7 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
                 try:
                     calls.pop()
                 except IndexError:
-                    raise loop._handed_off(conn, error=exc) from None
+                    raise loop._handed_off(conn, error=exc, tls=tls) from None
                 return i, HANDLER_ERROR, exc
             except BaseException:  # KeyboardInterrupt and such end the loop: nothing to hand off
                 if calls:
@@ -93,9 +109,11 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
             try:
                 calls.pop()
             except IndexError:
-                raise loop._handed_off(conn) from None
+                raise loop._handed_off(conn, tls=tls) from None
         if conn.close_reason is not None:
             return i, FINISH, "error"
+        if tls is not None and conn._tls is tls and tls.pending():
+            continue  # OpenSSL holds decrypted bytes epoll cannot see: read this event again
         i += 1
     return n
 
@@ -145,6 +163,24 @@ def use_speedups(on: bool) -> bool:
         if cls.__dict__.get("_raw_send"):
             cls.send = cls.send_bytes
     return on
+
+
+def install_tls(transport: type, functions: Optional[tuple[int, ...]], eof_reason: int, write_chunk: int) -> bool:
+    """Let the C version serve ``transport`` sessions (tls.TLSTransport); returns whether it will.
+
+    ``functions`` are the addresses of OpenSSL's functions in the library
+    pyOpenSSL uses (see ``tls._openssl_functions``), or None where they could
+    not be found: then TLS takes the Python path, which does the same.
+    """
+    if _speedups is None or functions is None:
+        return False
+    _speedups.configure_tls(transport, TLSError, functions, eof_reason, write_chunk)
+    return True
+
+
+def tls_speedups_ready() -> bool:
+    """Whether the C version, when active, serves TLS sessions too."""
+    return _speedups is not None and _speedups.tls_configured()
 
 
 def poller(ep: "select.epoll") -> Callable[[float], list]:

@@ -167,8 +167,8 @@ class LoopConnection(Connection):
         try:
             return self._tls.send_nowait(view)
         except TLSError as exc:
-            self._request_close("tls_error", socket.SHUT_RDWR)
-            raise ConnectionClosed(f"connection {self.id} is closed (tls_error): {exc}") from None
+            self._tls_send_failed(exc)
+            raise  # unreachable: _tls_send_failed raises
         except OSError as exc:
             self._send_failed(exc)
             raise  # unreachable: _send_failed raises
@@ -233,8 +233,12 @@ class ThreadedLoopConnection(LoopConnection):
     send_bytes = Connection.send_bytes
 
     def _send_later(self, data: bytes, sent: int) -> None:
-        # What the kernel did not take at once: wait for the peer (lock held).
-        self._send_rest(data, sent)
+        # What the kernel (or, for TLS, SSL_write) did not take at once: wait
+        # for the peer (lock held). Only the C send comes here with TLS.
+        if self._tls is None:
+            self._send_rest(data, sent)
+        else:
+            self._send_tls(memoryview(data)[sent:])
         self.bytes_out += len(data)
 
     def _about_to_wait(self) -> None:
@@ -381,10 +385,10 @@ class IOLoop:
     def _serve(self) -> None:
         listener = self.listener
         handler = listener._handler
-        # Raw framing without implicit TLS: reads may take the hot path (a
-        # STARTTLS connection leaves it when it upgrades). Otherwise every
-        # event needs the full path, and asking dispatch first only costs.
-        plain = listener._raw_framing and not listener._tls_implicit
+        # Raw framing, over TLS or not: reads may take the hot path. Other
+        # framers need the full path for every event, and asking dispatch
+        # first would only cost.
+        plain = listener._raw_framing
         bufsize = self._bufsize
         conns = self._conns
         poll = hot_path.poller(self._ep)

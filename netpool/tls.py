@@ -25,6 +25,7 @@ from typing import Any, Optional
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
+from . import hot_path
 from .errors import TLSError, TLSHandshakeError, TLSHandshakeTimeout
 from .tls_config import TLSConfig, TLSInfo
 
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 OPENSSL_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+# Said when OpenSSL reports a failure with nothing in its error queue (the C
+# hot path says the same).
+NO_REASON = "OpenSSL gave no reason"
 
 # Largest plaintext handed to SSL_write at once: one TLS record holds 16 KiB,
 # and a few records per call keep the lock hold time short for other senders.
@@ -158,8 +163,11 @@ def _context_for(tls: TLSConfig, certfile: str, keyfile: Optional[str], password
 
 def _ssl_reason(exc: Exception) -> str:
     errors = exc.args[0] if exc.args else None
-    if isinstance(errors, list) and errors and isinstance(errors[0], tuple):
-        return "; ".join(str(e[-1]) for e in errors)
+    if isinstance(errors, list):
+        if not errors:
+            return NO_REASON
+        if isinstance(errors[0], tuple):
+            return "; ".join(str(e[-1]) for e in errors)
     return str(exc) or type(exc).__name__
 
 
@@ -272,11 +280,14 @@ def _session_reused(ssl_conn: SSL.Connection) -> bool:
 class TLSTransport:
     """recv/send over one SSL connection, safe for one reader plus many senders."""
 
-    __slots__ = ("_sock", "_ssl", "_lock", "_read_poll", "_write_poll", "_notified", "closing")
+    __slots__ = ("_sock", "_ssl", "_ssl_ptr", "_lock", "_read_poll", "_write_poll", "_notified", "closing")
 
     def __init__(self, sock: socket.socket, ssl_conn: SSL.Connection) -> None:
         self._sock = sock
         self._ssl = ssl_conn
+        # The session's SSL pointer, for the C hot path (0: Python only).
+        # The object stays alive with _ssl.
+        self._ssl_ptr = _session_address(ssl_conn) if _C_PATH else 0
         self._lock = threading.Lock()
         # One poll object per side: the reader and a sender may wait at once,
         # and one poll object refuses concurrent poll() calls.
@@ -393,3 +404,46 @@ class TLSTransport:
         if self._write_poll is None:
             self._write_poll = _poller(self._sock, select.POLLOUT)
         return self._write_poll
+
+
+# -- the C hot path -------------------------------------------------------------
+
+# What netpool._speedups calls directly, in this order (see configure_tls there).
+_C_FUNCTIONS = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_pending", "ERR_get_error", "ERR_peek_error",
+                "ERR_clear_error", "ERR_reason_error_string", "ERR_GET_REASON")
+
+
+_ffi: Any = None  # pyOpenSSL's cffi FFI, once _openssl_functions found what it needs
+
+
+def _openssl_functions() -> tuple[Optional[tuple[int, ...]], int]:
+    """Addresses of _C_FUNCTIONS in the OpenSSL pyOpenSSL uses, and OpenSSL's "EOF without close_notify" reason.
+
+    They come from cryptography's cffi library, which holds its own copy of
+    OpenSSL: the system's libssl would be another library with other
+    structures. (None, -1) when this pyOpenSSL or cryptography does not
+    expose them: TLS then takes the Python path.
+    """
+    global _ffi
+    try:
+        from cryptography.hazmat.bindings.openssl.binding import Binding
+
+        binding = Binding()
+        ffi, lib = binding.ffi, binding.lib
+        raw = lib.SSL_read.__self__  # the cffi Lib behind pyOpenSSL's wrapper module
+        addresses = tuple(int(ffi.cast("uintptr_t", ffi.addressof(raw, name))) for name in _C_FUNCTIONS)
+        eof_reason = lib.SSL_R_UNEXPECTED_EOF_WHILE_READING if lib.Cryptography_HAS_UNEXPECTED_EOF_WHILE_READING else -1
+        probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        if ffi.typeof(probe._ssl) is not ffi.typeof("SSL *"):  # pyOpenSSL keeps the session elsewhere now
+            return None, -1
+    except Exception:  # any other layout: stay in Python
+        return None, -1
+    _ffi = ffi
+    return addresses, eof_reason
+
+
+def _session_address(ssl_conn: SSL.Connection) -> int:
+    return int(_ffi.cast("uintptr_t", ssl_conn._ssl))
+
+
+_C_PATH = hot_path.install_tls(TLSTransport, *_openssl_functions(), WRITE_CHUNK)

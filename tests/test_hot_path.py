@@ -1,28 +1,32 @@
 """The hot path (netpool.hot_path): the C version and the Python version must behave alike.
 
-Every test runs once per version and once per I/O mode, against a real
-listener on loopback: what the loop reads, what the handler gets, what is
-sent back and in which order, the byte counters, and why a connection
-closed. The rest of the suite runs with whichever version is installed (C
+Every test runs once per version, once per I/O mode and (where the wire
+matters) once over plain TCP and once over TLS, against a real listener on
+loopback with the standard library's client: what the loop reads, what the
+handler gets, what is sent back and in which order, the byte counters, and
+why a connection closed. The rest of the suite runs with whichever version is installed (C
 where it compiled), so this module is where the Python version is held to
 the same behaviour.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import socket
+import ssl
 import struct
 import sysconfig
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
 import netpool
 from netpool import hot_path
 
+from .certs import TestCA
 from .conftest import DEADLINE, connect, recv_exactly, recv_until_closed, serving, wait_for
 
 pytestmark = pytest.mark.io_modes
@@ -41,6 +45,36 @@ def version(request: pytest.FixtureRequest) -> Iterator[str]:
         hot_path.use_speedups(before)
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    ca = TestCA(tmp_path_factory.mktemp("pki"))
+    return {"ca": ca, "server": ca.issue("localhost", hosts=("localhost", "127.0.0.1"))}
+
+
+class Wire:
+    """How the test talks to the listener: plain TCP, or TLS (a pyOpenSSL server, an ``ssl`` client)."""
+
+    def __init__(self, kind: str, pki: dict[str, Any]) -> None:
+        self.tls = kind == "tls"
+        self._pki = pki
+        self.context = ssl.create_default_context(cafile=str(pki["ca"].path))
+
+    def serving(self, **settings: Any) -> contextlib.AbstractContextManager[netpool.Listener]:
+        if self.tls:
+            server = self._pki["server"]
+            settings["ssl"] = {"certfile": str(server.cert), "keyfile": str(server.key)}
+        return serving(**settings)
+
+    def connect(self, listener: netpool.Listener) -> socket.socket:
+        sock = connect(listener)
+        return self.context.wrap_socket(sock, server_hostname="localhost") if self.tls else sock
+
+
+@pytest.fixture(params=["plain", "tls"])
+def wire(request: pytest.FixtureRequest, pki: dict[str, Any]) -> Wire:
+    return Wire(request.param, pki)
+
+
 def test_the_install_compiled_the_c_version_where_a_compiler_exists():
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
@@ -48,11 +82,11 @@ def test_the_install_compiled_the_c_version_where_a_compiler_exists():
     assert hot_path._speedups is not None, "pip install did not build netpool._speedups; see its build log"
 
 
-def test_echoes_many_clients_exactly_and_counts_every_byte(version):
+def test_echoes_many_clients_exactly_and_counts_every_byte(version, wire):
     assert hot_path.speedups_active() == (version == "c")
     sizes = [1, 7, 64, 1000, 3000, 16000]
-    with serving() as listener:
-        clients = [connect(listener) for _ in range(20)]
+    with wire.serving() as listener:
+        clients = [wire.connect(listener) for _ in range(20)]
         expected = 0
         try:
             for round_ in range(30):
@@ -78,8 +112,8 @@ def big_reply(message: bytes, conn: netpool.Connection) -> None:
         conn.send(bytes([letter]) * (1 << 20))
 
 
-def test_replies_larger_than_the_socket_buffer_arrive_whole_and_in_order(version):
-    with serving(handler=big_reply) as listener, connect(listener) as sock:
+def test_replies_larger_than_the_socket_buffer_arrive_whole_and_in_order(version, wire):
+    with wire.serving(handler=big_reply) as listener, wire.connect(listener) as sock:
         for letter in b"abc":
             sock.sendall(bytes([letter]))
         for letter in b"abc":
@@ -87,7 +121,7 @@ def test_replies_larger_than_the_socket_buffer_arrive_whole_and_in_order(version
         wait_for(lambda: listener.info().bytes_out == 3 << 20, what="3 MiB counted out")
 
 
-def test_sends_from_other_threads_never_interleave_with_the_handlers(version):
+def test_sends_from_other_threads_never_interleave_with_the_handlers(version, wire):
     # Four threads send fixed-size records while the handler echoes records
     # of the same size: every record must arrive intact, none cut into.
     record = 512
@@ -102,7 +136,7 @@ def test_sends_from_other_threads_never_interleave_with_the_handlers(version):
         for i in range(300):
             conns[0].send(struct.pack("!II", k, i).ljust(record, b"t"))
 
-    with serving(on_connect=on_connect) as listener, connect(listener) as sock:
+    with wire.serving(on_connect=on_connect) as listener, wire.connect(listener) as sock:
         assert started.wait(DEADLINE)
         senders = [threading.Thread(target=blast, args=(k,)) for k in range(4)]
         for thread in senders:
@@ -132,8 +166,9 @@ def raise_on_boom(message: bytes, conn: netpool.Connection) -> None:
     conn.send(message)
 
 
-def test_a_handler_that_raises_closes_only_its_connection_and_logs_why(version, caplog):
-    with serving(handler=raise_on_boom) as listener, connect(listener) as bad, connect(listener) as good:
+def test_a_handler_that_raises_closes_only_its_connection_and_logs_why(version, wire, caplog):
+    with wire.serving(handler=raise_on_boom) as listener, \
+            wire.connect(listener) as bad, wire.connect(listener) as good:
         good.sendall(b"before")
         assert recv_exactly(good, 6) == b"before"
         with caplog.at_level(logging.ERROR, logger="netpool"):
@@ -154,8 +189,8 @@ def close_on_bye(message: bytes, conn: netpool.Connection) -> None:
         conn.close()
 
 
-def test_close_in_the_handler_sends_the_reply_first_then_ends_the_connection(version):
-    with serving(handler=close_on_bye) as listener, connect(listener) as sock:
+def test_close_in_the_handler_sends_the_reply_first_then_ends_the_connection(version, wire):
+    with wire.serving(handler=close_on_bye) as listener, wire.connect(listener) as sock:
         sock.sendall(b"hello")
         assert recv_exactly(sock, 5) == b"hello"
         sock.sendall(b"bye")
@@ -164,19 +199,25 @@ def test_close_in_the_handler_sends_the_reply_first_then_ends_the_connection(ver
         assert listener.info().closed_by_reason == {"closed": 1}
 
 
-def test_a_reset_and_an_orderly_close_are_told_apart(version):
-    with serving() as listener:
-        with connect(listener) as sock:
+def test_a_reset_and_an_orderly_close_are_told_apart(version, wire):
+    with wire.serving() as listener:
+        with wire.connect(listener) as sock:  # a FIN (over TLS: without close_notify, as browsers do)
             sock.sendall(b"x")
             assert recv_exactly(sock, 1) == b"x"
-        rude = connect(listener)
+        expected = {"eof": 1, "reset": 1}
+        if wire.tls:
+            polite = wire.connect(listener)
+            polite.sendall(b"z")
+            assert recv_exactly(polite, 1) == b"z"
+            polite.unwrap().close()  # close_notify, then the FIN
+            expected["eof"] += 1
+        rude = wire.connect(listener)
         rude.sendall(b"y")
         assert recv_exactly(rude, 1) == b"y"
         rude.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         rude.close()  # RST instead of FIN
-        wait_for(lambda: listener.info().closed == 2, what="both connections to close")
-        assert listener.info().closed_by_reason == {"eof": 1, "reset": 1}
-
+        wait_for(lambda: listener.info().closed == sum(expected.values()), what="every connection to close")
+        assert listener.info().closed_by_reason == expected
 
 def send_buffers(message: bytes, conn: netpool.Connection) -> None:
     # Not bytes: the C send leaves these to the Python path.
@@ -184,15 +225,15 @@ def send_buffers(message: bytes, conn: netpool.Connection) -> None:
     conn.send(memoryview(message.upper()))
 
 
-def test_bytearray_and_memoryview_replies_go_out_too(version):
-    with serving(handler=send_buffers) as listener, connect(listener) as sock:
+def test_bytearray_and_memoryview_replies_go_out_too(version, wire):
+    with wire.serving(handler=send_buffers) as listener, wire.connect(listener) as sock:
         sock.sendall(b"abc")
         assert recv_exactly(sock, 6) == b"abcABC"
         # Counted just after the send() that the client may already have read.
         wait_for(lambda: listener.info().bytes_out == 6, what="6 bytes counted out")
 
 
-def test_a_handler_that_blocks_is_handed_off_and_the_rest_go_on(version, io_mode):
+def test_a_handler_that_blocks_is_handed_off_and_the_rest_go_on(version, wire, io_mode):
     if io_mode != "threads":
         pytest.skip("hand-off is thread mode's")
     release = threading.Event()
@@ -202,7 +243,8 @@ def test_a_handler_that_blocks_is_handed_off_and_the_rest_go_on(version, io_mode
             release.wait(DEADLINE)
         conn.send(message)
 
-    with serving(handler=slow_on_wait) as listener, connect(listener) as slow, connect(listener) as fast:
+    with wire.serving(handler=slow_on_wait) as listener, \
+            wire.connect(listener) as slow, wire.connect(listener) as fast:
         slow.sendall(b"wait")
         wait_for(lambda: listener.info().handoffs == 1, what="the blocked call to be handed off")
         fast.sendall(b"quick")
@@ -213,11 +255,11 @@ def test_a_handler_that_blocks_is_handed_off_and_the_rest_go_on(version, io_mode
         assert recv_exactly(slow, 5) == b"again"
 
 
-def test_a_send_waits_while_another_thread_holds_the_send_lock(version):
+def test_a_send_waits_while_another_thread_holds_the_send_lock(version, wire):
     # The C send must not slip past a sender that holds the lock (a worker
     # thread in the middle of a long send): the reply waits for its turn.
     conns: list[netpool.Connection] = []
-    with serving(on_connect=conns.append) as listener, connect(listener) as sock:
+    with wire.serving(on_connect=conns.append) as listener, wire.connect(listener) as sock:
         wait_for(lambda: conns, what="on_connect")
         lock = conns[0]._send_lock
         assert lock.acquire(timeout=DEADLINE)
@@ -230,6 +272,137 @@ def test_a_send_waits_while_another_thread_holds_the_send_lock(version):
             lock.release()
         sock.settimeout(DEADLINE)
         assert recv_exactly(sock, 4) == b"held"
+
+
+class RecordClient:
+    """A TLS client over memory BIOs (``ssl.SSLObject``): the test decides how records meet TCP segments."""
+
+    def __init__(self, listener: netpool.Listener, context: ssl.SSLContext) -> None:
+        self.sock = connect(listener)
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self._in, self._out, server_hostname="localhost")
+        for _ in range(20):  # a handshake is a few round trips
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._send_pending()
+                self._receive()
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        out = self._out.read()
+        if out:
+            self.sock.sendall(out)
+
+    def _receive(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise AssertionError("the server closed the connection")
+        self._in.write(data)
+
+    def records(self, *payloads: bytes) -> bytes:
+        """The wire bytes of one TLS record per payload, not sent."""
+        for payload in payloads:
+            self.tls.write(payload)
+        return self._out.read()
+
+    def read(self, n: int) -> bytes:
+        got = bytearray()
+        while len(got) < n:
+            try:
+                got += self.tls.read(n - len(got))
+            except ssl.SSLWantReadError:
+                self._receive()
+        return bytes(got)
+
+
+def recording(seen: list[bytes]) -> Any:
+    def handler(message: bytes, conn: netpool.Connection) -> None:
+        seen.append(message)
+        conn.send(message)
+
+    return handler
+
+
+def test_tls_records_cut_across_segments_or_packed_in_one_are_each_served(version, pki):
+    # Half a record: SSL_read wants more and nothing is delivered. Three
+    # records in one segment: each is read in turn (epoll says readable
+    # again for what OpenSSL left in the socket).
+    seen: list[bytes] = []
+    wire = Wire("tls", pki)
+    with wire.serving(handler=recording(seen)) as listener:
+        client = RecordClient(listener, wire.context)
+        client.sock.sendall(client.records(b"zero"))  # a round trip: session tickets are read by now
+        assert client.read(4) == b"zero"
+        record = client.records(b"one")
+        client.sock.sendall(record[:7])
+        client.sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            client.sock.recv(1)  # nothing comes back for half a record
+        client.sock.settimeout(DEADLINE)
+        client.sock.sendall(record[7:])
+        assert client.read(3) == b"one"
+        client.sock.sendall(client.records(b"two", b"three", b"four"))
+        assert client.read(12) == b"twothreefour"
+        client.sock.close()
+        wait_for(lambda: listener.info().closed == 1, what="the connection to close")
+        info = listener.info()
+    assert seen == [b"zero", b"one", b"two", b"three", b"four"]
+    assert (info.bytes_in, info.bytes_out) == (19, 19)
+
+
+def test_a_tls_record_larger_than_a_message_is_read_in_message_sized_pieces(version, pki):
+    # With max_message_size=1000 a read takes 1,000 bytes of a 5,000-byte
+    # record; the other 4,000 wait inside OpenSSL where epoll cannot see them.
+    seen: list[bytes] = []
+    wire = Wire("tls", pki)
+    with wire.serving(handler=recording(seen), max_message_size=1000) as listener:
+        client = RecordClient(listener, wire.context)
+        payload = bytes(range(250)) * 20
+        client.sock.sendall(client.records(payload))
+        assert client.read(5000) == payload
+    assert [len(m) for m in seen] == [1000] * 5
+
+
+def test_a_corrupt_tls_record_closes_only_its_connection_as_a_tls_error(version, pki, caplog):
+    wire = Wire("tls", pki)
+    with wire.serving() as listener, wire.connect(listener) as good:
+        bad = RecordClient(listener, wire.context)
+        bad.sock.sendall(bad.records(b"fine"))
+        assert bad.read(4) == b"fine"
+        forged = bytearray(bad.records(b"forged"))
+        forged[-1] ^= 0xFF  # the record no longer authenticates
+        with caplog.at_level(logging.WARNING, logger="netpool"):
+            bad.sock.sendall(bytes(forged))
+            assert recv_until_closed(bad.sock) != b"forged"
+            wait_for(lambda: listener.info().closed == 1, what="the forged record's connection to close")
+        good.sendall(b"still here")
+        assert recv_exactly(good, 10) == b"still here"
+        assert listener.info().closed_by_reason == {"tls_error": 1}
+    logged = [r.getMessage() for r in caplog.records if "tls_error" in r.getMessage()]
+    assert len(logged) == 1 and "TLS error: " in logged[0], logged
+    assert "bad record mac" in logged[0] or "decrypt" in logged[0], logged  # OpenSSL's own reason
+
+
+@pytest.mark.parametrize("version", ["c"], indirect=True)  # what the C version leaves out
+def test_the_c_version_serves_tls_without_the_python_transport(version, pki, monkeypatch):
+    # Over TLS the C path calls OpenSSL itself: the Python transport's recv
+    # and send are not used for an echo (they still are for the handshake
+    # and for what C leaves to Python, like bytearray sends).
+    from netpool.tls import TLSTransport
+
+    used: list[str] = []
+    for name in ("recv_nowait", "send_nowait", "sendall", "pending"):
+        original = getattr(TLSTransport, name)
+        monkeypatch.setattr(TLSTransport, name, lambda self, *a, _n=name, _f=original: used.append(_n) or _f(self, *a))
+    assert hot_path.tls_speedups_ready()
+    wire = Wire("tls", pki)
+    with wire.serving() as listener, wire.connect(listener) as sock:
+        for n in range(50):
+            sock.sendall(b"%d" % n)
+            assert recv_exactly(sock, len(b"%d" % n)) == b"%d" % n
+    assert used == []
 
 
 def test_the_c_epoll_wait_reports_what_select_epoll_reports():
