@@ -71,6 +71,7 @@ bench-instructions: bench-tools
 	@command -v valgrind >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq valgrind; }
 	$(BIN)/python bench/instructions.py $(BENCH_ARGS)
+	$(BIN)/python bench/instructions.py --tls $(BENCH_ARGS)
 
 # 10 minutes of mixed traffic against one listener, then a report (bench/soak-report.md).
 SOAK_ARGS ?=
