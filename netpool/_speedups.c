@@ -226,8 +226,9 @@ static void *tls_session(PyObject *tls) {
     return ssl;
 }
 
-/* What a failed SSL_read or SSL_write (ret <= 0) means, read as tls.py reads
- * the exception pyOpenSSL raises for it:
+/* What an SSL_read or SSL_write returned, read as tls.py reads the exception
+ * pyOpenSSL raises for it:
+ *   TLS_OK        ret > 0: bytes moved (not from tls_failure)
  *   TLS_WANT      WantReadError or WantWriteError: try again later
  *   TLS_CLOSED    ZeroReturnError: the peer's close_notify
  *   TLS_EOF       SysCallError(-1): the stream ended without close_notify
@@ -235,7 +236,7 @@ static void *tls_session(PyObject *tls) {
  *   TLS_FAILED    any other SSL.Error: *exc is the TLSError (NULL and an
  *                 exception set if it could not be made)
  * The error queue is left empty, as pyOpenSSL leaves it. */
-enum { TLS_WANT, TLS_CLOSED, TLS_EOF, TLS_OS_ERROR, TLS_FAILED };
+enum { TLS_OK, TLS_WANT, TLS_CLOSED, TLS_EOF, TLS_OS_ERROR, TLS_FAILED };
 
 /* Said when OpenSSL failed without a reason in its queue (tls._ssl_reason says the same). */
 #define NO_REASON "OpenSSL gave no reason"
@@ -312,12 +313,12 @@ static Py_ssize_t tls_read(PyObject *tls, void *ssl, Py_ssize_t bufsize, PyObjec
     errno = 0;
     int n = ossl.read(ssl, recv_buf, (int)bufsize);
     int err_no = errno, code = 0;
-    int kind = n > 0 ? TLS_WANT : tls_failure(ssl, n, err_no, &code, exc);
+    int kind = n > 0 ? TLS_OK : tls_failure(ssl, n, err_no, &code, exc);
     if (unlock(lock) < 0) {
-        if (n <= 0 && kind == TLS_FAILED) Py_XDECREF(*exc);
+        if (kind == TLS_FAILED) Py_XDECREF(*exc);
         return READ_PY_ERROR;
     }
-    if (n > 0) return n;
+    if (kind == TLS_OK) return n;
     if (kind == TLS_WANT) return READ_WANT;
     if (kind == TLS_CLOSED) return 0;
     set_slot(tls, off_tls_notified, Py_True); /* a broken session gets no close_notify */
@@ -625,13 +626,13 @@ static PyObject *send_tls(PyObject *self, PyObject *tls, void *ssl, PyObject *da
     int n = ossl.write(ssl, PyBytes_AS_STRING(data), chunk);
     int err_no = errno, code = 0;
     PyObject *exc = NULL;
-    int kind = n > 0 ? TLS_WANT : tls_failure(ssl, n, err_no, &code, &exc);
+    int kind = n > 0 ? TLS_OK : tls_failure(ssl, n, err_no, &code, &exc);
     if (unlock(lock) < 0) {
         Py_XDECREF(exc);
         return NULL;
     }
     if (n == len) return add_to_slot(self, off_bytes_out, len) == 0 ? Py_NewRef(Py_None) : NULL;
-    if (n > 0 || kind == TLS_WANT) return send_later(self, data, n > 0 ? n : 0);
+    if (kind == TLS_OK || kind == TLS_WANT) return send_later(self, data, kind == TLS_OK ? n : 0);
     switch (kind) {
     case TLS_CLOSED:
         return send_failed(self, str_send_failed, os_error(PyExc_BrokenPipeError, EPIPE, "peer closed the TLS session"));
