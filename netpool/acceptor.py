@@ -14,6 +14,7 @@ shut down (stop or suspend) sends the acceptor back to the listener's gate.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,7 @@ class Acceptor:
 
     def run(self) -> None:
         listener = self.listener
+        self._lower_priority(listener.config.acceptor_nice)
         admission = listener._admission
         wait_for_slot = listener.config.overflow == "wait"
         backoff = MIN_BACKOFF
@@ -87,3 +89,19 @@ class Acceptor:
             backoff = MIN_BACKOFF
             self.accepted += 1
             listener._admit(client, peer, self.index, reserved=wait_for_slot)
+
+    def _lower_priority(self, increment: int) -> None:
+        """Run this thread ``increment`` nice steps below the process (see ListenerConfig.acceptor_nice).
+
+        Linux keeps a nice value per thread, and setpriority() on a thread id
+        changes only that thread. Relative to the current value, so a server
+        started under ``nice`` keeps its acceptors below its loops; lowering
+        priority needs no privilege.
+        """
+        if not increment or not hasattr(os, "setpriority"):
+            return
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+        except OSError as exc:
+            log.debug("acceptor %d: cannot lower its priority: %s", self.index, exc)

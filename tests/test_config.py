@@ -32,6 +32,8 @@ def test_config_is_frozen():
     [
         ("acceptors", 0, "at least 1"),
         ("acceptors", "4", "whole number"),
+        ("acceptor_nice", -1, "at least 0"),
+        ("acceptor_nice", 20, "up to 19"),
         ("max_connections", -5, "at least 1"),
         ("overflow", "drop", "refuse, grow, wait"),
         ("port", 70000, "0..65535"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import struct
@@ -11,8 +12,9 @@ import time
 import pytest
 
 import netpool
+from netpool.examples.echo.handler import echo
 
-from .conftest import connect, netpool_threads, recv_exactly, recv_until_closed, run_concurrently, serving, wait_for
+from .conftest import DEADLINE, connect, netpool_threads, recv_exactly, recv_until_closed, run_concurrently, serving, wait_for
 
 pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
 
@@ -40,6 +42,39 @@ def test_all_acceptor_threads_block_in_accept_and_share_the_work():
         assert sum(1 for n in per_acceptor if n) > 1, f"one acceptor took everything: {per_acceptor}"
         for s in socks:
             s.close()
+
+
+def _nice(thread: threading.Thread) -> int:
+    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+
+
+@pytest.mark.parametrize("increment, started_under", [(0, 0), (3, 0), (3, 2), (19, 0)])
+def test_acceptors_run_acceptor_nice_steps_below_the_loops(increment, started_under, io_mode):
+    # Start the listener from a thread already niced by `started_under` (a
+    # server run under `nice`): threads inherit it, acceptors go below it.
+    started: list[netpool.Listener] = []
+
+    def start():
+        if started_under:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + started_under)
+        started.append(netpool.start_listener(dict(handler=echo, port=0, io=io_mode, acceptors=2,
+                                                  acceptor_nice=increment)))
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + started_under
+    run_concurrently(start, [()], timeout=DEADLINE)
+    listener = started[0]
+    try:
+        # Each acceptor lowers itself as it starts, before its first accept().
+        wait_for(lambda: listener._in_accept == 2, what="2 acceptors in accept()")
+        wait_for(lambda: all(loop.thread.native_id for loop in listener._loops), what="loops running")
+        assert [_nice(a.thread) for a in listener._acceptors] == [min(19, base + increment)] * 2
+        assert [_nice(loop.thread) for loop in listener._loops] == [base]
+        with connect(listener) as s:  # and they still accept and serve
+            s.sendall(b"ping")
+            assert recv_exactly(s, 4) == b"ping"
+    finally:
+        listener.stop(grace=2.0)
 
 
 def test_port_zero_reports_the_bound_port():
