@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from typing import TYPE_CHECKING
 
@@ -63,7 +64,8 @@ class Acceptor:
                     admission.unreserve()
                 return
             try:
-                client, peer = sock.accept()
+                fd, peer = sock._accept()  # socket.accept() without its per-call property lookups
+                client = socket.socket(*listener._client_kind, fileno=fd)
             except OSError as exc:
                 error: OSError | None = exc
             else:

@@ -566,15 +566,16 @@ class IOLoop:
                 self._finish(conn, reason_for(conn, exc))
         listener = self.listener
         context = listener._tls_context if listener._tls_implicit else None
+        raw_framer, tcp = listener._raw_framer, listener._tcp
         while self._pending:
             conn = self._pending.popleft()
             sock = conn._sock
             fd = sock.fileno()
             conn._last_read = now
-            conn._framer = listener._framer_factory(listener.config.max_message_size)
+            conn._framer = raw_framer or listener._framer_factory(listener.config.max_message_size)
             try:
                 sock.setblocking(False)
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                if tcp:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn._fd = fd
                 self._hold(conn)
