@@ -54,7 +54,12 @@ class Admission:
         ceiling: int | None = None,
         acceptors: int = 0,
     ) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # Every connection passes admit() and release(): they take the plain
+        # lock (a Condition's with-statement and notify() are Python code)
+        # and notify only when an acceptor waits in reserve().
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
         self.max_connections = max_connections
         self.overflow = overflow
         self.grow_step = grow_step
@@ -76,7 +81,11 @@ class Admission:
         """
         with self._cond:
             while not self._closed and self.live + self._reserved >= self.max_connections:
-                self._cond.wait()
+                self._waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiting -= 1
             if self._closed:
                 return False
             self._reserved += 1
@@ -84,9 +93,10 @@ class Admission:
 
     def unreserve(self) -> None:
         """Give back a slot reserved for an accept that produced no connection."""
-        with self._cond:
+        with self._lock:
             self._reserved -= 1
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
 
     def admit(self, reserved: bool = False) -> tuple[bool, bool]:
         """Decide about one accepted socket: ``(admitted, alarm_due)``.
@@ -94,14 +104,14 @@ class Admission:
         ``reserved`` says the acceptor holds a slot from :meth:`reserve`, which
         this turns into a live connection.
         """
-        with self._cond:
+        with self._lock:
             if reserved:
                 self._reserved -= 1
             elif self.live >= self.max_connections:
                 if self.overflow != "grow" or not self._grow():
                     return False, False
             self.live += 1
-            return True, self._alarm_due()
+            return True, self._alarm_threshold is not None and self._alarm_due()
 
     def _grow(self) -> bool:
         if self.max_connections >= self.ceiling:
@@ -125,9 +135,10 @@ class Admission:
 
     def release(self) -> None:
         """One counted connection closed or left the count: free its slot."""
-        with self._cond:
+        with self._lock:
             self.live -= 1
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
 
     # -- listener side -------------------------------------------------------
 

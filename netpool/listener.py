@@ -151,7 +151,11 @@ class Listener:
         self._refused: collections.Counter[str] = collections.Counter()
         self._closed: collections.Counter[str] = collections.Counter()
         # The gate: lifecycle state, and how many acceptors are inside accept().
-        self._gate = threading.Condition(threading.Lock())
+        # Acceptors pass it twice per connection through its lock alone (a
+        # Condition's with-statement is Python code); they notify only when
+        # someone waits for them to leave accept(): stop, suspend or a drain.
+        self._gate_lock = threading.Lock()
+        self._gate = threading.Condition(self._gate_lock)
         self._state = "new"
         self._in_accept = 0
         self._sock: Optional[socket.socket] = None
@@ -424,6 +428,10 @@ class Listener:
 
     def _enter_accept(self) -> Optional[socket.socket]:
         """Wait while suspended; return the socket to accept on, or None when stopping."""
+        with self._gate_lock:
+            if self._state == "running" and not self._draining:
+                self._in_accept += 1
+                return self._sock
         with self._gate:
             while self._state == "suspended" or self._draining:
                 self._gate.wait()
@@ -433,9 +441,10 @@ class Listener:
             return self._sock
 
     def _leave_accept(self) -> None:
-        with self._gate:
+        with self._gate_lock:
             self._in_accept -= 1
-            if not self._in_accept:
+            # Waiters set the state or _draining before they wait, under this lock.
+            if not self._in_accept and (self._state != "running" or self._draining):
                 self._gate.notify_all()
 
     def _accepting_on(self, sock: socket.socket) -> bool:
