@@ -566,7 +566,7 @@ class IOLoop:
                 self._finish(conn, reason_for(conn, exc))
         listener = self.listener
         context = listener._tls_context if listener._tls_implicit else None
-        raw_framer, tcp = listener._raw_framer, listener._tcp
+        raw_framer = listener._raw_framer
         while self._pending:
             conn = self._pending.popleft()
             sock = conn._sock
@@ -574,9 +574,7 @@ class IOLoop:
             conn._last_read = now
             conn._framer = raw_framer or listener._framer_factory(listener.config.max_message_size)
             try:
-                sock.setblocking(False)
-                if tcp:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setblocking(False)  # TCP_NODELAY it has from the listening socket
                 conn._fd = fd
                 self._hold(conn)
                 if listener._proxy_versions:

@@ -120,7 +120,6 @@ class Listener:
         self._raw_framing = base_factory is RawFramer
         # A RawFramer keeps no state: every connection can share one.
         self._raw_framer = RawFramer(config.max_message_size) if self._raw_framing else None
-        self._tcp = config.unix is None  # TCP_NODELAY applies
         self._framer_factory = with_message_deadline(base_factory, config.message_timeout)
         self._encode = None if self._raw_framing else base_factory(config.max_message_size).encode
         # Built here, before any socket is bound, so a bad certificate or key
@@ -539,14 +538,15 @@ class Listener:
                         client, _ = sock.accept()
                     except OSError:  # BlockingIOError: none left
                         break
+                    # Counted before the close, as in _refuse: a client that
+                    # sees the close finds itself counted.
+                    with self._lock:
+                        self._refused["no_descriptors"] += 1
                     client.close()
                     drained += 1
             finally:
                 sock.setblocking(True)
                 self._spare = _open_spare()
-            if drained:
-                with self._lock:
-                    self._refused["no_descriptors"] += drained
             return drained
 
     # -- called on connection threads -----------------------------------------

@@ -38,6 +38,10 @@ def open_listening_socket(config: ListenerConfig, port: int | None = None) -> so
     try:
         # Restart without waiting out TIME_WAIT, as every server does.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Request/response protocols (echo, chat) must not wait for Nagle's
+        # 40 ms, so Nagle is off, as in Go. Set here once: Linux copies it to
+        # every accepted socket, which saves a setsockopt per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if config.reuse_port:
             # Several processes share the port; the kernel spreads connections.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
