@@ -64,8 +64,13 @@ class Acceptor:
                     admission.unreserve()
                 return
             try:
-                fd, peer = sock._accept()  # socket.accept() without its per-call property lookups
-                client = socket.socket(*listener._client_kind, fileno=fd)
+                # socket.accept() without its per-call property lookups.
+                fd, peer = sock._accept()
+                try:
+                    client = socket.socket(*listener._client_kind, fileno=fd)
+                except OSError:
+                    os.close(fd)  # not yet owned by a socket object: close it here or it leaks
+                    raise
             except OSError as exc:
                 error: OSError | None = exc
             else:
