@@ -538,11 +538,7 @@ class Listener:
                         client, _ = sock.accept()
                     except OSError:  # BlockingIOError: none left
                         break
-                    # Counted before the close, as in _refuse: a client that
-                    # sees the close finds itself counted.
-                    with self._lock:
-                        self._refused["no_descriptors"] += 1
-                    client.close()
+                    self._refuse(client, "no_descriptors")  # counted before it is closed
                     drained += 1
             finally:
                 sock.setblocking(True)
