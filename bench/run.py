@@ -58,7 +58,16 @@ TLS_SERVERS = [
     Server("netpool-events", ("netpool_server.py", "events"), tls=True),
     Server("asyncio+ssl", ("asyncio_server.py",), tls=True),
 ]
-REFERENCES = ("asyncio", "uvloop", "gevent", "socketserver", "asyncio+ssl")
+REFERENCES = ("asyncio", "uvloop", "gevent", "socketserver", "asyncio+ssl", "threads")
+
+
+def blocking_servers(ms: str) -> list[Server]:
+    """The same handler, blocking ``ms`` per message (time.sleep), in netpool and in the two threaded references."""
+    return [
+        Server("netpool-threads", ("netpool_blocking.py", ms, "threads")),
+        Server("threads", ("threads_blocking.py", ms)),
+        Server("gevent", ("gevent_blocking.py", ms)),
+    ]
 
 
 @dataclass
@@ -182,6 +191,10 @@ def configs(args: argparse.Namespace) -> list[Config]:
         servers = [s for s in PLAIN_SERVERS if n <= 10_000 or s.name not in args.idle_skip_threads]
         out.append(Config(f"idle-{n}", f"{n:,} idle connections", "idle", n, "rss_mb", "MB RSS", servers,
                           higher_is_better=False))
+    for spec in args.blocking:
+        ms, n = spec.split(":")
+        out.append(Config(f"blocking-{ms}ms-{n}", f"64-byte ping-pong, handler blocks {ms} ms, {n} connections",
+                          "pingpong", int(n), "rate", "msg/s", blocking_servers(ms)))
     for n in args.tls:
         out.append(Config(f"tls-{n}", f"TLS 64-byte ping-pong, {n} connections", "pingpong", n, "rate", "msg/s",
                           TLS_SERVERS, tls=True))
@@ -221,6 +234,9 @@ def summarise(cfg: Config) -> list[str]:
                 if not cfg.higher_is_better:
                     ratio = medians[ref] / medians[ours]  # > 1 means netpool uses less memory
                 parts.append(f"{ratio:.2f}x {ref}")
+        if cfg.key.startswith("blocking") and "threads" in medians and "gevent" in medians:
+            better = max(medians["threads"], medians["gevent"])
+            parts.append(f"**{medians[ours] / better:.2f}x the better reference**")
         ratio_lines.append(f"- **{ours}**: " + ", ".join(parts))
     lines += ["", *ratio_lines, ""]
     if not cfg.higher_is_better:
@@ -236,6 +252,9 @@ def main() -> int:
     ap.add_argument("--connrate", type=int, nargs="*", default=[50])
     ap.add_argument("--idle", type=int, nargs="*", default=[10_000, 19_000])
     ap.add_argument("--tls", type=int, nargs="*", default=[50])
+    ap.add_argument("--blocking", nargs="*", default=["0.1:50", "0.1:1000", "1:50", "1:1000", "5:50", "5:1000"],
+                    help="MS:CONNECTIONS pairs: a handler that sleeps MS per message, against a thread per "
+                         "connection and gevent")
     ap.add_argument("--only", nargs="*", help="run only these servers (names as in the tables)")
     ap.add_argument("--idle-skip-threads", nargs="*", default=[],
                     help="servers to leave out of idle runs above 10,000 connections")

@@ -43,15 +43,19 @@
 #include <limits.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 
 /* Slot offsets in LoopConnection instances (configure()). */
 static Py_ssize_t off_fd, off_setup, off_tls, off_close_reason, off_last_read, off_bytes_in, off_bytes_out,
-    off_wr_closed, off_out, off_send_lock;
+    off_wr_closed, off_out, off_send_lock, off_offloaded, off_busy, off_proven;
+/* Thread mode: an inline handler call longer than this (seconds, wall clock)
+ * is reported to loop._call_was_slow (hot_path.OFFLOAD_AFTER). */
+static double offload_after = 1e9;
 static PyTypeObject *conn_type;  /* LoopConnection */
 static PyTypeObject *lock_type;  /* _thread.lock */
 static PyObject *lock_acquire, *lock_release; /* _thread.lock's own methods (descriptors) */
 static PyObject *str_gen, *str_handed_off, *str_error, *str_eof, *str_send_later, *str_send_bytes_py,
-    *str_send_failed;
+    *str_send_failed, *str_call_was_slow, *str_offload_read, *str_offload_new, *str_adopt;
 static PyObject *one;
 
 #define RECV_MAX 65536
@@ -101,26 +105,36 @@ static int slot_offset(PyObject *cls, const char *name, Py_ssize_t *off) {
     return 0;
 }
 
-static PyObject *configure(PyObject *mod, PyObject *cls) {
-    if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "configure() takes the LoopConnection class");
+static PyObject *configure(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "configure() takes the LoopConnection class and OFFLOAD_AFTER");
         return NULL;
     }
+    PyObject *cls = args[0];
+    double after = PyFloat_AsDouble(args[1]);
+    if (after == -1.0 && PyErr_Occurred()) return NULL;
+    if (!(after >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "configure(): OFFLOAD_AFTER must be >= 0");
+        return NULL;
+    }
+    offload_after = after;
     if (conn_type != NULL) {
         if ((PyObject *)conn_type == cls) Py_RETURN_NONE;
         PyErr_SetString(PyExc_RuntimeError, "configure() was already called with another class");
         return NULL;
     }
-    Py_ssize_t fd, setup, tls, close_reason, last_read, bytes_in, bytes_out, wr_closed, out, send_lock;
+    Py_ssize_t fd, setup, tls, close_reason, last_read, bytes_in, bytes_out, wr_closed, out, send_lock, offloaded,
+        busy, proven;
     if (slot_offset(cls, "_fd", &fd) || slot_offset(cls, "_setup", &setup) || slot_offset(cls, "_tls", &tls) ||
         slot_offset(cls, "close_reason", &close_reason) || slot_offset(cls, "_last_read", &last_read) ||
         slot_offset(cls, "bytes_in", &bytes_in) || slot_offset(cls, "bytes_out", &bytes_out) ||
         slot_offset(cls, "_wr_closed", &wr_closed) || slot_offset(cls, "_out", &out) ||
-        slot_offset(cls, "_send_lock", &send_lock))
+        slot_offset(cls, "_send_lock", &send_lock) || slot_offset(cls, "_offloaded", &offloaded) ||
+        slot_offset(cls, "_busy", &busy) || slot_offset(cls, "_proven", &proven))
         return NULL;
     off_fd = fd, off_setup = setup, off_tls = tls, off_close_reason = close_reason, off_last_read = last_read;
     off_bytes_in = bytes_in, off_bytes_out = bytes_out, off_wr_closed = wr_closed, off_out = out;
-    off_send_lock = send_lock;
+    off_send_lock = send_lock, off_offloaded = offloaded, off_busy = busy, off_proven = proven;
     conn_type = (PyTypeObject *)Py_NewRef(cls);
     Py_RETURN_NONE;
 }
@@ -372,6 +386,25 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         }
         if (!is_conn(conn) || SLOT(conn, off_setup) != Py_False || SLOT(conn, off_close_reason) != Py_None)
             goto slow;
+        /* Thread mode: an offloaded connection's read is handed to loop._offload_read, which runs
+         * its call on a thread; anything but data (nothing to read, a busy one) takes the full path. */
+        int offloaded = SLOT(conn, off_offloaded) != Py_False;
+        if (offloaded && (calls == Py_None || SLOT(conn, off_busy) != Py_False)) goto slow;
+        if (!offloaded && calls != Py_None && SLOT(conn, off_proven) == Py_False) {
+            /* No quick call of its own yet: offloaded at once if the handler is known to block. */
+            PyObject *prior = PyObject_GetAttr(loop, str_offload_new);
+            if (prior == NULL) return NULL;
+            int blocks = PyObject_IsTrue(prior);
+            Py_DECREF(prior);
+            if (blocks < 0) return NULL;
+            if (blocks) {
+                PyObject *r = PyObject_CallMethodOneArg(loop, str_adopt, conn);
+                if (r == NULL) return NULL;
+                offloaded = PyObject_IsTrue(r);
+                Py_DECREF(r);
+                if (offloaded < 0) return NULL;
+            }
+        }
         PyObject *tls = SLOT(conn, off_tls); /* borrowed; held across the handler below */
         void *ssl = NULL;
         Py_ssize_t got;
@@ -382,7 +415,10 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
                 got = recv(fd, recv_buf, (size_t)bufsize, MSG_DONTWAIT);
             } while (got < 0 && errno == EINTR);
             if (got < 0) {
-                if (errno == EAGAIN || errno == EWOULDBLOCK) continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    if (offloaded) goto slow; /* it must be armed again */
+                    continue;
+                }
                 PyErr_SetFromErrno(PyExc_OSError);
                 PyObject *exc = take_exception();
                 PyObject *result = outcome(i, RECV_ERROR, exc);
@@ -394,7 +430,10 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
             PyObject *exc = NULL;
             got = tls_read(tls, ssl, bufsize, &exc);
             if (got < 0) {
-                if (got == READ_WANT) continue;
+                if (got == READ_WANT) {
+                    if (offloaded) goto slow;
+                    continue;
+                }
                 if (got == READ_SLOW) goto slow;
                 if (got == READ_PY_ERROR) return NULL;
                 PyObject *result = outcome(i, got == READ_RESET ? RECV_ERROR : TLS_ERROR, exc);
@@ -407,6 +446,13 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         if (add_to_slot(conn, off_bytes_in, got) < 0) return NULL;
         PyObject *data = PyBytes_FromStringAndSize(recv_buf, got);
         if (data == NULL) return NULL;
+        if (offloaded) {
+            PyObject *r = PyObject_CallMethodObjArgs(loop, str_offload_read, conn, data, NULL);
+            Py_DECREF(data);
+            if (r == NULL) return NULL;
+            Py_DECREF(r);
+            continue;
+        }
         /* The call protocol of io_loop: push, call, pop; an empty list at
          * the pop means the monitor handed this call off. */
         Py_INCREF(conn); /* the handler may close it and the loop forget it */
@@ -422,6 +468,8 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
             if (rc < 0 || PyList_Append(calls, conn) < 0) goto fail;
         }
         PyObject *call_args[2] = {data, conn};
+        struct timespec started;
+        if (calls != Py_None) clock_gettime(CLOCK_MONOTONIC, &started);
         PyObject *res = PyObject_Vectorcall(handler, call_args, 2, NULL);
         Py_DECREF(data);
         data = NULL;
@@ -452,6 +500,16 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
             if (PyList_SetSlice(calls, depth - 1, depth, NULL) < 0) {
                 Py_XDECREF(exc);
                 goto fail;
+            }
+            struct timespec ended;
+            clock_gettime(CLOCK_MONOTONIC, &ended);
+            if (exc == NULL && (double)(ended.tv_sec - started.tv_sec) +
+                                       (double)(ended.tv_nsec - started.tv_nsec) * 1e-9 > offload_after) {
+                PyObject *r = PyObject_CallMethodOneArg(loop, str_call_was_slow, conn);
+                if (r == NULL) goto fail;
+                Py_DECREF(r);
+            } else if (exc == NULL && SLOT(conn, off_proven) == Py_False) {
+                set_slot(conn, off_proven, Py_True);
             }
         }
         if (exc != NULL) {
@@ -809,10 +867,60 @@ static PyObject *tls_configured(PyObject *mod, PyObject *unused) {
     return PyBool_FromLong(tls_type != NULL);
 }
 
+/* recv_nowait(fd, bufsize) -> bytes, or None when nothing is there; OSError on errors.
+ * Without letting the GIL go: the call cannot wait (MSG_DONTWAIT), and a thread
+ * that lets the GIL go with many others waiting for it queues for it again. */
+static PyObject *recv_nowait(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv_nowait() takes a descriptor and a size");
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    Py_ssize_t size = PyLong_AsSsize_t(args[1]);
+    if ((fd == -1 || size == -1) && PyErr_Occurred()) return NULL;
+    if (fd < 0 || fd > INT_MAX || size < 1 || size > RECV_MAX) {
+        PyErr_Format(PyExc_ValueError, "recv_nowait(): bad descriptor, or size not in 1..%d", RECV_MAX);
+        return NULL;
+    }
+    char buf[RECV_MAX];
+    Py_ssize_t got;
+    do {
+        got = recv((int)fd, buf, (size_t)size, MSG_DONTWAIT);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBytes_FromStringAndSize(buf, got);
+}
+
+/* rearm(epfd, fd, events): epoll_ctl(EPOLL_CTL_MOD) without letting the GIL go (see recv_nowait). */
+static PyObject *rearm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "rearm() takes an epoll descriptor, a descriptor and events");
+        return NULL;
+    }
+    long epfd = PyLong_AsLong(args[0]), fd = PyLong_AsLong(args[1]);
+    unsigned long events = PyLong_AsUnsignedLong(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    if (epfd < 0 || epfd > INT_MAX || fd < 0 || fd > INT_MAX || events > UINT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "rearm(): bad descriptor or events");
+        return NULL;
+    }
+    struct epoll_event ev = {.events = (uint32_t)events, .data.fd = (int)fd};
+    if (epoll_ctl((int)epfd, EPOLL_CTL_MOD, (int)fd, &ev) < 0) return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"recv_nowait", (PyCFunction)(void (*)(void))recv_nowait, METH_FASTCALL,
+     "recv(fd, size, MSG_DONTWAIT) holding the GIL: bytes, or None when nothing is there."},
+    {"rearm", (PyCFunction)(void (*)(void))rearm, METH_FASTCALL,
+     "epoll_ctl(EPOLL_CTL_MOD) holding the GIL."},
     {"epoll_wait", (PyCFunction)(void (*)(void))wait_events, METH_FASTCALL,
      "epoll_wait(epfd, timeout) -> [(fd, events), ...]; what select.epoll.poll returns."},
-    {"configure", configure, METH_O, "Look up the LoopConnection slot offsets; call once."},
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
+     "Look up the LoopConnection slot offsets and take OFFLOAD_AFTER; call once."},
     {"dispatch", (PyCFunction)(void (*)(void))dispatch, METH_FASTCALL,
      "Serve the plain reads in events[start:]; see netpool.hot_path.dispatch."},
     {"send_method", send_method, METH_O, "A send_bytes method descriptor for the given connection class."},
@@ -840,8 +948,12 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     str_send_later = PyUnicode_InternFromString("_send_later");
     str_send_bytes_py = PyUnicode_InternFromString("_send_bytes_py");
     str_send_failed = PyUnicode_InternFromString("_send_failed");
+    str_call_was_slow = PyUnicode_InternFromString("_call_was_slow");
+    str_offload_read = PyUnicode_InternFromString("_offload_read");
+    str_offload_new = PyUnicode_InternFromString("_offload_new");
+    str_adopt = PyUnicode_InternFromString("_adopt");
     if (!lock_acquire || !lock_release || !str_gen || !str_handed_off || !str_error || !str_eof ||
-        !str_send_later || !str_send_bytes_py || !str_send_failed)
+        !str_send_later || !str_send_bytes_py || !str_send_failed || !str_call_was_slow || !str_offload_read || !str_offload_new || !str_adopt)
         return NULL;
     lock_direct = check_lock_layout(allocate_lock);
     Py_DECREF(allocate_lock);

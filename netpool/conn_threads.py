@@ -1,16 +1,24 @@
-"""Thread mode's threads (loop owners, handed-off connections), reused instead of started each time.
+"""Thread mode's threads (loop owners, blocking handler calls), reused instead of started each time.
 
 Starting a thread costs tens of microseconds and a fresh stack. In thread
-mode a loop moves to a new thread whenever a handler blocks, and the blocked
-thread stays with its connection until the call is over (until the
-connection ends, for one that blocks again); such a thread then parks for a
-while and takes the next job, the way a goroutine scheduler reuses its Ms.
+mode a loop moves to a new thread whenever a handler blocks, and handler
+calls of connections that block run here, off their loop; a thread then
+parks for a while and takes the next job, the way a goroutine scheduler
+reuses its Ms.
 
-The invariant that keeps this simple: ``idle`` counts parked threads and is
-only changed under ``_lock``; ``submit`` hands work to a parked thread only
-by decrementing ``idle`` and queueing the work under that same lock, and a
-parked thread only leaves after checking, under the lock, that no work was
-queued for it.
+Bounded: at most ``max_threads`` run jobs at once. A job submitted when all
+of them are busy waits in a queue for the first one to finish, in the order
+submitted (a database with 50 connections serves 50 queries at once however
+many clients ask; more threads would only queue on the interpreter lock).
+A loop's new owner is never queued behind handler calls (``urgent``): it
+gets a thread of its own at once.
+
+The invariant that keeps this simple: ``_idle`` counts parked threads no job
+has been promised to, ``_queued`` counts jobs no thread has been promised
+to, and both only change under ``_lock``. ``submit`` promises a job to a
+parked thread by decrementing ``_idle``; a thread that finishes a job takes
+a queued one by decrementing ``_queued``; a parked thread only leaves after
+checking, under the lock, that no job was put in the queue for it.
 """
 
 from __future__ import annotations
@@ -30,26 +38,36 @@ _STOP = object()
 
 
 class ConnectionThreads:
-    """Run callables on reused threads: a parked one if any, else a new one."""
+    """Run callables on reused threads: a parked one if any, else a new one, else in turn."""
 
-    def __init__(self, name: str, *, keepalive: float = 30.0, max_parked: int = 256) -> None:
+    def __init__(self, name: str, *, max_threads: int = 1024, keepalive: float = 30.0,
+                 max_parked: int = 256) -> None:
         self._name = name
+        self._max_threads = max_threads
         self._keepalive = keepalive
         self._max_parked = max_parked
         self._lock = threading.Lock()
         self._work: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._idle = 0
+        self._queued = 0
         self._closed = False
         self._threads: set[threading.Thread] = set()
         self._numbers = itertools.count(1)
 
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on a thread. Raises RuntimeError if no thread can be started."""
+    def submit(self, fn: Callable[..., None], *args: Any, urgent: bool = False) -> None:
+        """Run ``fn(*args)`` on a thread, or queue it when ``max_threads`` are busy (never if ``urgent``).
+
+        Raises RuntimeError if a thread is needed and none can be started.
+        """
         with self._lock:
             if self._closed:
                 raise RuntimeError("connection threads are stopped")
             if self._idle:
                 self._idle -= 1
+                self._work.put((fn, args))
+                return
+            if not urgent and len(self._threads) >= self._max_threads:
+                self._queued += 1
                 self._work.put((fn, args))
                 return
             thread = threading.Thread(
@@ -73,10 +91,16 @@ class ConnectionThreads:
                 fn = None  # drop references to the finished connection while parked
                 args = ()
                 with self._lock:
-                    if self._closed or self._idle >= self._max_parked:
+                    if self._queued:
+                        self._queued -= 1
+                        item = self._work.get_nowait()  # never empty: it holds at least _queued jobs
+                    elif self._closed or self._idle >= self._max_parked:
                         return
-                    self._idle += 1
-                item = self._park()
+                    else:
+                        self._idle += 1
+                        item = None
+                if item is None:
+                    item = self._park()
                 if item is _STOP or item is None:
                     return
                 fn, args = item
@@ -91,13 +115,17 @@ class ConnectionThreads:
                 return self._work.get(timeout=self._keepalive)
             except queue.Empty:
                 with self._lock:
-                    if not self._work.empty():
-                        continue  # work was queued for a parked thread as we timed out
+                    if self._work.qsize() > self._queued:
+                        continue  # a job was promised to a parked thread as we timed out
                     self._idle -= 1
                     return None
 
     def stop(self, deadline: float) -> int:
-        """Release parked threads and join every thread until ``deadline``; returns how many are still running."""
+        """Release parked threads and join every thread until ``deadline``; returns how many are still running.
+
+        Jobs still queued are run by the threads that finish theirs before
+        they leave (each is a connection's pending handler call).
+        """
         with self._lock:
             self._closed = True
             parked, self._idle = self._idle, 0
@@ -119,3 +147,9 @@ class ConnectionThreads:
     def parked(self) -> int:
         with self._lock:
             return self._idle
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a thread because ``max_threads`` are busy."""
+        with self._lock:
+            return self._queued

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import select
+from time import perf_counter
 from typing import Any, Callable, Optional, Union
 
 from .errors import TLSError
@@ -41,6 +42,12 @@ Outcome = Union[int, tuple[int, int, Any]]
 
 _EPOLLOUT = select.EPOLLOUT
 
+# Thread mode: an inline handler or hook call that takes longer than this
+# (wall clock) held up its loop, and its connection's calls move to threads
+# (io_loop's _call_was_slow). 50 µs is about the shortest blocking call worth
+# a thread switch: a switch costs a few microseconds, a local Redis GET 50.
+OFFLOAD_AFTER = 50e-6
+
 try:
     from . import _speedups
 except ImportError:  # not compiled: the Python versions serve
@@ -57,6 +64,8 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
     loop's call list in thread mode (None in events mode): each handler call
     is pushed on it and popped after, and an empty list at the pop means the
     loop's monitor handed the call off; then ``loop._handed_off`` is raised.
+    In thread mode a call slower than OFFLOAD_AFTER is reported to
+    ``loop._call_was_slow``, and offloaded connections are left to the loop.
     """
     n = len(events)
     while i < n:
@@ -66,6 +75,11 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
         conn = conns.get(fd)
         if conn is None or conn._setup or conn.close_reason is not None:
             return i
+        offloaded = conn._offloaded
+        if offloaded and (calls is None or conn._busy):
+            return i
+        if not offloaded and calls is not None and not conn._proven and loop._offload_new:
+            offloaded = loop._adopt(conn)
         tls = conn._tls
         try:
             if tls is None:
@@ -73,9 +87,13 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
             else:
                 data = tls.recv_nowait(bufsize)
                 if data is None:  # part of a record, or the session must write first
+                    if offloaded:
+                        return i
                     i += 1
                     continue
         except BlockingIOError:
+            if offloaded:
+                return i  # it must be armed again
             i += 1
             continue
         except OSError as exc:
@@ -86,6 +104,10 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
         if not data:
             return i, FINISH, "eof"
         conn.bytes_in += len(data)
+        if offloaded:
+            loop._offload_read(conn, data)
+            i += 1
+            continue
         if calls is None:
             try:
                 handler(data, conn)
@@ -94,6 +116,7 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
         else:
             loop._gen += 1
             calls.append(conn)
+            started = perf_counter()
             try:
                 handler(data, conn)
             except Exception as exc:
@@ -110,6 +133,10 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
                 calls.pop()
             except IndexError:
                 raise loop._handed_off(conn, tls=tls) from None
+            if perf_counter() - started > OFFLOAD_AFTER:
+                loop._call_was_slow(conn)
+            elif not conn._proven:
+                conn._proven = True
         if conn.close_reason is not None:
             return i, FINISH, "error"
         if tls is not None and conn._tls is tls and tls.pending():
@@ -136,7 +163,7 @@ def install(base: type, classes: tuple[type, ...]) -> None:
 
     if _speedups is None or RECV_SIZE > _speedups.RECV_MAX:  # a stale build reading shorter chunks: not used
         return
-    _speedups.configure(base)
+    _speedups.configure(base, OFFLOAD_AFTER)
     _base, _installed = base, classes
     for cls in classes:
         own = cls.__dict__.get("send_bytes")
@@ -151,9 +178,10 @@ def use_speedups(on: bool) -> bool:
     Takes effect for loops started afterwards, and for sends at once; the
     tests run both versions this way.
     """
-    global _active
+    global _active, _recv_active
     on = on and _speedups is not None and _base is not None
     _active = _speedups.dispatch if on else dispatch  # type: ignore[union-attr]
+    _recv_active = _speedups.recv_nowait if on else _recv_nowait  # type: ignore[union-attr]
     c_send = _speedups.send_method(_base) if on else None  # type: ignore[union-attr]
     for cls in _installed:
         py_send = cls.__dict__.get("_send_bytes_py")
@@ -181,6 +209,30 @@ def install_tls(transport: type, functions: Optional[tuple[int, ...]], eof_reaso
 def tls_speedups_ready() -> bool:
     """Whether the C version, when active, serves TLS sessions too."""
     return _speedups is not None and _speedups.tls_configured()
+
+
+def _recv_nowait(fd: int, bufsize: int) -> Optional[bytes]:
+    """recv without waiting on a connection's socket: bytes (b"" at EOF), or None if nothing is there."""
+    try:
+        return os.read(fd, bufsize)  # a loop's sockets are non-blocking
+    except BlockingIOError:
+        return None
+
+
+def recv_nowait(fd: int, bufsize: int) -> Optional[bytes]:
+    """Thread mode's read-ahead on a handler thread (see io_loop); in C it keeps the GIL, which it cannot wait for."""
+    return _recv_active(fd, bufsize)
+
+
+def rearm(ep: "select.epoll", fd: int, events: int) -> None:
+    """epoll_ctl(MOD) from a handler thread; in C it keeps the GIL (see recv_nowait)."""
+    if _speedups is not None and _active is not dispatch:
+        _speedups.rearm(ep.fileno(), fd, events)
+    else:
+        ep.modify(fd, events)
+
+
+_recv_active: Callable[[int, int], Optional[bytes]] = _recv_nowait
 
 
 def poller(ep: "select.epoll") -> Callable[[float], list]:

@@ -31,17 +31,25 @@ per shortest timeout, so they fire within a quarter of their length late.
 
 Thread mode (``io="threads"``, the default) runs on the same loop with one
 difference, the one Go's scheduler makes for goroutines: handlers may
-block. A monitor thread watches each loop; a handler or hook call still
-running after ``HANDOFF_AFTER`` seconds (a sleep, a database call) has its
-connection taken out of the loop and the loop handed to another thread. A
-call about to wait on its peer (a full send window, a STARTTLS handshake)
-hands off at once, without waiting for the monitor. The thread stuck in the
-call finishes it (``read_loop.serve_handed_off``) and gives the connection
-back to the loop; a connection that blocks a second time keeps that thread
-for good. Fast handlers thus pay for no thread switch at all, and a blocking
-one holds the others up for a few milliseconds at most. Sends in thread mode
-block while the peer's window is full (``send_timeout``), as a connection
-thread's would.
+block. Every inline call is timed; one slower than OFFLOAD_AFTER (50 µs) has
+its connection *offloaded*: from then on the loop reads it (one-shot, so
+never ahead of its handler) and its calls run on the listener's reused
+threads (``conn_threads``), in order, while the loop serves the rest. The
+thread reads on by itself when a call is over, as a connection thread would,
+and gives the connection back to the loop when nothing is there. After
+INLINE_AFTER quick calls in a row the connection is served inline again.
+While the handler is known to block, connections without a quick call of
+their own start offloaded, so many connections blocking at once run
+concurrently instead of each holding the loop once.
+
+A call that blocks before anything is known still holds the loop, and a
+monitor thread watches for that: a call still running after HANDOFF_AFTER
+seconds has its connection taken out of the loop and the loop handed to
+another thread; a call about to wait on its peer (a full send window, a
+STARTTLS handshake) hands off at once. The thread stuck in the call finishes
+it (``read_loop.serve_handed_off``) and gives the connection back, offloaded.
+Sends in thread mode block while the peer's window is full
+(``send_timeout``), as a connection thread's would.
 """
 
 from __future__ import annotations
@@ -53,12 +61,14 @@ import select
 import socket
 import threading
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Optional
 
 from . import hot_path
 from .connection import Connection
 from .errors import ConnectionClosed, SendTimeout, TLSError
 from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
+from .hot_path import OFFLOAD_AFTER, rearm, recv_nowait
 from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for, serve_handed_off
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,16 +97,29 @@ HANDOFF_AFTER = 0.002
 # spell is caught within about twice this.
 HANDOFF_IDLE_TICK = 0.02
 
+# Calls in a row that are all quicker than OFFLOAD_AFTER bring an offloaded
+# connection back to its loop, so a handler that blocked once (a cold cache)
+# does not pay a thread switch per message for ever.
+INLINE_AFTER = 64
+# How many times an offloaded connection's thread reads on by itself before
+# it gives the connection back to the loop (_run_calls).
+READ_AHEAD = 64
+
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _IN_OUT = _IN | select.EPOLLOUT
+# An offloaded connection is read once per event, then disarmed until its
+# calls are over: like a connection thread, the loop never reads ahead of the
+# handler (backpressure through TCP, and STARTTLS has the socket to itself).
+_ONCE = _IN | select.EPOLLONESHOT
 
 
 class LoopConnection(Connection):
     """A Connection served by an :class:`IOLoop`: non-blocking socket, queued sends."""
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_ssl_session",
-                 "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_blocked")
+                 "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_blocked", "_offloaded", "_busy", "_quick",
+                 "_proven")
 
     def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -115,6 +138,15 @@ class LoopConnection(Connection):
         self._alarm_due = False
         self._fd = -1  # the descriptor it is registered under, while the loop holds it
         self._blocked = 0  # thread mode: how often one of its calls was handed off
+        # Thread mode: its handler calls run on the listener's threads, not on
+        # the loop (_offloaded); one is running or queued there now (_busy),
+        # and so many in a row were quick (_quick).
+        self._offloaded = False
+        self._busy = False
+        self._quick = 0
+        # A call of its own ran inline and was quick: it stays on the loop
+        # whatever other connections' calls do (see IOLoop._offload_new).
+        self._proven = False
 
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
@@ -295,6 +327,15 @@ class IOLoop:
         self._gen = 0
         self._takeover_lock = threading.Lock()
         self.handoffs = 0
+        self.offloads = 0  # connections moved to threads because a call held the loop up
+        self.threaded_calls = 0  # handler and hook calls run on threads for offloaded connections
+        # Whether connections with no quick inline call of their own yet
+        # (not _proven: new ones, or ones that have not spoken) go to threads
+        # at once: the latest call timed was slow on the loop (set by
+        # _call_was_slow), not quick on a thread (cleared by _calls_done).
+        # So when many connections block at once, only the first call holds
+        # the loop up, not one per connection.
+        self._offload_new = False
         self._monitor: Optional[threading.Thread] = None
         self._ep = select.epoll()
         self._conns: dict[int, LoopConnection] = {}
@@ -302,6 +343,10 @@ class IOLoop:
         # Thread mode: handed-off connections whose blocking call is over,
         # given back by their thread to be read by the loop again.
         self._returned: collections.deque[LoopConnection] = collections.deque()
+        # Offloaded connections whose calls are over and that the loop must
+        # finish (with the reason given) or read at once (reason None: OpenSSL
+        # holds decrypted bytes that epoll cannot see).
+        self._later: collections.deque[tuple[LoopConnection, Optional[str]]] = collections.deque()
         # An eventfd wakes the loop for new connections and for stop; epoll
         # watches it like any socket.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -400,9 +445,15 @@ class IOLoop:
         self._calls = calls = []
         handoff_calls = calls if self.handoff else None
         next_sweep = time.monotonic() + self._sweep_every
-        if self._pending or self._returned:  # left by an owner that was handed off while taking them in
+        if self._pending or self._returned or self._later:  # left by an owner handed off while taking them in
             self._take_new(time.monotonic())
-        while not (self._stopping and not conns and not self._pending and not self._returned):
+        for conn in list(conns.values()):
+            # The previous owner was handed off in the middle of a batch of
+            # events: those it had not served yet are reported again, but for
+            # offloaded connections (one-shot) only once armed again.
+            if conn._offloaded and not conn._busy and not conn._setup:
+                self._rearm(conn)
+        while not (self._stopping and not conns and not self._pending and not self._returned and not self._later):
             events = poll(self._sweep_every)
             now = time.monotonic()
             if plain:
@@ -437,6 +488,8 @@ class IOLoop:
         if conn._setup:
             self._advance_setup(conn)
             return
+        if conn._busy:
+            return  # its calls run on a thread; the loop reads it again when they are over
         if ev & select.EPOLLOUT:
             self._writable(conn)
             if not ev & READ_EVENTS:
@@ -452,8 +505,10 @@ class IOLoop:
             else:
                 data = tls.recv_nowait(self._bufsize)
                 if data is None:
+                    self._rearm(conn)
                     return
         except BlockingIOError:
+            self._rearm(conn)
             return
         except OSError as exc:
             self._finish_dispatched(conn, hot_path.RECV_ERROR, exc)
@@ -463,27 +518,37 @@ class IOLoop:
             return
         conn._last_read = now
         conn.bytes_in += len(data)
-        self._deliver(conn, data, listener._handler, listener._raw_framing)
+        if conn._offloaded or (self._offload_new and not conn._proven and self._adopt(conn)):
+            self._offload(conn, data, listener._raw_framing)
+        else:
+            self._deliver(conn, data, listener._handler, listener._raw_framing)
 
     def _finish_dispatched(self, conn: LoopConnection, kind: int, value: Any) -> None:
         """End a connection as hot_path.dispatch said: its reason, a receive error, or the handler's exception."""
         if kind == hot_path.FINISH:
             reason = value
         elif kind == hot_path.RECV_ERROR:
-            if isinstance(value, ConnectionResetError):
-                reason = "reset"
-            else:
-                reason = "error" if conn.close_reason else self._log_recv_error(conn, value)
+            reason = self._recv_failed(conn, value)
         else:
             reason = reason_for(conn, value)
         self._finish(conn, reason)
 
+    def _recv_failed(self, conn: LoopConnection, exc: OSError) -> str:
+        """The close reason for a failed receive (logged unless the connection was closing anyway)."""
+        if isinstance(exc, ConnectionResetError):
+            return "reset"
+        return "error" if conn.close_reason else self._log_recv_error(conn, exc)
+
     def _close(self) -> None:
         """The loop has ended (stopped, or failed): finish what it still holds, release its descriptors."""
         with self._takeover_lock:
-            self._stopping = True  # no hand-off from here on
+            self._stopping = True  # no hand-off from here on, and threads finish their own connections
+        while self._later:  # calls over, left for the loop: finished below with the rest
+            self._later.popleft()[0]._busy = False
         for conn in list(self._conns.values()):
             conn._force_close()
+            if conn._busy:
+                continue  # its call is running on a thread, which finishes it (_calls_done)
             self._finish(conn, "server_stop")
         self._ep.close()
         with self._takeover_lock:
@@ -495,6 +560,7 @@ class IOLoop:
         self._gen += 1
         calls = self._calls
         calls.append(conn)
+        started = perf_counter()
         try:
             fn(*args)
         except Exception as exc:
@@ -507,6 +573,11 @@ class IOLoop:
             calls.pop()
         except IndexError:
             raise self._handed_off(conn, **handed) from None
+        if perf_counter() - started > OFFLOAD_AFTER:
+            if self.handoff:
+                self._call_was_slow(conn)
+        elif not conn._proven:
+            conn._proven = True
 
     def _handed_off(self, conn: LoopConnection, **handed: Any) -> _HandedOff:
         # The monitor popped our call: wait until it has taken the connection
@@ -564,6 +635,13 @@ class IOLoop:
                 self._hold(conn)
             except OSError as exc:
                 self._finish(conn, reason_for(conn, exc))
+        while self._later:
+            conn, reason = self._later.popleft()
+            conn._busy = False
+            if reason is not None:
+                self._finish(conn, reason)
+            else:
+                self._serve_event(conn._fd, select.EPOLLIN, now)
         listener = self.listener
         context = listener._tls_context if listener._tls_implicit else None
         raw_framer = listener._raw_framer
@@ -591,9 +669,20 @@ class IOLoop:
                 self._finish(conn, reason_for(conn, exc))
 
     def _ready(self, conn: LoopConnection) -> None:
-        """The connection can talk: alarm, on_connect (on this loop thread, never an acceptor)."""
+        """The connection can talk: alarm, on_connect (on this loop thread or offloaded, never an acceptor)."""
         listener = self.listener
-        if conn._alarm_due or listener.config.on_connect is not None:
+        if self._offload_new and not conn._offloaded:
+            conn._offloaded = True  # the handler blocks: start where its calls will run
+        hook = conn._alarm_due or listener.config.on_connect is not None
+        if conn._offloaded:
+            if hook:
+                # Not read until on_connect is over, as on a connection thread.
+                self._ep.modify(conn._fd, select.EPOLLONESHOT)
+                self._submit(conn, (), conn._tls, False, True)
+            else:
+                self._ep.modify(conn._fd, _ONCE)
+            return
+        if hook:
             self._user_call(conn, self._connected, conn, tls=conn._tls)
         if conn.close_reason is not None:
             self._finish(conn, "error")
@@ -648,6 +737,8 @@ class IOLoop:
         config = self.listener.config
         idle = config.idle_timeout
         for conn in list(self._conns.values()):
+            if conn._busy:
+                continue  # a call of its own is running on a thread: not idle, and not sending here
             if conn._setup:
                 if now >= conn._hs_deadline:
                     if conn._proxy_reader is not None:
@@ -685,7 +776,7 @@ class IOLoop:
     def _hold(self, conn: LoopConnection) -> None:
         """Have this loop read ``conn`` (new, given back, or kept after a refused hand-off)."""
         self._conns[conn._fd] = conn
-        self._ep.register(conn._fd, _IN)
+        self._ep.register(conn._fd, _ONCE if conn._offloaded else _IN)
 
     def _forget(self, conn: LoopConnection) -> None:
         """Take ``conn`` out of this loop (it is finishing, or handed off); its descriptor stays open."""
@@ -696,6 +787,172 @@ class IOLoop:
                 self._ep.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    # -- thread mode: offloaded connections -----------------------------------------
+
+    def _call_was_slow(self, conn: LoopConnection) -> None:
+        """An inline call held the loop past OFFLOAD_AFTER: this connection's calls go to threads.
+
+        Called on the loop thread right after the call (by ``_user_call`` or
+        the hot path). New connections start offloaded too, until one comes
+        back (``_calls_done``): a handler that blocked on one connection is
+        likely to block on the next.
+        """
+        self._offload_new = True
+        if conn._offloaded or conn.close_reason is not None or self._conns.get(conn._fd) is not conn:
+            return
+        conn._offloaded = True
+        conn._quick = 0
+        self.offloads += 1
+        if not conn._setup:
+            try:
+                self._ep.modify(conn._fd, _ONCE)
+            except OSError:
+                pass  # closing: the loop finishes it
+
+    def _adopt(self, conn: LoopConnection) -> bool:
+        """Offload a connection with no quick call of its own while the handler is known to block."""
+        conn._offloaded = True
+        conn._quick = 0
+        try:
+            self._ep.modify(conn._fd, _ONCE)
+        except OSError:
+            pass  # closing: the loop finishes it
+        return True
+
+    def _rearm(self, conn: LoopConnection) -> None:
+        """An offloaded connection's event brought nothing to run: read it again on its next event."""
+        if conn._offloaded:
+            try:
+                self._ep.modify(conn._fd, _ONCE)
+            except OSError:
+                pass
+
+    def _offload(self, conn: LoopConnection, data: bytes, raw: bool) -> None:
+        """Frame what was read for an offloaded connection and run its calls on a thread."""
+        try:
+            if not data:
+                messages = conn._framer.eof()
+                if not messages:
+                    self._finish(conn, "eof")
+                    return
+            else:
+                messages = [data] if raw else conn._framer.feed(data)
+                if not messages:  # part of a message: wait for the rest
+                    self._rearm(conn)
+                    return
+        except Exception as exc:
+            self._finish(conn, reason_for(conn, exc))
+            return
+        self._submit(conn, messages, conn._tls, not data, False)
+
+    def _offload_read(self, conn: LoopConnection, data: bytes) -> None:
+        """hot_path.dispatch read a message for an offloaded raw-framed connection: run it on a thread."""
+        self._submit(conn, (data,), conn._tls, False, False)
+
+    def _submit(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
+        conn._busy = True
+        try:
+            self.listener._conn_threads.submit(self._run_calls, conn, messages, tls, eof, connected)
+        except RuntimeError as exc:  # no thread can be started (a system limit, or stopping)
+            log.error("%s: I/O loop %d cannot start a thread for connection %d (%s); running its call "
+                      "on the loop", self.listener.config.name, self.index, conn.id, exc)
+            self._run_calls(conn, messages, tls, eof, connected)
+
+    def _run_calls(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
+        """On a thread: an offloaded connection's hook or handler calls, in order; then back to the loop.
+
+        Like a connection thread, it reads on (without waiting) once its
+        calls are over: a client that answers each reply has usually answered
+        by then, and its next call runs here without a trip through the loop
+        and a thread switch. At most READ_AHEAD reads, and none while other
+        connections' calls wait for a thread.
+        """
+        listener = self.listener
+        handler = listener._handler
+        raw = listener._raw_framing
+        threads = listener._conn_threads
+        reason: Optional[str] = None
+        slow = False
+        calls = 0
+        try:
+            if connected:
+                started = perf_counter()
+                self._connected(conn)
+                slow = perf_counter() - started > OFFLOAD_AFTER
+                calls = 1
+            reads = 0
+            while True:
+                for message in messages:
+                    if conn.close_reason is not None or conn._tls is not tls:
+                        break  # closing, or start_tls() ran: plaintext framed after the request is dropped
+                    started = perf_counter()
+                    handler(message, conn)
+                    if perf_counter() - started > OFFLOAD_AFTER:
+                        slow = True
+                calls += len(messages)
+                if eof or conn.close_reason is not None or conn._tls is not tls or reads == READ_AHEAD or threads.queued:
+                    break
+                reads += 1
+                try:
+                    if tls is None:
+                        data = recv_nowait(conn._fd, self._bufsize)
+                        if data is None:
+                            break
+                    else:
+                        data = tls.recv_nowait(self._bufsize)
+                        if data is None:
+                            break
+                except OSError as exc:
+                    reason = self._recv_failed(conn, exc)
+                    break
+                conn.bytes_in += len(data)
+                if data:
+                    messages = [data] if raw else conn._framer.feed(data)
+                else:
+                    messages, eof = conn._framer.eof(), True
+        except Exception as exc:
+            reason = reason_for(conn, exc)
+        self._calls_done(conn, reason, eof, tls, slow, calls)
+
+    def _calls_done(self, conn: LoopConnection, reason: Optional[str], eof: bool, tls: Any, slow: bool,
+                    calls: int) -> None:
+        """On the thread that ran them: give the connection back to its loop, or finish it if the loop is gone."""
+        if reason is None:
+            if eof:
+                reason = "eof"
+            elif conn.close_reason is not None:
+                reason = "error"
+            elif conn._tls is not tls:
+                # start_tls() ran in the handler: what the framer buffered
+                # came in plaintext and must not pass for TLS data.
+                conn._framer = self.listener._framer_factory(self.listener.config.max_message_size)
+        conn._last_read = time.monotonic()
+        conn._quick = 0 if slow else conn._quick + calls
+        if not slow:
+            # The latest evidence says the handler does not block (a slow
+            # call was a one-off: a cold cache, a collection): new
+            # connections stay on the loop again.
+            self._offload_new = False
+        with self._takeover_lock:
+            self.threaded_calls += calls
+            if not self._stopping:
+                if reason is not None or (conn._tls is not None and conn._tls.pending()):
+                    self._later.append((conn, reason))
+                    os.eventfd_write(self._wake_fd, 1)
+                    return
+                inline = conn._quick >= INLINE_AFTER
+                if inline:
+                    conn._offloaded = False
+                    conn._proven = True
+                conn._busy = False
+                try:
+                    rearm(self._ep, conn._fd, _IN if inline else _ONCE)
+                except (OSError, ValueError):
+                    pass  # being closed: the loop finishes it
+                return
+        # The loop has ended (it left this connection to us because it was busy).
+        self.listener._connection_ended(conn, reason or "server_stop")
 
     # -- thread mode: the monitor and the hand-off ---------------------------------
 
@@ -744,6 +1001,11 @@ class IOLoop:
                 started = False
             self.handoffs += 1
             conn._blocked += 1
+            # Its calls run on threads from now on (it comes back to this loop
+            # for reading when this one is over), and so do new connections'.
+            conn._offloaded = True
+            self._offload_new = True
+            self.offloads += 1
         if started:
             return True
         self.run()  # this thread, the monitor, becomes the owner; no more hand-offs for this loop

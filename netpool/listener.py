@@ -95,7 +95,11 @@ class ListenerInfo:
     accepted_by_acceptor: tuple[int, ...] = ()
     """What each acceptor's accept() returned; clients dropped through the spare descriptor are not in it."""
     handoffs: int = 0
-    """Thread mode: handler or hook calls that blocked long enough for their connection to get its own thread."""
+    """Thread mode: handler or hook calls still running on the loop after HANDOFF_AFTER, whose loop moved on."""
+    offloads: int = 0
+    """Thread mode: connections whose calls moved off their loop because one held it up (OFFLOAD_AFTER)."""
+    threaded_calls: int = 0
+    """Thread mode: handler and hook calls run on the listener's threads for offloaded connections."""
 
     def summary(self) -> str:
         """One line for logs: accepted, refused, closed by reason."""
@@ -416,6 +420,8 @@ class Listener:
             errors=sum(v for k, v in closed.items() if k in ERROR_REASONS),
             grown=admission.grown,
             handoffs=sum(loop.handoffs for loop in self._loops),
+            offloads=sum(loop.offloads for loop in self._loops),
+            threaded_calls=sum(loop.threaded_calls for loop in self._loops),
             refused_by_reason=refused,
             closed_by_reason=closed,
             bytes_in=bytes_in,

@@ -89,7 +89,9 @@ class ListenerCollector(Collector):
         for field, metric, text in (
             ("bytes_in", "netpool_listener_received_bytes", "Bytes received from clients."),
             ("bytes_out", "netpool_listener_sent_bytes", "Bytes sent to clients."),
-            ("handoffs", "netpool_listener_handoffs", "Blocking handler calls whose connection got its own thread."),
+            ("handoffs", "netpool_listener_handoffs", "Handler calls still running after HANDOFF_AFTER, whose loop moved on."),
+            ("offloads", "netpool_listener_offloads", "Connections whose calls moved to threads because one blocked."),
+            ("threaded_calls", "netpool_listener_threaded_calls", "Handler and hook calls run on threads, off the loop."),
         ):
             value = getattr(info, field, None)
             if value is not None:

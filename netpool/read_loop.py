@@ -94,7 +94,7 @@ def serve_handed_off(conn: Any, service: "Listener", framer: Any, pending: Itera
             conn._framer = framer
             # Decrypted bytes OpenSSL already holds are invisible to epoll:
             # such a connection is read here instead.
-            if give_back is not None and conn._blocked < 2 and (conn._tls is None or not conn._tls.pending()):
+            if give_back is not None and (conn._tls is None or not conn._tls.pending()):
                 returned = give_back(conn)
                 if returned:
                     return

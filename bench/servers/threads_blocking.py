@@ -1,0 +1,34 @@
+"""Reference: a plain thread-per-connection server whose handler blocks MS milliseconds, then echoes."""
+
+import socket
+import sys
+import threading
+import time
+
+
+def serve(conn: socket.socket, seconds: float) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    recv, sendall = conn.recv, conn.sendall
+    with conn:
+        while True:
+            data = recv(65536)
+            if not data:
+                break
+            time.sleep(seconds)
+            sendall(data)
+
+
+def main(port: int, ms: str) -> None:
+    seconds = float(ms) / 1000
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(4096)
+    print("READY", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn, seconds), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])

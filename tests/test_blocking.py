@@ -1,0 +1,194 @@
+"""Thread mode keeps its promise for short blocking calls (0.05-2 ms: a SQL query, a Redis GET).
+
+Such calls end before the monitor's HANDOFF_AFTER, so only the loop's own
+timing sees them: a call slower than OFFLOAD_AFTER moves its connection's
+calls to threads, and connections with no quick call of their own follow.
+These tests block for real (sleeps, barriers) on real sockets and check what
+a user of a threaded server counts on: blocking calls of different
+connections run at the same time, and a client whose calls do not block is
+answered promptly while others block.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import pytest
+
+from netpool import hot_path
+from netpool.io_loop import HANDOFF_AFTER
+
+from .conftest import connect, recv_exactly, run_concurrently, serving, wait_for
+
+# Shorter than HANDOFF_AFTER: the monitor alone would never move such a call.
+SHORT_BLOCK = 0.001
+assert SHORT_BLOCK < HANDOFF_AFTER
+
+
+@pytest.fixture(params=["c", "python"])
+def speedups(request: pytest.FixtureRequest):
+    """Each test on the C hot path (where it compiled) and on the Python one."""
+    if request.param == "c" and hot_path._speedups is None:
+        pytest.skip("netpool._speedups is not compiled here")
+    was = hot_path.speedups_active()
+    hot_path.use_speedups(request.param == "c")
+    yield request.param
+    hot_path.use_speedups(was)
+
+
+class Concurrency:
+    """A handler that blocks ``seconds`` per message and records how many of its calls overlapped."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def __call__(self, message: bytes, conn) -> None:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.now -= 1
+        conn.send(message)
+
+
+@pytest.mark.parametrize("framing", ["raw", "line"])
+def test_many_connections_blocking_a_millisecond_at_once_run_concurrently(speedups, framing):
+    """50 connections send one message each; the handler sleeps 1 ms: the calls overlap, not one after another."""
+    handler = Concurrency(SHORT_BLOCK)
+    with serving(handler=handler, framing=framing, max_connections=100) as listener:
+        socks = [connect(listener) for _ in range(50)]
+        try:
+            for sock in socks:
+                sock.sendall(b"ping\n")
+            for sock in socks:
+                assert recv_exactly(sock, 5) == b"ping\n"
+        finally:
+            for sock in socks:
+                sock.close()
+        info = wait_for(lambda: (i := listener.info()).closed == 50 and i, what="50 closures")
+    # One after another (what the loop did before) would be exactly 1.
+    assert handler.most >= 10, f"at most {handler.most} blocking calls ran at once"
+    assert info.closed_by_reason == {"eof": 50} and info.errors == 0
+    assert info.threaded_calls >= 40
+
+
+@pytest.mark.parametrize("framing", ["raw", "line"])
+def test_a_fast_client_is_answered_promptly_while_twenty_others_block(speedups, framing):
+    """20 clients each get 50 replies from a handler that sleeps 1 ms; a 21st, never blocked, keeps its latency.
+
+    Served one after another, each of the fast client's messages would wait
+    behind up to 20 blocking calls (about 20 ms); offloaded, it waits behind
+    none. Every blocking client's replies come back whole and in order.
+    """
+    def handler(message: bytes, conn) -> None:
+        if message.startswith(b"block"):
+            time.sleep(SHORT_BLOCK)
+        conn.send(message)
+
+    rounds = 50
+    stop = threading.Event()
+
+    def blocking_client(sock) -> None:
+        for i in range(rounds):
+            line = b"block %d\n" % i
+            sock.sendall(line)
+            assert recv_exactly(sock, len(line)) == line
+
+    with serving(handler=handler, framing=framing, max_connections=100) as listener:
+        fast = connect(listener)
+        fast.sendall(b"hello\n")
+        assert recv_exactly(fast, 6) == b"hello\n"  # a quick call of its own: it stays on the loop
+        blockers = [connect(listener) for _ in range(20)]
+        latencies: list[float] = []
+
+        def fast_client() -> None:
+            for i in range(2000):
+                if stop.is_set():
+                    return
+                line = b"fast %d\n" % i
+                started = time.monotonic()
+                fast.sendall(line)
+                assert recv_exactly(fast, len(line)) == line
+                latencies.append(time.monotonic() - started)
+
+        pinger = threading.Thread(target=fast_client)
+        pinger.start()
+        try:
+            run_concurrently(blocking_client, [(sock,) for sock in blockers], timeout=60)
+        finally:
+            stop.set()
+            pinger.join(30)
+            for sock in [fast, *blockers]:
+                sock.close()
+        info = wait_for(lambda: (i := listener.info()).closed == 21 and i, what="21 closures")
+    assert len(latencies) >= 20
+    median = statistics.median(latencies)
+    assert median < 0.005, f"the fast client waited {median * 1000:.1f} ms (median) behind blocking calls"
+    assert info.closed_by_reason == {"eof": 21} and info.errors == 0
+    assert info.threaded_calls >= 20 * rounds - 20  # each blocker's first call may run on the loop
+
+
+def test_a_blocking_handler_that_raises_on_a_thread_closes_only_its_connection(caplog):
+    """An offloaded call that raises: its connection closes (handler_error), logged; the others go on."""
+    def handler(message: bytes, conn) -> None:
+        time.sleep(SHORT_BLOCK)
+        if message == b"boom":
+            raise ValueError("offloaded handler failed")
+        conn.send(message)
+
+    with serving(handler=handler, framing="line") as listener:
+        with connect(listener) as good, connect(listener) as bad:
+            for _ in range(3):
+                good.sendall(b"warm\n")
+                assert recv_exactly(good, 5) == b"warm\n"
+            assert listener.info().offloads >= 1
+            bad.sendall(b"fine\n")
+            assert recv_exactly(bad, 5) == b"fine\n"
+            bad.sendall(b"boom\n")
+            wait_for(lambda: listener.info().closed == 1, what="the failing connection closed")
+            good.sendall(b"still\n")
+            assert recv_exactly(good, 6) == b"still\n"
+        info = wait_for(lambda: (i := listener.info()).closed == 2 and i, what="2 closures")
+    assert info.closed_by_reason == {"handler_error": 1, "eof": 1}
+    assert "offloaded handler failed" in caplog.text
+
+
+def test_stop_lets_offloaded_calls_finish_and_counts_them_once():
+    """stop() while calls run on threads: each finishes, its reply goes out, every connection is counted once."""
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def handler(message: bytes, conn) -> None:
+        if message == b"hold":
+            started.release()
+            release.wait(10)
+        else:
+            time.sleep(SHORT_BLOCK)
+        conn.send(message)
+
+    with serving(handler=handler, framing="line") as listener:
+        socks = [connect(listener) for _ in range(5)]
+        try:
+            for sock in socks:
+                sock.sendall(b"warm\n")
+                assert recv_exactly(sock, 5) == b"warm\n"
+            for sock in socks:
+                sock.sendall(b"hold\n")
+            for _ in socks:
+                assert started.acquire(timeout=10), "a held call did not start"
+            threading.Timer(0.2, release.set).start()
+            info = listener.stop(grace=5.0)
+            for sock in socks:
+                assert recv_exactly(sock, 5) == b"hold\n"
+        finally:
+            release.set()
+            for sock in socks:
+                sock.close()
+    assert info.closed == 5 and info.live == 0 and info.open == 0
+    assert info.closed_by_reason == {"server_stop": 5}
