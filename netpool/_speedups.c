@@ -44,6 +44,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <sys/resource.h>
 
 /* Slot offsets in LoopConnection instances (configure()). */
 static Py_ssize_t off_fd, off_setup, off_tls, off_close_reason, off_last_read, off_bytes_in, off_bytes_out,
@@ -912,7 +913,50 @@ static PyObject *rearm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
+/* Thread mode's test of whether a slow call blocked (io_loop._call_was_slow):
+ * mark() notes this thread's CPU time and voluntary context switches (one
+ * getrusage, once per batch of events); since_mark() gives the time the
+ * thread spent off the CPU since then (wall minus CPU) and how often it gave
+ * the CPU up itself, and marks again. A call that slept or waited gives the
+ * CPU up; one that was only long (a collection, a computation) or was
+ * preempted does not. Per thread: the loop's owner changes at hand-offs. */
+static _Thread_local struct {
+    double wall, cpu;
+    long voluntary;
+} usage_mark;
+
+static int read_usage(double *wall, double *cpu, long *voluntary) {
+    struct rusage ru;
+    struct timespec ts;
+    if (getrusage(RUSAGE_THREAD, &ru) < 0 || clock_gettime(CLOCK_MONOTONIC, &ts) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    *wall = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    *cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
+    *voluntary = ru.ru_nvcsw;
+    return 0;
+}
+
+static PyObject *mark(PyObject *mod, PyObject *unused) {
+    if (read_usage(&usage_mark.wall, &usage_mark.cpu, &usage_mark.voluntary) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *since_mark(PyObject *mod, PyObject *unused) {
+    double wall, cpu;
+    long voluntary;
+    if (read_usage(&wall, &cpu, &voluntary) < 0) return NULL;
+    double off_cpu = (wall - usage_mark.wall) - (cpu - usage_mark.cpu);
+    long gave_up = voluntary - usage_mark.voluntary;
+    usage_mark.wall = wall, usage_mark.cpu = cpu, usage_mark.voluntary = voluntary;
+    return Py_BuildValue("(dl)", off_cpu, gave_up);
+}
+
 static PyMethodDef methods[] = {
+    {"mark", mark, METH_NOARGS, "Note this thread's CPU time and voluntary context switches."},
+    {"since_mark", since_mark, METH_NOARGS,
+     "(seconds off the CPU, voluntary context switches) since mark(); marks again."},
     {"recv_nowait", (PyCFunction)(void (*)(void))recv_nowait, METH_FASTCALL,
      "recv(fd, size, MSG_DONTWAIT) holding the GIL: bytes, or None when nothing is there."},
     {"rearm", (PyCFunction)(void (*)(void))rearm, METH_FASTCALL,

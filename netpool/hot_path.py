@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import select
+import threading
+import time
 from time import perf_counter
 from typing import Any, Callable, Optional, Union
 
@@ -233,6 +236,36 @@ def rearm(ep: "select.epoll", fd: int, events: int) -> None:
 
 
 _recv_active: Callable[[int, int], Optional[bytes]] = _recv_nowait
+
+_marks = threading.local()
+
+
+def _usage() -> tuple[float, float, int]:
+    ru = resource.getrusage(resource.RUSAGE_THREAD)
+    return time.monotonic(), ru.ru_utime + ru.ru_stime, ru.ru_nvcsw
+
+
+def mark() -> None:
+    """Note this thread's CPU time and voluntary context switches (see since_mark); once per batch of events."""
+    if _speedups is not None:
+        _speedups.mark()
+    else:
+        _marks.usage = _usage()
+
+
+def since_mark() -> tuple[float, int]:
+    """(seconds off the CPU, voluntary context switches) of this thread since mark(); marks again.
+
+    How thread mode tells a call that blocked (it slept or waited: it gave
+    the CPU up) from one that was only long (a garbage collection, a
+    computation) or was preempted.
+    """
+    if _speedups is not None:
+        return _speedups.since_mark()  # type: ignore[no-any-return]
+    wall, cpu, voluntary = _usage()
+    then = getattr(_marks, "usage", None) or (wall, cpu, voluntary)
+    _marks.usage = wall, cpu, voluntary
+    return (wall - then[0]) - (cpu - then[1]), voluntary - then[2]
 
 
 def poller(ep: "select.epoll") -> Callable[[float], list]:

@@ -68,7 +68,7 @@ from . import hot_path
 from .connection import Connection
 from .errors import ConnectionClosed, SendTimeout, TLSError
 from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
-from .hot_path import OFFLOAD_AFTER, rearm, recv_nowait
+from .hot_path import OFFLOAD_AFTER, mark, rearm, recv_nowait, since_mark
 from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for, serve_handed_off
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,8 +99,9 @@ HANDOFF_IDLE_TICK = 0.02
 
 # Calls in a row that are all quicker than OFFLOAD_AFTER bring an offloaded
 # connection back to its loop, so a handler that blocked once (a cold cache)
-# does not pay a thread switch per message for ever.
-INLINE_AFTER = 64
+# does not pay a thread switch per message for ever. Each time a connection
+# that came back blocks again, it must prove itself twice as long.
+INLINE_AFTER = 16
 # How many times an offloaded connection's thread reads on by itself before
 # it gives the connection back to the loop (_run_calls).
 READ_AHEAD = 64
@@ -119,7 +120,7 @@ class LoopConnection(Connection):
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_ssl_session",
                  "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_blocked", "_offloaded", "_busy", "_quick",
-                 "_proven")
+                 "_proven", "_inline_after")
 
     def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -147,6 +148,7 @@ class LoopConnection(Connection):
         # A call of its own ran inline and was quick: it stays on the loop
         # whatever other connections' calls do (see IOLoop._offload_new).
         self._proven = False
+        self._inline_after = INLINE_AFTER  # quick calls on threads before it comes back (grows if it flaps)
 
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
@@ -453,9 +455,12 @@ class IOLoop:
             # offloaded connections (one-shot) only once armed again.
             if conn._offloaded and not conn._busy and not conn._setup:
                 self._rearm(conn)
+        handoff = self.handoff
         while not (self._stopping and not conns and not self._pending and not self._returned and not self._later):
             events = poll(self._sweep_every)
             now = time.monotonic()
+            if handoff:
+                mark()  # what a slow call in this batch did with the CPU (_call_was_slow)
             if plain:
                 # Plain reads go through hot_path.dispatch; it stops at the
                 # first event that needs the full path, served here in turn.
@@ -798,9 +803,16 @@ class IOLoop:
         back (``_calls_done``): a handler that blocked on one connection is
         likely to block on the next.
         """
+        off_cpu, gave_up = since_mark()
+        if off_cpu < OFFLOAD_AFTER or not gave_up:
+            return  # long, but it ran (or was preempted): it did not wait on anything
         self._offload_new = True
         if conn._offloaded or conn.close_reason is not None or self._conns.get(conn._fd) is not conn:
             return
+        if conn._proven:
+            # It was served inline before: it blocks now and then, and should
+            # prove itself longer before it comes back (up to 16 times longer).
+            conn._inline_after = min(conn._inline_after * 2, INLINE_AFTER * 16)
         conn._offloaded = True
         conn._quick = 0
         self.offloads += 1
@@ -941,7 +953,7 @@ class IOLoop:
                     self._later.append((conn, reason))
                     os.eventfd_write(self._wake_fd, 1)
                     return
-                inline = conn._quick >= INLINE_AFTER
+                inline = conn._quick >= conn._inline_after
                 if inline:
                     conn._offloaded = False
                     conn._proven = True
