@@ -2,9 +2,12 @@
  * loadgen: a small epoll load generator for echo servers, so the client is
  * never the bottleneck of a Python server benchmark.
  *
- *   loadgen pingpong HOST PORT CONNS SIZE SECONDS [tls]
+ *   loadgen pingpong HOST PORT CONNS SIZE SECONDS [tls|mixed]
  *       CONNS connections each send SIZE bytes and wait for the whole echo
  *       (closed loop); prints messages/s and p50/p99/p999 round-trip latency.
+ *       With "mixed", even connections' messages start with 'B' (a server
+ *       under test blocks on those) and odd ones' with 'F'; the 'F' half's
+ *       latency is also printed on its own (fast_p50_us, fast_p99_us).
  *   loadgen connrate HOST PORT SLOTS SECONDS
  *       SLOTS concurrent slots each connect, send 64 bytes, read the echo,
  *       close, and start again; prints connections/s. Connections come from
@@ -39,7 +42,7 @@
 #endif
 
 static struct sockaddr_in target;
-static int use_tls;
+static int use_tls, mixed;
 #ifdef WITH_TLS
 static SSL_CTX *tls_ctx;
 #endif
@@ -155,9 +158,12 @@ static int pingpong(int nconns, size_t size, double seconds) {
     if (ep < 0) die("epoll_create1");
     conn_t *conns = calloc(nconns, sizeof *conns);
     char *msg = malloc(size), *buf = malloc(size > 65536 ? size : 65536);
+    char *blocking_msg = malloc(size), *fast_msg = malloc(size);
     memset(msg, 'x', size);
-    size_t cap = 1 << 20, nlat = 0;
-    uint32_t *lat = malloc(cap * sizeof *lat);
+    memset(blocking_msg, 'B', size);
+    memset(fast_msg, 'F', size);
+    size_t cap = 1 << 20, nlat = 0, fcap = 1 << 20, nfast = 0;
+    uint32_t *lat = malloc(cap * sizeof *lat), *fast = malloc(fcap * sizeof *fast);
     long errors = 0;
 
     /* Connect everything first (blocking, bounded by the kernel's timeout). */
@@ -197,10 +203,11 @@ static int pingpong(int nconns, size_t size, double seconds) {
     }
 
     double t0 = now(), end = t0 + seconds;
+#define MSG_OF(i) (mixed ? ((i) % 2 ? fast_msg : blocking_msg) : msg)
     for (int i = 0; i < nconns; i++) {
         conn_t *c = &conns[i];
         c->started = now();
-        ssize_t w = c_write(c, msg, size);
+        ssize_t w = c_write(c, MSG_OF(i), size);
         if (w < 0) { errors++; continue; }
         c->sent = (size_t)w;
     }
@@ -209,9 +216,10 @@ static int pingpong(int nconns, size_t size, double seconds) {
     while ((t = now()) < end) {
         int n = epoll_wait(ep, events, 1024, 50);
         for (int k = 0; k < n; k++) {
-            conn_t *c = &conns[events[k].data.u32];
+            uint32_t idx = events[k].data.u32;
+            conn_t *c = &conns[idx];
             if (c->sent < size) {  /* rare: a large message that did not fit */
-                ssize_t w = c_write(c, msg + c->sent, size - c->sent);
+                ssize_t w = c_write(c, MSG_OF(idx) + c->sent, size - c->sent);
                 if (w > 0) c->sent += (size_t)w;
             }
             for (;;) {
@@ -223,10 +231,14 @@ static int pingpong(int nconns, size_t size, double seconds) {
                     double stop = now();
                     if (nlat == cap) { cap *= 2; lat = realloc(lat, cap * sizeof *lat); }
                     lat[nlat++] = (uint32_t)((stop - c->started) * 1e6);
+                    if (mixed && idx % 2) {
+                        if (nfast == fcap) { fcap *= 2; fast = realloc(fast, fcap * sizeof *fast); }
+                        fast[nfast++] = lat[nlat - 1];
+                    }
                     done++;
                     c->got = 0;
                     c->started = stop;
-                    ssize_t w = c_write(c, msg, size);
+                    ssize_t w = c_write(c, MSG_OF(idx), size);
                     c->sent = w > 0 ? (size_t)w : 0;
                     if (w < 0 && errno != EAGAIN) errors++;
                     if (!use_tls) break;  /* level-triggered: come back when more arrives */
@@ -238,9 +250,15 @@ static int pingpong(int nconns, size_t size, double seconds) {
     qsort(lat, nlat, sizeof *lat, cmp_u32);
 #define PCT(p) (nlat ? lat[(size_t)((p) * (nlat - 1))] : 0)
     printf("{\"mode\":\"pingpong\",\"tls\":%s,\"conns\":%d,\"size\":%zu,\"seconds\":%.3f,\"messages\":%ld,"
-           "\"rate\":%.1f,\"p50_us\":%u,\"p99_us\":%u,\"p999_us\":%u,\"errors\":%ld}\n",
+           "\"rate\":%.1f,\"p50_us\":%u,\"p99_us\":%u,\"p999_us\":%u,\"errors\":%ld",
            use_tls ? "true" : "false", nconns, size, elapsed, done, done / elapsed,
            PCT(0.50), PCT(0.99), PCT(0.999), errors);
+    if (mixed) {
+        qsort(fast, nfast, sizeof *fast, cmp_u32);
+#define FPCT(p) (nfast ? fast[(size_t)((p) * (nfast - 1))] : 0)
+        printf(",\"fast_messages\":%zu,\"fast_p50_us\":%u,\"fast_p99_us\":%u", nfast, FPCT(0.50), FPCT(0.99));
+    }
+    printf("}\n");
     return 0;
 }
 
@@ -401,6 +419,7 @@ int main(int argc, char **argv) {
             return 2;
 #endif
         }
+        if (argc >= 8 && !strcmp(argv[7], "mixed")) mixed = 1;
         return pingpong(atoi(argv[4]), (size_t)atol(argv[5]), atof(argv[6]));
     }
     if (!strcmp(argv[1], "connrate")) return connrate(atoi(argv[4]), atof(argv[5]));

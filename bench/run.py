@@ -61,12 +61,16 @@ TLS_SERVERS = [
 REFERENCES = ("asyncio", "uvloop", "gevent", "socketserver", "asyncio+ssl", "threads")
 
 
-def blocking_servers(ms: str) -> list[Server]:
-    """The same handler, blocking ``ms`` per message (time.sleep), in netpool and in the two threaded references."""
+def blocking_servers(ms: str, which: str = "all") -> list[Server]:
+    """The same handler, blocking ``ms`` per message (time.sleep), in netpool and in the two threaded references.
+
+    ``which`` is "all" (every message blocks) or "mixed" (only the messages of
+    loadgen's mixed mode that start with B: half the connections).
+    """
     return [
-        Server("netpool-threads", ("netpool_blocking.py", ms, "threads")),
-        Server("threads", ("threads_blocking.py", ms)),
-        Server("gevent", ("gevent_blocking.py", ms)),
+        Server("netpool-threads", ("netpool_blocking.py", ms, which, "threads")),
+        Server("threads", ("threads_blocking.py", ms, which)),
+        Server("gevent", ("gevent_blocking.py", ms, which)),
     ]
 
 
@@ -80,6 +84,7 @@ class Config:
     unit: str
     servers: list[Server]
     tls: bool = False
+    mixed: bool = False  # loadgen's mixed mode: half the connections' messages make the handler block
     higher_is_better: bool = True
     results: dict[str, list[dict]] = field(default_factory=dict)
 
@@ -122,11 +127,12 @@ def run_one(cfg: Config, server: Server, seconds: float, cert: tuple[str, str] |
     try:
         base = ["taskset", "-c", CLIENT_CPU, str(LOADGEN)]
         if cfg.mode == "pingpong":
-            argv = base + ["pingpong", "127.0.0.1", str(port), str(cfg.n), "64", str(seconds)] + (["tls"] if cfg.tls else [])
+            extra = ["tls"] if cfg.tls else ["mixed"] if cfg.mixed else []
+            argv = base + ["pingpong", "127.0.0.1", str(port), str(cfg.n), "64", str(seconds)] + extra
             # Warm up every server alike before measuring: a fresh asyncio
             # server, for one, runs its first burst of connections at a third
             # of its steady speed (seen here: 35k then 120k msg/s at 50).
-            warm = [*argv[:-2 if cfg.tls else -1], "1"] + (["tls"] if cfg.tls else [])
+            warm = [*argv[:-1 - len(extra)], "1"] + extra
             subprocess.run(warm, capture_output=True, text=True, timeout=90)
             out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 90)
             result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -195,6 +201,10 @@ def configs(args: argparse.Namespace) -> list[Config]:
         ms, n = spec.split(":")
         out.append(Config(f"blocking-{ms}ms-{n}", f"64-byte ping-pong, handler blocks {ms} ms, {n} connections",
                           "pingpong", int(n), "rate", "msg/s", blocking_servers(ms)))
+    for spec in args.mixed:
+        ms, n = spec.split(":")
+        out.append(Config(f"mixed-{ms}ms-{n}", f"mixed ping-pong, half the connections block {ms} ms, {n} connections",
+                          "pingpong", int(n), "rate", "msg/s", blocking_servers(ms, "mixed"), mixed=True))
     for n in args.tls:
         out.append(Config(f"tls-{n}", f"TLS 64-byte ping-pong, {n} connections", "pingpong", n, "rate", "msg/s",
                           TLS_SERVERS, tls=True))
@@ -216,6 +226,10 @@ def summarise(cfg: Config) -> list[str]:
             extra = "p50/p99/p999 {}/{}/{} µs, errors {}".format(
                 int(statistics.median(r["p50_us"] for r in runs)), int(statistics.median(r["p99_us"] for r in runs)),
                 int(statistics.median(r["p999_us"] for r in runs)), sum(r["errors"] for r in runs))
+            if cfg.mixed:
+                extra += ", non-blocking half p50/p99 {}/{} µs".format(
+                    int(statistics.median(r["fast_p50_us"] for r in runs if "fast_p50_us" in r)),
+                    int(statistics.median(r["fast_p99_us"] for r in runs if "fast_p99_us" in r)))
         elif cfg.mode == "connrate":
             extra = f"errors {sum(r['errors'] for r in runs)}"
         else:
@@ -244,6 +258,24 @@ def summarise(cfg: Config) -> list[str]:
     return lines
 
 
+def mixed_summary(plan: list[Config]) -> list[str]:
+    """The mixed runs' question: how much slower do the non-blocking half's answers get when the other half blocks?"""
+    quiet = {cfg.n: cfg for cfg in plan if cfg.mixed and cfg.key.startswith("mixed-0ms-")}
+    lines = []
+    for cfg in plan:
+        base = quiet.get(cfg.n)
+        if not cfg.mixed or base is None or cfg is base:
+            continue
+        for name, runs in cfg.results.items():
+            before = [r["fast_p99_us"] for r in base.results.get(name, []) if "fast_p99_us" in r]
+            after = [r["fast_p99_us"] for r in runs if "fast_p99_us" in r]
+            if before and after:
+                b, a = statistics.median(before), statistics.median(after)
+                lines.append(f"- **{name}**, {cfg.n} connections: non-blocking half p99 {b:,.0f} µs with nothing "
+                             f"blocking, {a:,.0f} µs with {cfg.key.split('-')[1]} blocks: {a / b:.2f}x")
+    return ["### Non-blocking connections beside blocking ones", "", *lines, ""] if lines else []
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -252,6 +284,9 @@ def main() -> int:
     ap.add_argument("--connrate", type=int, nargs="*", default=[50])
     ap.add_argument("--idle", type=int, nargs="*", default=[10_000, 19_000])
     ap.add_argument("--tls", type=int, nargs="*", default=[50])
+    ap.add_argument("--mixed", nargs="*", default=["0:50", "1:50"],
+                    help="MS:CONNECTIONS pairs: half the connections' messages block MS, the other half's "
+                         "p99 is reported (0 gives the same run with nothing blocking)")
     ap.add_argument("--blocking", nargs="*", default=["0.1:50", "0.1:1000", "1:50", "1:1000", "5:50", "5:1000"],
                     help="MS:CONNECTIONS pairs: a handler that sleeps MS per message, against a thread per "
                          "connection and gevent")
@@ -294,6 +329,7 @@ def main() -> int:
         lines += summarise(cfg)
         example = next((r["command"] for runs in cfg.results.values() for r in runs if "command" in r), "")
         lines += [f"Load generator: `{example}`", ""]
+    lines += mixed_summary(plan)
     Path(args.out).write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(
         json.dumps({cfg.key: cfg.results for cfg in plan}, indent=1) + "\n")

@@ -504,9 +504,12 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
             }
             struct timespec ended;
             clock_gettime(CLOCK_MONOTONIC, &ended);
-            if (exc == NULL && (double)(ended.tv_sec - started.tv_sec) +
-                                       (double)(ended.tv_nsec - started.tv_nsec) * 1e-9 > offload_after) {
-                PyObject *r = PyObject_CallMethodOneArg(loop, str_call_was_slow, conn);
+            double took = (double)(ended.tv_sec - started.tv_sec) + (double)(ended.tv_nsec - started.tv_nsec) * 1e-9;
+            if (exc == NULL && took > offload_after) {
+                PyObject *seconds = PyFloat_FromDouble(took);
+                if (seconds == NULL) goto fail;
+                PyObject *r = PyObject_CallMethodObjArgs(loop, str_call_was_slow, conn, seconds, NULL);
+                Py_DECREF(seconds);
                 if (r == NULL) goto fail;
                 Py_DECREF(r);
             } else if (exc == NULL && SLOT(conn, off_proven) == Py_False) {

@@ -50,6 +50,11 @@ _EPOLLOUT = select.EPOLLOUT
 # (io_loop's _call_was_slow). 50 µs is about the shortest blocking call worth
 # a thread switch: a switch costs a few microseconds, a local Redis GET 50.
 OFFLOAD_AFTER = 50e-6
+# A call that took this long is offloaded even if its thread never gave the
+# CPU up: it may have computed without the GIL (a password hash, zlib), which
+# runs in parallel on a thread, and if it held the GIL the loop loses little
+# by waiting for it there instead.
+OFFLOAD_LONG = 250e-6
 
 try:
     from . import _speedups
@@ -136,8 +141,9 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
                 calls.pop()
             except IndexError:
                 raise loop._handed_off(conn, tls=tls) from None
-            if perf_counter() - started > OFFLOAD_AFTER:
-                loop._call_was_slow(conn)
+            took = perf_counter() - started
+            if took > OFFLOAD_AFTER:
+                loop._call_was_slow(conn, took)
             elif not conn._proven:
                 conn._proven = True
         if conn.close_reason is not None:

@@ -68,7 +68,7 @@ from . import hot_path
 from .connection import Connection
 from .errors import ConnectionClosed, SendTimeout, TLSError
 from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
-from .hot_path import OFFLOAD_AFTER, mark, rearm, recv_nowait, since_mark
+from .hot_path import OFFLOAD_AFTER, OFFLOAD_LONG, mark, rearm, recv_nowait, since_mark
 from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for, serve_handed_off
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -578,9 +578,10 @@ class IOLoop:
             calls.pop()
         except IndexError:
             raise self._handed_off(conn, **handed) from None
-        if perf_counter() - started > OFFLOAD_AFTER:
+        took = perf_counter() - started
+        if took > OFFLOAD_AFTER:
             if self.handoff:
-                self._call_was_slow(conn)
+                self._call_was_slow(conn, took)
         elif not conn._proven:
             conn._proven = True
 
@@ -795,7 +796,7 @@ class IOLoop:
 
     # -- thread mode: offloaded connections -----------------------------------------
 
-    def _call_was_slow(self, conn: LoopConnection) -> None:
+    def _call_was_slow(self, conn: LoopConnection, took: float) -> None:
         """An inline call held the loop past OFFLOAD_AFTER: this connection's calls go to threads.
 
         Called on the loop thread right after the call (by ``_user_call`` or
@@ -804,8 +805,8 @@ class IOLoop:
         likely to block on the next.
         """
         off_cpu, gave_up = since_mark()
-        if off_cpu < OFFLOAD_AFTER or not gave_up:
-            return  # long, but it ran (or was preempted): it did not wait on anything
+        if (off_cpu < OFFLOAD_AFTER or not gave_up) and took < OFFLOAD_LONG:
+            return  # it ran (a collection), or was preempted: it did not wait on anything
         self._offload_new = True
         if conn._offloaded or conn.close_reason is not None or self._conns.get(conn._fd) is not conn:
             return

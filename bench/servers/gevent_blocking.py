@@ -1,4 +1,4 @@
-"""Reference: gevent, monkey-patched, StreamServer whose handler blocks MS milliseconds (time.sleep), then echoes."""
+"""Reference: gevent, monkey-patched, StreamServer whose handler blocks MS milliseconds (time.sleep; every message, or with WHICH=mixed only those starting with B), then echoes."""
 
 from gevent import monkey
 
@@ -10,8 +10,9 @@ import time  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
 
 
-def main(port: int, ms: str) -> None:
+def main(port: int, ms: str, which: str = "all") -> None:
     seconds = float(ms) / 1000
+    every = which == "all"
 
     def handler(sock, _address) -> None:
         recv, sendall = sock.recv, sock.sendall
@@ -19,7 +20,8 @@ def main(port: int, ms: str) -> None:
             data = recv(65536)
             if not data:
                 break
-            time.sleep(seconds)
+            if seconds and (every or data[:1] == b"B"):
+                time.sleep(seconds)
             sendall(data)
 
     server = StreamServer(("127.0.0.1", port), handler, backlog=4096)
@@ -29,4 +31,4 @@ def main(port: int, ms: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    main(int(sys.argv[1]), *sys.argv[2:4])

@@ -1,4 +1,4 @@
-"""Reference: a plain thread-per-connection server whose handler blocks MS milliseconds, then echoes."""
+"""Reference: a plain thread-per-connection server whose handler blocks MS milliseconds (every message, or with WHICH=mixed only those starting with B), then echoes."""
 
 import socket
 import sys
@@ -6,7 +6,7 @@ import threading
 import time
 
 
-def serve(conn: socket.socket, seconds: float) -> None:
+def serve(conn: socket.socket, seconds: float, every: bool) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     recv, sendall = conn.recv, conn.sendall
     with conn:
@@ -14,12 +14,14 @@ def serve(conn: socket.socket, seconds: float) -> None:
             data = recv(65536)
             if not data:
                 break
-            time.sleep(seconds)
+            if seconds and (every or data[:1] == b"B"):
+                time.sleep(seconds)
             sendall(data)
 
 
-def main(port: int, ms: str) -> None:
+def main(port: int, ms: str, which: str = "all") -> None:
     seconds = float(ms) / 1000
+    every = which == "all"
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
@@ -27,8 +29,8 @@ def main(port: int, ms: str) -> None:
     print("READY", flush=True)
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=serve, args=(conn, seconds), daemon=True).start()
+        threading.Thread(target=serve, args=(conn, seconds, every), daemon=True).start()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2])
+    main(int(sys.argv[1]), *sys.argv[2:4])
