@@ -48,7 +48,7 @@
 
 /* Slot offsets in LoopConnection instances (configure()). */
 static Py_ssize_t off_fd, off_setup, off_tls, off_close_reason, off_last_read, off_bytes_in, off_bytes_out,
-    off_wr_closed, off_out, off_send_lock, off_offloaded, off_busy, off_proven;
+    off_wr_closed, off_out, off_send_lock, off_offloaded, off_proven;
 /* Thread mode: an inline handler call longer than this (seconds, wall clock)
  * is reported to loop._call_was_slow (hot_path.OFFLOAD_AFTER). */
 static double offload_after = 1e9;
@@ -56,7 +56,7 @@ static PyTypeObject *conn_type;  /* LoopConnection */
 static PyTypeObject *lock_type;  /* _thread.lock */
 static PyObject *lock_acquire, *lock_release; /* _thread.lock's own methods (descriptors) */
 static PyObject *str_gen, *str_handed_off, *str_error, *str_eof, *str_send_later, *str_send_bytes_py,
-    *str_send_failed, *str_call_was_slow, *str_offload_read, *str_offload_new, *str_adopt;
+    *str_send_failed, *str_call_was_slow, *str_offload_new;
 static PyObject *one;
 
 #define RECV_MAX 65536
@@ -125,17 +125,17 @@ static PyObject *configure(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     Py_ssize_t fd, setup, tls, close_reason, last_read, bytes_in, bytes_out, wr_closed, out, send_lock, offloaded,
-        busy, proven;
+        proven;
     if (slot_offset(cls, "_fd", &fd) || slot_offset(cls, "_setup", &setup) || slot_offset(cls, "_tls", &tls) ||
         slot_offset(cls, "close_reason", &close_reason) || slot_offset(cls, "_last_read", &last_read) ||
         slot_offset(cls, "bytes_in", &bytes_in) || slot_offset(cls, "bytes_out", &bytes_out) ||
         slot_offset(cls, "_wr_closed", &wr_closed) || slot_offset(cls, "_out", &out) ||
         slot_offset(cls, "_send_lock", &send_lock) || slot_offset(cls, "_offloaded", &offloaded) ||
-        slot_offset(cls, "_busy", &busy) || slot_offset(cls, "_proven", &proven))
+        slot_offset(cls, "_proven", &proven))
         return NULL;
     off_fd = fd, off_setup = setup, off_tls = tls, off_close_reason = close_reason, off_last_read = last_read;
     off_bytes_in = bytes_in, off_bytes_out = bytes_out, off_wr_closed = wr_closed, off_out = out;
-    off_send_lock = send_lock, off_offloaded = offloaded, off_busy = busy, off_proven = proven;
+    off_send_lock = send_lock, off_offloaded = offloaded, off_proven = proven;
     conn_type = (PyTypeObject *)Py_NewRef(cls);
     Py_RETURN_NONE;
 }
@@ -387,24 +387,17 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         }
         if (!is_conn(conn) || SLOT(conn, off_setup) != Py_False || SLOT(conn, off_close_reason) != Py_None)
             goto slow;
-        /* Thread mode: an offloaded connection's read is handed to loop._offload_read, which runs
-         * its call on a thread; anything but data (nothing to read, a busy one) takes the full path. */
-        int offloaded = SLOT(conn, off_offloaded) != Py_False;
-        if (offloaded && (calls == Py_None || SLOT(conn, off_busy) != Py_False)) goto slow;
-        if (!offloaded && calls != Py_None && SLOT(conn, off_proven) == Py_False) {
-            /* No quick call of its own yet: offloaded at once if the handler is known to block. */
+        /* Thread mode: an offloaded connection's calls run on threads, which read it too; the
+         * full path moves it to them. So does it one with no quick call of its own yet while
+         * the handler is known to block (loop._offload_new). */
+        if (SLOT(conn, off_offloaded) != Py_False) goto slow;
+        if (calls != Py_None && SLOT(conn, off_proven) == Py_False) {
             PyObject *prior = PyObject_GetAttr(loop, str_offload_new);
             if (prior == NULL) return NULL;
             int blocks = PyObject_IsTrue(prior);
             Py_DECREF(prior);
             if (blocks < 0) return NULL;
-            if (blocks) {
-                PyObject *r = PyObject_CallMethodOneArg(loop, str_adopt, conn);
-                if (r == NULL) return NULL;
-                offloaded = PyObject_IsTrue(r);
-                Py_DECREF(r);
-                if (offloaded < 0) return NULL;
-            }
+            if (blocks) goto slow;
         }
         PyObject *tls = SLOT(conn, off_tls); /* borrowed; held across the handler below */
         void *ssl = NULL;
@@ -416,10 +409,7 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
                 got = recv(fd, recv_buf, (size_t)bufsize, MSG_DONTWAIT);
             } while (got < 0 && errno == EINTR);
             if (got < 0) {
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    if (offloaded) goto slow; /* it must be armed again */
-                    continue;
-                }
+                if (errno == EAGAIN || errno == EWOULDBLOCK) continue;
                 PyErr_SetFromErrno(PyExc_OSError);
                 PyObject *exc = take_exception();
                 PyObject *result = outcome(i, RECV_ERROR, exc);
@@ -431,10 +421,7 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
             PyObject *exc = NULL;
             got = tls_read(tls, ssl, bufsize, &exc);
             if (got < 0) {
-                if (got == READ_WANT) {
-                    if (offloaded) goto slow;
-                    continue;
-                }
+                if (got == READ_WANT) continue;
                 if (got == READ_SLOW) goto slow;
                 if (got == READ_PY_ERROR) return NULL;
                 PyObject *result = outcome(i, got == READ_RESET ? RECV_ERROR : TLS_ERROR, exc);
@@ -447,13 +434,6 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         if (add_to_slot(conn, off_bytes_in, got) < 0) return NULL;
         PyObject *data = PyBytes_FromStringAndSize(recv_buf, got);
         if (data == NULL) return NULL;
-        if (offloaded) {
-            PyObject *r = PyObject_CallMethodObjArgs(loop, str_offload_read, conn, data, NULL);
-            Py_DECREF(data);
-            if (r == NULL) return NULL;
-            Py_DECREF(r);
-            continue;
-        }
         /* The call protocol of io_loop: push, call, pop; an empty list at
          * the pop means the monitor handed this call off. */
         Py_INCREF(conn); /* the handler may close it and the loop forget it */
@@ -996,11 +976,9 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     str_send_bytes_py = PyUnicode_InternFromString("_send_bytes_py");
     str_send_failed = PyUnicode_InternFromString("_send_failed");
     str_call_was_slow = PyUnicode_InternFromString("_call_was_slow");
-    str_offload_read = PyUnicode_InternFromString("_offload_read");
     str_offload_new = PyUnicode_InternFromString("_offload_new");
-    str_adopt = PyUnicode_InternFromString("_adopt");
     if (!lock_acquire || !lock_release || !str_gen || !str_handed_off || !str_error || !str_eof ||
-        !str_send_later || !str_send_bytes_py || !str_send_failed || !str_call_was_slow || !str_offload_read || !str_offload_new || !str_adopt)
+        !str_send_later || !str_send_bytes_py || !str_send_failed || !str_call_was_slow || !str_offload_new)
         return NULL;
     lock_direct = check_lock_layout(allocate_lock);
     Py_DECREF(allocate_lock);

@@ -83,11 +83,8 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
         conn = conns.get(fd)
         if conn is None or conn._setup or conn.close_reason is not None:
             return i
-        offloaded = conn._offloaded
-        if offloaded and (calls is None or conn._busy):
-            return i
-        if not offloaded and calls is not None and not conn._proven and loop._offload_new:
-            offloaded = loop._adopt(conn)
+        if conn._offloaded or (calls is not None and not conn._proven and loop._offload_new):
+            return i  # its calls run on threads, which read it too: the loop's full path moves it there
         tls = conn._tls
         try:
             if tls is None:
@@ -95,13 +92,9 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
             else:
                 data = tls.recv_nowait(bufsize)
                 if data is None:  # part of a record, or the session must write first
-                    if offloaded:
-                        return i
                     i += 1
                     continue
         except BlockingIOError:
-            if offloaded:
-                return i  # it must be armed again
             i += 1
             continue
         except OSError as exc:
@@ -112,10 +105,6 @@ def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Option
         if not data:
             return i, FINISH, "eof"
         conn.bytes_in += len(data)
-        if offloaded:
-            loop._offload_read(conn, data)
-            i += 1
-            continue
         if calls is None:
             try:
                 handler(data, conn)

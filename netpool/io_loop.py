@@ -103,8 +103,19 @@ HANDOFF_IDLE_TICK = 0.02
 # that came back blocks again, it must prove itself twice as long.
 INLINE_AFTER = 16
 # How many times an offloaded connection's thread reads on by itself before
-# it gives the connection back to the loop (_run_calls).
+# it arms the connection again and takes the next event (_run_calls).
 READ_AHEAD = 64
+# Threads that run offloaded connections' calls, per listener (shared by its
+# loops); past that, offloaded connections wait for a running one.
+HANDLER_THREADS = 1024
+# A handler thread with nothing to do for this long leaves (but the last).
+HANDLER_KEEPALIVE = 10.0
+# Handler threads are added while the process used less than CPU_BUSY of a
+# core over the last CPU_WINDOW seconds (the interpreter runs Python on one
+# core at a time), and always up to MIN_HANDLERS.
+MIN_HANDLERS = 4
+CPU_BUSY = 0.85
+CPU_WINDOW = 0.01
 
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN = select.EPOLLIN | select.EPOLLRDHUP
@@ -120,7 +131,7 @@ class LoopConnection(Connection):
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_ssl_session",
                  "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_blocked", "_offloaded", "_busy", "_quick",
-                 "_proven", "_inline_after")
+                 "_proven", "_inline_after", "_away")
 
     def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -149,6 +160,7 @@ class LoopConnection(Connection):
         # whatever other connections' calls do (see IOLoop._offload_new).
         self._proven = False
         self._inline_after = INLINE_AFTER  # quick calls on threads before it comes back (grows if it flaps)
+        self._away = False  # registered with the handler threads' epoll, not the loop's
 
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
@@ -349,6 +361,19 @@ class IOLoop:
         # finish (with the reason given) or read at once (reason None: OpenSSL
         # holds decrypted bytes that epoll cannot see).
         self._later: collections.deque[tuple[LoopConnection, Optional[str]]] = collections.deque()
+        # Thread mode: offloaded connections' epoll and the threads that wait
+        # on it (see "offloaded connections" below); an eventfd wakes them all
+        # at stop.
+        self._offload_ep = select.epoll() if handoff else None
+        self._offload_wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if handoff else -1
+        if handoff:
+            self._offload_ep.register(self._offload_wake, select.EPOLLIN)
+        self._offload_lock = threading.Lock()
+        self._handlers = 0
+        self._idle_handlers = 0
+        self._max_handlers = max(1, HANDLER_THREADS // listener.config.io_threads)
+        self._closed = False
+        self._cpu_at, self._cpu_used, self._cpu_room = time.monotonic(), time.process_time(), True
         # An eventfd wakes the loop for new connections and for stop; epoll
         # watches it like any socket.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -372,6 +397,12 @@ class IOLoop:
         # the thread running it may become a connection's own at any time.
         self.listener._conn_threads.submit(self.run)
         self._monitor.start()
+
+    @property
+    def idle_handler_threads(self) -> int:
+        """Thread mode: handler threads waiting for offloaded connections' events (none of them busy)."""
+        with self._offload_lock:
+            return self._idle_handlers
 
     def join(self, timeout: float) -> bool:
         """Wait for the loop's own threads (not handed-off connection threads); True if they ended."""
@@ -402,6 +433,9 @@ class IOLoop:
             self._stopping = True
             if self._wake_fd >= 0:  # not yet closed by a loop that ended
                 os.eventfd_write(self._wake_fd, 1)
+        with self._offload_lock:
+            if self._offload_wake >= 0:  # idle handler threads leave at once
+                os.eventfd_write(self._offload_wake, 1)
 
     def watch_writable(self, conn: LoopConnection, on: bool) -> None:
         try:
@@ -449,12 +483,6 @@ class IOLoop:
         next_sweep = time.monotonic() + self._sweep_every
         if self._pending or self._returned or self._later:  # left by an owner handed off while taking them in
             self._take_new(time.monotonic())
-        for conn in list(conns.values()):
-            # The previous owner was handed off in the middle of a batch of
-            # events: those it had not served yet are reported again, but for
-            # offloaded connections (one-shot) only once armed again.
-            if conn._offloaded and not conn._busy and not conn._setup:
-                self._rearm(conn)
         handoff = self.handoff
         while not (self._stopping and not conns and not self._pending and not self._returned and not self._later):
             events = poll(self._sweep_every)
@@ -493,8 +521,12 @@ class IOLoop:
         if conn._setup:
             self._advance_setup(conn)
             return
-        if conn._busy:
-            return  # its calls run on a thread; the loop reads it again when they are over
+        if conn._offloaded or (self._offload_new and not conn._proven and self.handoff):
+            if not conn._away and not conn._busy:
+                # Its calls run on threads: from now on they read it too.
+                conn._offloaded = True
+                self._move_out(conn, armed=True)
+            return
         if ev & select.EPOLLOUT:
             self._writable(conn)
             if not ev & READ_EVENTS:
@@ -510,10 +542,8 @@ class IOLoop:
             else:
                 data = tls.recv_nowait(self._bufsize)
                 if data is None:
-                    self._rearm(conn)
                     return
         except BlockingIOError:
-            self._rearm(conn)
             return
         except OSError as exc:
             self._finish_dispatched(conn, hot_path.RECV_ERROR, exc)
@@ -523,10 +553,7 @@ class IOLoop:
             return
         conn._last_read = now
         conn.bytes_in += len(data)
-        if conn._offloaded or (self._offload_new and not conn._proven and self._adopt(conn)):
-            self._offload(conn, data, listener._raw_framing)
-        else:
-            self._deliver(conn, data, listener._handler, listener._raw_framing)
+        self._deliver(conn, data, listener._handler, listener._raw_framing)
 
     def _finish_dispatched(self, conn: LoopConnection, kind: int, value: Any) -> None:
         """End a connection as hot_path.dispatch said: its reason, a receive error, or the handler's exception."""
@@ -552,10 +579,15 @@ class IOLoop:
             self._later.popleft()[0]._busy = False
         for conn in list(self._conns.values()):
             conn._force_close()
-            if conn._busy:
+            if conn._away and not self._claim(conn) or conn._busy and not conn._away:
                 continue  # its call is running on a thread, which finishes it (_calls_done)
             self._finish(conn, "server_stop")
         self._ep.close()
+        if self._offload_ep is not None:
+            with self._offload_lock:
+                self._closed = True
+            os.eventfd_write(self._offload_wake, 1)  # every handler thread wakes and leaves
+            self._close_offload_ep()
         with self._takeover_lock:
             os.close(self._wake_fd)
             self._wake_fd = -1
@@ -598,10 +630,16 @@ class IOLoop:
         try:
             while True:
                 if not data:
-                    self._handle_each(conn, handler, conn._framer.eof(), tls, eof=True)
+                    left = self._handle_each(conn, handler, conn._framer.eof(), tls, eof=True)
+                    if left is not None and conn.close_reason is None:
+                        self._offload_rest(conn, left, tls, eof=True)
+                        return
                     self._finish(conn, "eof")
                     return
-                self._handle_each(conn, handler, (data,) if raw else conn._framer.feed(data), tls)
+                left = self._handle_each(conn, handler, (data,) if raw else conn._framer.feed(data), tls)
+                if left is not None and conn.close_reason is None:
+                    self._offload_rest(conn, left, tls, eof=False)
+                    return
                 if conn.close_reason is not None:
                     self._finish(conn, "error")
                     return
@@ -620,14 +658,29 @@ class IOLoop:
         except Exception as exc:
             self._finish(conn, reason_for(conn, exc))
 
-    def _handle_each(self, conn: LoopConnection, handler: Any, messages: Any, tls: Any, eof: bool = False) -> None:
-        """The handler on each message in order, until the connection closes or turns to TLS."""
+    def _handle_each(self, conn: LoopConnection, handler: Any, messages: Any, tls: Any,
+                     eof: bool = False) -> Optional[list]:
+        """The handler on each message in order, until the connection closes or turns to TLS.
+
+        Returns the messages left when a call turned out to block (the
+        connection is offloaded: the rest go to a thread), else None.
+        """
         rest = iter(messages)
         for message in rest:
             # If this call is handed off, its thread takes the rest along.
             self._user_call(conn, handler, message, conn, pending=rest, eof=eof, tls=tls)
             if conn.close_reason is not None or conn._tls is not tls:
                 break
+            if conn._offloaded:
+                return list(rest)
+        return None
+
+    def _offload_rest(self, conn: LoopConnection, messages: list, tls: Any, eof: bool) -> None:
+        """A call of ``conn`` blocked: its remaining messages and its reading go to the handler threads."""
+        conn._busy = True  # claimed: it is still the loop's alone
+        self._move_out(conn, armed=False)
+        if conn._away:
+            self._submit(conn, messages, tls, eof, False)
 
     def _take_new(self, now: float) -> None:
         try:
@@ -644,10 +697,7 @@ class IOLoop:
         while self._later:
             conn, reason = self._later.popleft()
             conn._busy = False
-            if reason is not None:
-                self._finish(conn, reason)
-            else:
-                self._serve_event(conn._fd, select.EPOLLIN, now)
+            self._finish(conn, reason)
         listener = self.listener
         context = listener._tls_context if listener._tls_implicit else None
         raw_framer = listener._raw_framer
@@ -683,10 +733,12 @@ class IOLoop:
         if conn._offloaded:
             if hook:
                 # Not read until on_connect is over, as on a connection thread.
-                self._ep.modify(conn._fd, select.EPOLLONESHOT)
-                self._submit(conn, (), conn._tls, False, True)
+                conn._busy = True
+                self._move_out(conn, armed=False)
+                if conn._away:
+                    self._submit(conn, (), conn._tls, False, True)
             else:
-                self._ep.modify(conn._fd, _ONCE)
+                self._move_out(conn, armed=True)
             return
         if hook:
             self._user_call(conn, self._connected, conn, tls=conn._tls)
@@ -762,6 +814,8 @@ class IOLoop:
                 conn._request_close("send_timeout", socket.SHUT_RDWR)
                 self._finish(conn, "send_timeout")
             elif idle and now - conn._last_read >= idle:
+                if conn._away and not self._claim(conn):
+                    continue  # a handler thread has just taken it: not idle
                 self._finish(conn, "idle_timeout")
 
     def _finish(self, conn: LoopConnection, reason: str) -> None:
@@ -782,7 +836,7 @@ class IOLoop:
     def _hold(self, conn: LoopConnection) -> None:
         """Have this loop read ``conn`` (new, given back, or kept after a refused hand-off)."""
         self._conns[conn._fd] = conn
-        self._ep.register(conn._fd, _ONCE if conn._offloaded else _IN)
+        self._ep.register(conn._fd, _IN)  # an offloaded one moves to the threads at its first event
 
     def _forget(self, conn: LoopConnection) -> None:
         """Take ``conn`` out of this loop (it is finishing, or handed off); its descriptor stays open."""
@@ -790,19 +844,35 @@ class IOLoop:
         if self._conns.get(fd) is conn:
             del self._conns[fd]
             try:
-                self._ep.unregister(fd)
+                if conn._away:
+                    conn._away = False
+                    self._offload_ep.unregister(fd)
+                else:
+                    self._ep.unregister(fd)
             except (OSError, ValueError):
                 pass
 
     # -- thread mode: offloaded connections -----------------------------------------
+    #
+    # An offloaded connection is registered in _offload_ep (one-shot) instead
+    # of the loop's epoll (_away). Handler threads (_serve_offloaded) wait on
+    # it, one event each: the thread that takes a connection's event reads it,
+    # runs its calls, reads on, and arms it again. A message thus costs one
+    # thread wake-up, as on a thread per connection, while the threads are
+    # only as many as calls run at once. Whoever takes an offloaded
+    # connection (a handler thread, the sweep, the loop's close) claims it
+    # first (_claim): a one-shot event can be taken by a thread just as the
+    # loop decides to finish the connection.
 
     def _call_was_slow(self, conn: LoopConnection, took: float) -> None:
         """An inline call held the loop past OFFLOAD_AFTER: this connection's calls go to threads.
 
         Called on the loop thread right after the call (by ``_user_call`` or
-        the hot path). New connections start offloaded too, until one comes
-        back (``_calls_done``): a handler that blocked on one connection is
-        likely to block on the next.
+        the hot path). Connections with no quick call of their own follow,
+        until a call on a thread turns out quick (``_calls_done``): a handler
+        that blocked on one connection is likely to block on the next. The
+        connection moves to the threads at its next event (``_serve_event``),
+        or with the rest of its messages (``_deliver``).
         """
         off_cpu, gave_up = since_mark()
         if (off_cpu < OFFLOAD_AFTER or not gave_up) and took < OFFLOAD_LONG:
@@ -817,54 +887,122 @@ class IOLoop:
         conn._offloaded = True
         conn._quick = 0
         self.offloads += 1
-        if not conn._setup:
-            try:
-                self._ep.modify(conn._fd, _ONCE)
-            except OSError:
-                pass  # closing: the loop finishes it
 
-    def _adopt(self, conn: LoopConnection) -> bool:
-        """Offload a connection with no quick call of its own while the handler is known to block."""
-        conn._offloaded = True
-        conn._quick = 0
+    def _move_out(self, conn: LoopConnection, *, armed: bool) -> None:
+        """Register ``conn`` with the handler threads instead of the loop (loop thread only).
+
+        ``armed``: its next event goes to a handler thread at once; otherwise
+        the caller has claimed it and runs a job for it, which arms it.
+        """
+        fd = conn._fd
         try:
-            self._ep.modify(conn._fd, _ONCE)
-        except OSError:
-            pass  # closing: the loop finishes it
-        return True
-
-    def _rearm(self, conn: LoopConnection) -> None:
-        """An offloaded connection's event brought nothing to run: read it again on its next event."""
-        if conn._offloaded:
-            try:
-                self._ep.modify(conn._fd, _ONCE)
-            except OSError:
-                pass
-
-    def _offload(self, conn: LoopConnection, data: bytes, raw: bool) -> None:
-        """Frame what was read for an offloaded connection and run its calls on a thread."""
+            self._ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        conn._away = True
         try:
-            if not data:
-                messages = conn._framer.eof()
-                if not messages:
-                    self._finish(conn, "eof")
-                    return
-            else:
-                messages = [data] if raw else conn._framer.feed(data)
-                if not messages:  # part of a message: wait for the rest
-                    self._rearm(conn)
-                    return
-        except Exception as exc:
+            self._offload_ep.register(fd, _ONCE if armed else select.EPOLLONESHOT)
+        except OSError as exc:
+            conn._away = False
             self._finish(conn, reason_for(conn, exc))
             return
-        self._submit(conn, messages, conn._tls, not data, False)
+        self._ensure_handler()
 
-    def _offload_read(self, conn: LoopConnection, data: bytes) -> None:
-        """hot_path.dispatch read a message for an offloaded raw-framed connection: run it on a thread."""
-        self._submit(conn, (data,), conn._tls, False, False)
+    def _claim(self, conn: LoopConnection) -> bool:
+        """Take an offloaded connection for a job, unless someone already has (see above)."""
+        with self._takeover_lock:
+            if conn._busy:
+                return False
+            conn._busy = True
+            return True
+
+    def _ensure_handler(self) -> None:
+        """Make sure some handler thread is waiting for offloaded connections' events."""
+        with self._offload_lock:
+            if self._idle_handlers or self._handlers >= self._max_handlers or self._stopping:
+                return
+            self._handlers += 1
+            self._idle_handlers += 1
+        self._start_handler()
+
+    def _start_handler(self) -> None:
+        try:
+            self.listener._conn_threads.submit(self._serve_offloaded, urgent=True)
+        except RuntimeError as exc:  # no thread can be started (a system limit, or stopping)
+            with self._offload_lock:
+                self._handlers -= 1
+                self._idle_handlers -= 1
+            if not self._stopping:
+                log.error("%s: I/O loop %d cannot start a handler thread (%s); offloaded connections "
+                          "wait for the ones running", self.listener.config.name, self.index, exc)
+
+    def _serve_offloaded(self) -> None:
+        """A handler thread: take offloaded connections' events one at a time and run their calls.
+
+        It counts as idle while it waits; when it takes an event and no other
+        is idle, it starts one more (up to ``_max_handlers``), so the next
+        event never waits for a call to end. Past HANDLER_KEEPALIVE with
+        nothing to do it leaves, unless it is the last one waiting.
+        """
+        poll = self._offload_ep.poll
+        lock = self._offload_lock
+        while True:
+            try:
+                events = poll(HANDLER_KEEPALIVE, 1)
+            except (OSError, ValueError):  # closed: the loop has ended
+                events = None
+            with lock:
+                if events is None or self._stopping or (not events and self._idle_handlers > 1):
+                    self._idle_handlers -= 1
+                    self._handlers -= 1
+                    last = not self._handlers
+                    break
+                if not events:
+                    continue
+                self._idle_handlers -= 1
+                more = not self._idle_handlers and self._handlers < self._max_handlers and (
+                    self._handlers < MIN_HANDLERS or self._cpu_has_room())
+                if more:
+                    self._handlers += 1
+                    self._idle_handlers += 1
+            if more:
+                self._start_handler()
+            conn = self._conns.get(events[0][0])
+            if conn is not None and conn._away and self._claim(conn):
+                self._run_calls(conn, (), conn._tls, False, False)
+            with lock:
+                self._idle_handlers += 1
+        if last and self._stopping:
+            self._close_offload_ep()
+
+    def _cpu_has_room(self) -> bool:
+        """Whether the process left the CPU idle lately (lock held): then another handler thread helps.
+
+        Events waiting with no handler thread free mean either that all are
+        blocked (another thread helps) or that the interpreter is the limit
+        (another thread only lengthens the queue for the GIL: with 1,000
+        threads a message cost twice as much CPU as with 64). The process's
+        CPU time over the last CPU_WINDOW tells which.
+        """
+        now = time.monotonic()
+        if now - self._cpu_at < CPU_WINDOW:
+            return self._cpu_room
+        used = time.process_time()
+        self._cpu_room = (used - self._cpu_used) / (now - self._cpu_at) < CPU_BUSY
+        self._cpu_at, self._cpu_used = now, used
+        return self._cpu_room
+
+    def _close_offload_ep(self) -> None:
+        """Release the handler threads' epoll once the loop has ended and the last of them has left."""
+        with self._offload_lock:
+            if self._offload_wake < 0 or self._handlers or not self._closed:
+                return
+            self._offload_ep.close()
+            os.close(self._offload_wake)
+            self._offload_wake = -1
 
     def _submit(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
-        conn._busy = True
+        """Run a claimed connection's calls on a thread (on_connect, or messages framed on the loop)."""
         try:
             self.listener._conn_threads.submit(self._run_calls, conn, messages, tls, eof, connected)
         except RuntimeError as exc:  # no thread can be started (a system limit, or stopping)
@@ -873,13 +1011,12 @@ class IOLoop:
             self._run_calls(conn, messages, tls, eof, connected)
 
     def _run_calls(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
-        """On a thread: an offloaded connection's hook or handler calls, in order; then back to the loop.
+        """On a thread: a claimed connection's hook or handler calls, in order; then arm it again.
 
         Like a connection thread, it reads on (without waiting) once its
-        calls are over: a client that answers each reply has usually answered
-        by then, and its next call runs here without a trip through the loop
-        and a thread switch. At most READ_AHEAD reads, and none while other
-        connections' calls wait for a thread.
+        calls are over: a client that answers each reply has often answered
+        by then, and its next call runs here without another wake-up. At most
+        READ_AHEAD reads, and none while jobs wait for a thread.
         """
         listener = self.listener
         handler = listener._handler
@@ -904,21 +1041,21 @@ class IOLoop:
                     if perf_counter() - started > OFFLOAD_AFTER:
                         slow = True
                 calls += len(messages)
-                if eof or conn.close_reason is not None or conn._tls is not tls or reads == READ_AHEAD or threads.queued:
+                if eof or conn.close_reason is not None or conn._tls is not tls or reads > READ_AHEAD or (
+                        reads and threads.queued):
                     break
                 reads += 1
                 try:
                     if tls is None:
                         data = recv_nowait(conn._fd, self._bufsize)
-                        if data is None:
-                            break
                     else:
                         data = tls.recv_nowait(self._bufsize)
-                        if data is None:
-                            break
                 except OSError as exc:
                     reason = self._recv_failed(conn, exc)
                     break
+                if data is None:
+                    break
+                conn._last_read = time.monotonic()
                 conn.bytes_in += len(data)
                 if data:
                     messages = [data] if raw else conn._framer.feed(data)
@@ -930,7 +1067,7 @@ class IOLoop:
 
     def _calls_done(self, conn: LoopConnection, reason: Optional[str], eof: bool, tls: Any, slow: bool,
                     calls: int) -> None:
-        """On the thread that ran them: give the connection back to its loop, or finish it if the loop is gone."""
+        """On the thread that ran them: arm the connection again, bring it back inline, or have it finished."""
         if reason is None:
             if eof:
                 reason = "eof"
@@ -940,29 +1077,37 @@ class IOLoop:
                 # start_tls() ran in the handler: what the framer buffered
                 # came in plaintext and must not pass for TLS data.
                 conn._framer = self.listener._framer_factory(self.listener.config.max_message_size)
-        conn._last_read = time.monotonic()
-        conn._quick = 0 if slow else conn._quick + calls
-        if not slow:
-            # The latest evidence says the handler does not block (a slow
-            # call was a one-off: a cold cache, a collection): new
-            # connections stay on the loop again.
-            self._offload_new = False
+        if calls:
+            conn._quick = 0 if slow else conn._quick + calls
+            if not slow:
+                # The latest evidence says the handler does not block (a slow
+                # call was a one-off: a cold cache, a collection): connections
+                # without a quick call of their own stay on the loop again.
+                self._offload_new = False
+        if reason is None and conn._tls is not None and conn._tls.pending():
+            # OpenSSL holds decrypted bytes epoll cannot see: read them on.
+            self._submit(conn, (), conn._tls, False, False)
+            return
         with self._takeover_lock:
             self.threaded_calls += calls
             if not self._stopping:
-                if reason is not None or (conn._tls is not None and conn._tls.pending()):
-                    self._later.append((conn, reason))
+                if reason is not None:
+                    self._later.append((conn, reason))  # busy until the loop finishes it
                     os.eventfd_write(self._wake_fd, 1)
                     return
-                inline = conn._quick >= conn._inline_after
-                if inline:
-                    conn._offloaded = False
-                    conn._proven = True
-                conn._busy = False
+                fd = conn._fd
                 try:
-                    rearm(self._ep, conn._fd, _IN if inline else _ONCE)
+                    if conn._quick >= conn._inline_after:
+                        # Back to the loop: quick calls cost less there.
+                        self._offload_ep.unregister(fd)
+                        conn._away = conn._offloaded = conn._busy = False
+                        conn._proven = True
+                        self._ep.register(fd, _IN)
+                    else:
+                        conn._busy = False
+                        rearm(self._offload_ep, fd, _ONCE)
                 except (OSError, ValueError):
-                    pass  # being closed: the loop finishes it
+                    conn._busy = False  # being closed: the loop finishes it
                 return
         # The loop has ended (it left this connection to us because it was busy).
         self.listener._connection_ended(conn, reason or "server_stop")

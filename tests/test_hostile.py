@@ -43,7 +43,9 @@ def assert_recovered(listener, fds_before: int) -> None:
     # every other one (a handed-off connection's) must have ended or parked.
     threads = listener._conn_threads
     loops = sum(loop.handoff for loop in listener._loops)
-    wait_for(lambda: threads.threads - threads.parked == loops, what="every connection thread parked, none stuck")
+    # Handler threads waiting for offloaded connections' events are idle too.
+    wait_for(lambda: threads.threads - threads.parked - sum(loop.idle_handler_threads for loop in listener._loops)
+             == loops, what="every connection thread parked or waiting, none stuck")
     with connect(listener) as sock:
         sock.sendall(b"fresh\n")
         assert recv_exactly(sock, 6) == b"fresh\n"
