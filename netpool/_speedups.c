@@ -48,7 +48,8 @@
 
 /* Slot offsets in LoopConnection instances (configure()). */
 static Py_ssize_t off_fd, off_setup, off_tls, off_close_reason, off_last_read, off_bytes_in, off_bytes_out,
-    off_wr_closed, off_out, off_send_lock, off_offloaded, off_proven;
+    off_wr_closed, off_out, off_send_lock, off_offloaded, off_proven, off_busy, off_quick,
+    off_inline_after;
 /* Thread mode: an inline handler call longer than this (seconds, wall clock)
  * is reported to loop._call_was_slow (hot_path.OFFLOAD_AFTER). */
 static double offload_after = 1e9;
@@ -56,7 +57,8 @@ static PyTypeObject *conn_type;  /* LoopConnection */
 static PyTypeObject *lock_type;  /* _thread.lock */
 static PyObject *lock_acquire, *lock_release; /* _thread.lock's own methods (descriptors) */
 static PyObject *str_gen, *str_handed_off, *str_error, *str_eof, *str_send_later, *str_send_bytes_py,
-    *str_send_failed, *str_call_was_slow, *str_offload_new;
+    *str_send_failed, *str_call_was_slow, *str_offload_new, *str_stopping,
+    *str_threaded_calls;
 static PyObject *one;
 
 #define RECV_MAX 65536
@@ -125,17 +127,19 @@ static PyObject *configure(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     Py_ssize_t fd, setup, tls, close_reason, last_read, bytes_in, bytes_out, wr_closed, out, send_lock, offloaded,
-        proven;
+        proven, busy, quick, inline_after;
     if (slot_offset(cls, "_fd", &fd) || slot_offset(cls, "_setup", &setup) || slot_offset(cls, "_tls", &tls) ||
         slot_offset(cls, "close_reason", &close_reason) || slot_offset(cls, "_last_read", &last_read) ||
         slot_offset(cls, "bytes_in", &bytes_in) || slot_offset(cls, "bytes_out", &bytes_out) ||
         slot_offset(cls, "_wr_closed", &wr_closed) || slot_offset(cls, "_out", &out) ||
         slot_offset(cls, "_send_lock", &send_lock) || slot_offset(cls, "_offloaded", &offloaded) ||
-        slot_offset(cls, "_proven", &proven))
+        slot_offset(cls, "_proven", &proven) || slot_offset(cls, "_busy", &busy) || slot_offset(cls, "_quick", &quick) ||
+        slot_offset(cls, "_inline_after", &inline_after))
         return NULL;
     off_fd = fd, off_setup = setup, off_tls = tls, off_close_reason = close_reason, off_last_read = last_read;
     off_bytes_in = bytes_in, off_bytes_out = bytes_out, off_wr_closed = wr_closed, off_out = out;
     off_send_lock = send_lock, off_offloaded = offloaded, off_proven = proven;
+    off_busy = busy, off_quick = quick, off_inline_after = inline_after;
     conn_type = (PyTypeObject *)Py_NewRef(cls);
     Py_RETURN_NONE;
 }
@@ -936,7 +940,136 @@ static PyObject *since_mark(PyObject *mod, PyObject *unused) {
     return Py_BuildValue("(dl)", off_cpu, gave_up);
 }
 
+/* serve_offloaded(loop, conn, handler, epfd, bufsize, read_ahead, events): a handler thread's
+ * turn with a claimed, plain, raw-framed offloaded connection (io_loop._run_calls in C): read,
+ * run the handler on each read (timed), read on up to read_ahead times without waiting, then
+ * arm the connection again in epfd with events and release it (conn._busy = False), all with
+ * the GIL held but for the handler's own calls, so the release and io_loop's close cannot
+ * interleave. Returns None when done so, else (kind, value, calls, slow) for the Python path
+ * to finish the turn: FINISH (value: the reason), RECV_ERROR or HANDLER_ERROR (value: the
+ * exception), or REST (value None: anything else, such as coming back inline). */
+enum { REST = 4 };
+static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "serve_offloaded() takes 7 arguments");
+        return NULL;
+    }
+    PyObject *loop = args[0], *conn = args[1], *handler = args[2];
+    long epfd = PyLong_AsLong(args[3]);
+    Py_ssize_t bufsize = PyLong_AsSsize_t(args[4]), read_ahead = PyLong_AsSsize_t(args[5]);
+    unsigned long events = PyLong_AsUnsignedLong(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    if (conn_type == NULL || !is_conn(conn) || epfd < 0 || epfd > INT_MAX || bufsize < 1 || bufsize > RECV_MAX ||
+        events > UINT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "serve_offloaded(): bad arguments, or configure() not called");
+        return NULL;
+    }
+    int fd = slot_fd(conn);
+    if (fd < 0) {
+        if (PyErr_Occurred()) return NULL;
+        return Py_BuildValue("(iOni)", REST, Py_None, (Py_ssize_t)0, 0);
+    }
+    Py_ssize_t calls = 0;
+    int slow = 0, kind = -1;
+    PyObject *value = NULL;
+    Py_INCREF(conn);
+    for (Py_ssize_t reads = 0; reads <= read_ahead; reads++) {
+        Py_ssize_t got;
+        do {
+            got = recv(fd, recv_buf, (size_t)bufsize, MSG_DONTWAIT);
+        } while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            PyErr_SetFromErrno(PyExc_OSError);
+            kind = RECV_ERROR, value = take_exception();
+            goto out;
+        }
+        struct timespec started, ended;
+        clock_gettime(CLOCK_MONOTONIC, &started);
+        PyObject *now = PyFloat_FromDouble((double)started.tv_sec + (double)started.tv_nsec * 1e-9);
+        if (now == NULL) goto fail;
+        set_slot(conn, off_last_read, now);
+        Py_DECREF(now);
+        if (got == 0) {
+            kind = FINISH, value = Py_NewRef(str_eof);
+            goto out;
+        }
+        if (add_to_slot(conn, off_bytes_in, got) < 0) goto fail;
+        PyObject *data = PyBytes_FromStringAndSize(recv_buf, got);
+        if (data == NULL) goto fail;
+        PyObject *call_args[2] = {data, conn};
+        PyObject *res = PyObject_Vectorcall(handler, call_args, 2, NULL);
+        Py_DECREF(data);
+        clock_gettime(CLOCK_MONOTONIC, &ended);
+        calls++;
+        if ((double)(ended.tv_sec - started.tv_sec) + (double)(ended.tv_nsec - started.tv_nsec) * 1e-9 > offload_after)
+            slow = 1;
+        if (res == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) goto fail; /* KeyboardInterrupt and such */
+            kind = HANDLER_ERROR, value = take_exception();
+            goto out;
+        }
+        Py_DECREF(res);
+        if (SLOT(conn, off_close_reason) != Py_None || SLOT(conn, off_tls) != Py_None) {
+            kind = REST; /* closing, or start_tls() ran: the Python path knows what follows */
+            goto out;
+        }
+    }
+    /* Nothing more to read now: arm it again, unless it has earned its way back to the loop or
+     * the loop is closing (the Python path does those). */
+    Py_ssize_t quick = 0, inline_after = 0;
+    PyObject *q = SLOT(conn, off_quick), *ia = SLOT(conn, off_inline_after);
+    if (q == NULL || ia == NULL || !PyLong_CheckExact(q) || !PyLong_CheckExact(ia)) {
+        kind = REST;
+        goto out;
+    }
+    quick = slow ? 0 : PyLong_AsSsize_t(q) + calls;
+    inline_after = PyLong_AsSsize_t(ia);
+    PyObject *stopping = PyObject_GetAttr(loop, str_stopping);
+    if (stopping == NULL) goto fail;
+    int closing = PyObject_IsTrue(stopping);
+    Py_DECREF(stopping);
+    if (closing < 0) goto fail;
+    if (closing || quick >= inline_after) {
+        kind = REST;
+        goto out;
+    }
+    PyObject *quick_obj = PyLong_FromSsize_t(quick);
+    if (quick_obj == NULL) goto fail;
+    set_slot(conn, off_quick, quick_obj);
+    Py_DECREF(quick_obj);
+    if (calls && !slow && PyObject_SetAttr(loop, str_offload_new, Py_False) < 0) goto fail;
+    if (calls) {
+        PyObject *total = PyObject_GetAttr(loop, str_threaded_calls);
+        if (total == NULL) goto fail;
+        PyObject *delta = PyLong_FromSsize_t(calls);
+        PyObject *sum = delta ? PyNumber_Add(total, delta) : NULL;
+        Py_DECREF(total);
+        Py_XDECREF(delta);
+        if (sum == NULL) goto fail;
+        int rc = PyObject_SetAttr(loop, str_threaded_calls, sum);
+        Py_DECREF(sum);
+        if (rc < 0) goto fail;
+    }
+    struct epoll_event ev = {.events = (uint32_t)events, .data.fd = fd};
+    epoll_ctl((int)epfd, EPOLL_CTL_MOD, fd, &ev); /* failing only as it closes: the loop finishes it */
+    set_slot(conn, off_busy, Py_False);
+    Py_DECREF(conn);
+    Py_RETURN_NONE;
+out:;
+    PyObject *result = Py_BuildValue("(iOni)", kind, value ? value : Py_None, calls, slow);
+    Py_XDECREF(value);
+    Py_DECREF(conn);
+    return result;
+fail:
+    Py_XDECREF(value);
+    Py_DECREF(conn);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"serve_offloaded", (PyCFunction)(void (*)(void))serve_offloaded, METH_FASTCALL,
+     "A handler thread's turn with a plain, raw-framed offloaded connection; see io_loop._run_calls."},
     {"mark", mark, METH_NOARGS, "Note this thread's CPU time and voluntary context switches."},
     {"since_mark", since_mark, METH_NOARGS,
      "(seconds off the CPU, voluntary context switches) since mark(); marks again."},
@@ -977,8 +1110,11 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     str_send_failed = PyUnicode_InternFromString("_send_failed");
     str_call_was_slow = PyUnicode_InternFromString("_call_was_slow");
     str_offload_new = PyUnicode_InternFromString("_offload_new");
+    str_stopping = PyUnicode_InternFromString("_stopping");
+    str_threaded_calls = PyUnicode_InternFromString("threaded_calls");
     if (!lock_acquire || !lock_release || !str_gen || !str_handed_off || !str_error || !str_eof ||
-        !str_send_later || !str_send_bytes_py || !str_send_failed || !str_call_was_slow || !str_offload_new)
+        !str_send_later || !str_send_bytes_py || !str_send_failed || !str_call_was_slow || !str_offload_new || !str_stopping ||
+        !str_threaded_calls)
         return NULL;
     lock_direct = check_lock_layout(allocate_lock);
     Py_DECREF(allocate_lock);

@@ -263,6 +263,18 @@ def since_mark() -> tuple[float, int]:
     return (wall - then[0]) - (cpu - then[1]), voluntary - then[2]
 
 
+# What serve_offloaded() returns when the Python path must end the turn:
+# (kind, value, calls, slow) with kind FINISH, RECV_ERROR, HANDLER_ERROR or REST.
+REST = 4
+
+
+def offloaded_server() -> Optional[Callable[..., Any]]:
+    """The C turn of a handler thread with a plain, raw-framed offloaded connection, or None (see io_loop)."""
+    if _active is dispatch:
+        return None
+    return _speedups.serve_offloaded  # type: ignore[union-attr, no-any-return]
+
+
 def poller(ep: "select.epoll") -> Callable[[float], list]:
     """The wait of a loop on ``ep``: ``poll(timeout) -> [(fd, events), ...]``."""
     if _active is dispatch:

@@ -113,9 +113,12 @@ HANDLER_KEEPALIVE = 10.0
 # Handler threads are added while the process used less than CPU_BUSY of a
 # core over the last CPU_WINDOW seconds (the interpreter runs Python on one
 # core at a time), and always up to MIN_HANDLERS.
-MIN_HANDLERS = 4
+MIN_HANDLERS = 16
 CPU_BUSY = 0.85
 CPU_WINDOW = 0.01
+# Every handler thread busy and none done with a turn for this long: the
+# monitor starts one more (they are blocked, not short of CPU).
+HANDLERS_STUCK = 0.01
 
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN = select.EPOLLIN | select.EPOLLRDHUP
@@ -374,6 +377,7 @@ class IOLoop:
         self._max_handlers = max(1, HANDLER_THREADS // listener.config.io_threads)
         self._closed = False
         self._cpu_at, self._cpu_used, self._cpu_room = time.monotonic(), time.process_time(), True
+        self._turn_ended = time.monotonic()  # when a handler thread last finished a turn
         # An eventfd wakes the loop for new connections and for stop; epoll
         # watches it like any socket.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -525,7 +529,7 @@ class IOLoop:
             if not conn._away and not conn._busy:
                 # Its calls run on threads: from now on they read it too.
                 conn._offloaded = True
-                self._move_out(conn, armed=True)
+                self._hand_to_threads(conn)
             return
         if ev & select.EPOLLOUT:
             self._writable(conn)
@@ -738,7 +742,7 @@ class IOLoop:
                 if conn._away:
                     self._submit(conn, (), conn._tls, False, True)
             else:
-                self._move_out(conn, armed=True)
+                self._hand_to_threads(conn)
             return
         if hook:
             self._user_call(conn, self._connected, conn, tls=conn._tls)
@@ -888,6 +892,21 @@ class IOLoop:
         conn._quick = 0
         self.offloads += 1
 
+    def _hand_to_threads(self, conn: LoopConnection) -> None:
+        """Move an offloaded connection to the handler threads; what OpenSSL already holds goes with it.
+
+        Decrypted bytes waiting inside OpenSSL raise no event, so a connection
+        holding some is not armed to wait for one: a thread reads them now.
+        """
+        tls = conn._tls
+        if tls is not None and tls.pending():
+            conn._busy = True
+            self._move_out(conn, armed=False)
+            if conn._away:
+                self._submit(conn, (), tls, False, False)
+        else:
+            self._move_out(conn, armed=True)
+
     def _move_out(self, conn: LoopConnection, *, armed: bool) -> None:
         """Register ``conn`` with the handler threads instead of the loop (loop thread only).
 
@@ -917,13 +936,20 @@ class IOLoop:
             return True
 
     def _ensure_handler(self) -> None:
-        """Make sure some handler thread is waiting for offloaded connections' events."""
+        """Make sure some handler thread is waiting for offloaded connections' events.
+
+        The first time, MIN_HANDLERS start at once: connections offloaded
+        together (many clients blocking at the same moment) then find a
+        thread each, instead of waiting for threads started one by one.
+        """
         with self._offload_lock:
             if self._idle_handlers or self._handlers >= self._max_handlers or self._stopping:
                 return
-            self._handlers += 1
-            self._idle_handlers += 1
-        self._start_handler()
+            start = max(1, min(MIN_HANDLERS, self._max_handlers) - self._handlers)
+            self._handlers += start
+            self._idle_handlers += start
+        for _ in range(start):
+            self._start_handler()
 
     def _start_handler(self) -> None:
         try:
@@ -946,6 +972,10 @@ class IOLoop:
         """
         poll = self._offload_ep.poll
         lock = self._offload_lock
+        listener = self.listener
+        # Plain reads of raw-framed connections: a whole turn in C.
+        fast = hot_path.offloaded_server() if listener._raw_framing else None
+        handler, epfd, bufsize = listener._handler, self._offload_ep.fileno(), self._bufsize
         while True:
             try:
                 events = poll(HANDLER_KEEPALIVE, 1)
@@ -969,11 +999,27 @@ class IOLoop:
                 self._start_handler()
             conn = self._conns.get(events[0][0])
             if conn is not None and conn._away and self._claim(conn):
-                self._run_calls(conn, (), conn._tls, False, False)
+                if fast is not None and conn._tls is None:
+                    turn = fast(self, conn, handler, epfd, bufsize, READ_AHEAD, _ONCE)
+                    if turn is not None:
+                        self._end_turn(conn, *turn)
+                else:
+                    self._run_calls(conn, (), conn._tls, False, False)
             with lock:
                 self._idle_handlers += 1
+                self._turn_ended = time.monotonic()
         if last and self._stopping:
             self._close_offload_ep()
+
+    def _unstick_handlers(self) -> None:
+        with self._offload_lock:
+            if (self._idle_handlers or self._handlers >= self._max_handlers or self._stopping
+                    or time.monotonic() - self._turn_ended < HANDLERS_STUCK):
+                return
+            self._handlers += 1
+            self._idle_handlers += 1
+            self._turn_ended = time.monotonic()  # one more per HANDLERS_STUCK at most
+        self._start_handler()
 
     def _cpu_has_room(self) -> bool:
         """Whether the process left the CPU idle lately (lock held): then another handler thread helps.
@@ -991,6 +1037,17 @@ class IOLoop:
         self._cpu_room = (used - self._cpu_used) / (now - self._cpu_at) < CPU_BUSY
         self._cpu_at, self._cpu_used = now, used
         return self._cpu_room
+
+    def _end_turn(self, conn: LoopConnection, kind: int, value: Any, calls: int, slow: bool) -> None:
+        """What the C turn (hot_path.offloaded_server) left to Python: finish the connection, or the rest."""
+        reason: Optional[str] = None
+        if kind == hot_path.FINISH:
+            reason = value
+        elif kind == hot_path.RECV_ERROR:
+            reason = self._recv_failed(conn, value)
+        elif kind == hot_path.HANDLER_ERROR:
+            reason = reason_for(conn, value)
+        self._calls_done(conn, reason, reason == "eof", None, slow, calls)
 
     def _close_offload_ep(self) -> None:
         """Release the handler threads' epoll once the loop has ended and the last of them has left."""
@@ -1115,11 +1172,19 @@ class IOLoop:
     # -- thread mode: the monitor and the hand-off ---------------------------------
 
     def _watch(self) -> None:
-        """The monitor: hand the loop off when one user call has run for a whole tick."""
+        """The monitor: hand the loop off when one user call has run for a whole tick.
+
+        It also starts a handler thread when every one has been busy for
+        HANDLERS_STUCK with none finishing a turn (all blocked, say, in sends
+        to clients that do not read): the event of another offloaded
+        connection may be waiting for a thread, and only a new one takes it.
+        """
         last = -1
         tick = HANDOFF_AFTER
         while not self._stopping:
             time.sleep(tick)  # one system call; Event.wait would run a Condition's Python per tick
+            if self._handlers and not self._idle_handlers:
+                self._unstick_handlers()
             gen = self._gen
             if gen != last:
                 last, tick = gen, HANDOFF_AFTER

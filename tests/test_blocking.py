@@ -11,6 +11,7 @@ answered promptly while others block.
 
 from __future__ import annotations
 
+import ssl
 import statistics
 import threading
 import time
@@ -20,6 +21,7 @@ import pytest
 from netpool import hot_path
 from netpool.io_loop import HANDOFF_AFTER
 
+from .certs import TestCA
 from .conftest import connect, recv_exactly, run_concurrently, serving, wait_for
 
 # Shorter than HANDOFF_AFTER: the monitor alone would never move such a call.
@@ -192,3 +194,33 @@ def test_stop_lets_offloaded_calls_finish_and_counts_them_once():
                 sock.close()
     assert info.closed == 5 and info.live == 0 and info.open == 0
     assert info.closed_by_reason == {"server_stop": 5}
+
+
+def test_offloaded_tls_connection_reads_what_openssl_already_holds(tmp_path):
+    """TLS, 1,000-byte reads of 5,000-byte records, a handler that blocks: every piece is served, in order.
+
+    The four pieces of a record after the first wait inside OpenSSL, where
+    epoll cannot see them: a connection moved to the handler threads with
+    bytes there must be read at once, not armed to wait for an event that
+    never comes.
+    """
+    ca = TestCA(tmp_path)
+    server = ca.issue("localhost", hosts=("localhost", "127.0.0.1"))
+    ctx = ssl.create_default_context(cafile=str(ca.path))
+    seen: list[int] = []
+
+    def handler(message: bytes, conn) -> None:
+        time.sleep(SHORT_BLOCK)
+        seen.append(len(message))
+        conn.send(message)
+
+    settings = {"certfile": str(server.cert), "keyfile": str(server.key)}
+    with serving(handler=handler, ssl=settings, max_message_size=1000) as listener:
+        with ctx.wrap_socket(connect(listener), server_hostname="localhost") as sock:
+            for round_ in range(4):
+                payload = bytes([round_]) * 5000
+                sock.sendall(payload)  # one TLS record
+                assert recv_exactly(sock, 5000) == payload
+        info = wait_for(lambda: (i := listener.info()).closed == 1 and i, what="the connection closed")
+    assert seen == [1000] * 20
+    assert info.offloads >= 1 and info.errors == 0
