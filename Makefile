@@ -60,7 +60,9 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	@touch $@
 
+# The redis runs call a real redis-server (Debian's), started by bench/run.py on a free loopback port.
 bench-tools: $(LOADGEN) $(BENCH_STAMP)
+	@$(MAKE) --no-print-directory system-tools SYSTEM_TOOLS="redis-server"
 
 bench: bench-tools
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -14,10 +14,12 @@ servers are killed after each run, and only 127.0.0.1 is used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -40,9 +42,10 @@ class Server:
     argv: tuple[str, ...]
     tls: bool = False
 
-    def command(self, port: int, cert: tuple[str, str] | None) -> list[str]:
+    def command(self, port: int, cert: tuple[str, str] | None, redis_port: int | None = None) -> list[str]:
         extra = list(cert) if (self.tls and cert) else []
-        return ["taskset", "-c", SERVER_CPU, PY, str(SERVERS_DIR / self.argv[0]), str(port), *self.argv[1:], *extra]
+        args = [a.replace("{redis}", str(redis_port)) for a in self.argv[1:]]
+        return ["taskset", "-c", SERVER_CPU, PY, str(SERVERS_DIR / self.argv[0]), str(port), *args, *extra]
 
 
 PLAIN_SERVERS = [
@@ -61,16 +64,17 @@ TLS_SERVERS = [
 REFERENCES = ("asyncio", "uvloop", "gevent", "socketserver", "asyncio+ssl", "threads")
 
 
-def blocking_servers(ms: str, which: str = "all") -> list[Server]:
-    """The same handler, blocking ``ms`` per message (time.sleep), in netpool and in the two threaded references.
+def blocking_servers(work: str) -> list[Server]:
+    """The same handler doing ``work`` (bench/servers/work.py) in netpool and in the two threaded references.
 
-    ``which`` is "all" (every message blocks) or "mixed" (only the messages of
-    loadgen's mixed mode that start with B: half the connections).
+    ``work`` is sleep:MS (every message blocks), mixed:MS (only the messages
+    of loadgen's mixed mode that start with B: half the connections), or
+    redis:{redis} (a GET from the run's redis-server).
     """
     return [
-        Server("netpool-threads", ("netpool_blocking.py", ms, which, "threads")),
-        Server("threads", ("threads_blocking.py", ms, which)),
-        Server("gevent", ("gevent_blocking.py", ms, which)),
+        Server("netpool-threads", ("netpool_blocking.py", work, "threads")),
+        Server("threads", ("threads_blocking.py", work)),
+        Server("gevent", ("gevent_blocking.py", work)),
     ]
 
 
@@ -85,6 +89,8 @@ class Config:
     servers: list[Server]
     tls: bool = False
     mixed: bool = False  # loadgen's mixed mode: half the connections' messages make the handler block
+    threaded_refs: bool = False  # compared with the better of a thread per connection and gevent
+    redis: bool = False  # the servers call a Redis the run starts
     higher_is_better: bool = True
     results: dict[str, list[dict]] = field(default_factory=dict)
 
@@ -105,8 +111,9 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(server: Server, port: int, cert: tuple[str, str] | None) -> subprocess.Popen:
-    proc = subprocess.Popen(server.command(port, cert), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def start_server(server: Server, port: int, cert: tuple[str, str] | None, redis_port: int | None) -> subprocess.Popen:
+    proc = subprocess.Popen(server.command(port, cert, redis_port), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
     deadline = time.monotonic() + 20
     assert proc.stdout is not None
     line = proc.stdout.readline()  # servers print READY once listening
@@ -121,9 +128,10 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
-def run_one(cfg: Config, server: Server, seconds: float, cert: tuple[str, str] | None) -> dict:
+def run_one(cfg: Config, server: Server, seconds: float, cert: tuple[str, str] | None,
+            redis_port: int | None = None) -> dict:
     port = free_port()
-    proc = start_server(server, port, cert)
+    proc = start_server(server, port, cert, redis_port)
     try:
         base = ["taskset", "-c", CLIENT_CPU, str(LOADGEN)]
         if cfg.mode == "pingpong":
@@ -200,11 +208,16 @@ def configs(args: argparse.Namespace) -> list[Config]:
     for spec in args.blocking:
         ms, n = spec.split(":")
         out.append(Config(f"blocking-{ms}ms-{n}", f"64-byte ping-pong, handler blocks {ms} ms, {n} connections",
-                          "pingpong", int(n), "rate", "msg/s", blocking_servers(ms)))
+                          "pingpong", int(n), "rate", "msg/s", blocking_servers(f"sleep:{ms}"), threaded_refs=True))
     for spec in args.mixed:
         ms, n = spec.split(":")
         out.append(Config(f"mixed-{ms}ms-{n}", f"mixed ping-pong, half the connections block {ms} ms, {n} connections",
-                          "pingpong", int(n), "rate", "msg/s", blocking_servers(ms, "mixed"), mixed=True))
+                          "pingpong", int(n), "rate", "msg/s", blocking_servers(f"mixed:{ms}"), mixed=True,
+                          threaded_refs=True))
+    for n in args.redis:
+        out.append(Config(f"redis-{n}", f"64-byte ping-pong, handler does a redis-py GET, {n} connections",
+                          "pingpong", n, "rate", "msg/s", blocking_servers("redis:{redis}"), threaded_refs=True,
+                          redis=True))
     for n in args.tls:
         out.append(Config(f"tls-{n}", f"TLS 64-byte ping-pong, {n} connections", "pingpong", n, "rate", "msg/s",
                           TLS_SERVERS, tls=True))
@@ -248,7 +261,7 @@ def summarise(cfg: Config) -> list[str]:
                 if not cfg.higher_is_better:
                     ratio = medians[ref] / medians[ours]  # > 1 means netpool uses less memory
                 parts.append(f"{ratio:.2f}x {ref}")
-        if cfg.key.startswith("blocking") and "threads" in medians and "gevent" in medians:
+        if cfg.threaded_refs and "threads" in medians and "gevent" in medians:
             better = max(medians["threads"], medians["gevent"])
             parts.append(f"**{medians[ours] / better:.2f}x the better reference**")
         ratio_lines.append(f"- **{ours}**: " + ", ".join(parts))
@@ -256,6 +269,43 @@ def summarise(cfg: Config) -> list[str]:
     if not cfg.higher_is_better:
         lines.insert(len(lines) - 1, "(memory ratios are reference/netpool: above 1.00x netpool uses less)")
     return lines
+
+
+class LocalRedis:
+    """A redis-server on a free loopback port, pinned with the load generator, for the redis runs."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "LocalRedis":
+        import redis
+
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed: make bench installs it (Debian's redis-server)")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", CLIENT_CPU, server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--maxclients", "10000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.set("netpool-bench", b"v" * 64)
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.__exit__()
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.05)  # bounded by the deadline above
+        client.close()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
 
 
 def mixed_summary(plan: list[Config]) -> list[str]:
@@ -287,6 +337,8 @@ def main() -> int:
     ap.add_argument("--mixed", nargs="*", default=["0:50", "1:50"],
                     help="MS:CONNECTIONS pairs: half the connections' messages block MS, the other half's "
                          "p99 is reported (0 gives the same run with nothing blocking)")
+    ap.add_argument("--redis", type=int, nargs="*", default=[50, 1000],
+                    help="connections for the runs whose handler does a redis-py GET against a local redis-server")
     ap.add_argument("--blocking", nargs="*", default=["0.1:50", "0.1:1000", "1:50", "1:1000", "5:50", "5:1000"],
                     help="MS:CONNECTIONS pairs: a handler that sleeps MS per message, against a thread per "
                          "connection and gevent")
@@ -300,14 +352,15 @@ def main() -> int:
         return 2
     started = time.time()
     plan = configs(args)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         cert = make_cert(tmp)
+        redis_port = stack.enter_context(LocalRedis()).port if any(cfg.redis for cfg in plan) else None
         for cfg in plan:
             servers = [s for s in cfg.servers if not args.only or s.name in args.only]
             for rnd in range(args.rounds):
                 for server in servers:
                     try:
-                        result = run_one(cfg, server, args.seconds, cert)
+                        result = run_one(cfg, server, args.seconds, cert, redis_port)
                     except Exception as exc:  # noqa: BLE001 - a failed run is reported, not fatal
                         result = {"error": f"{type(exc).__name__}: {exc}"}
                     cfg.results.setdefault(server.name, []).append(result)

@@ -30,26 +30,32 @@ Timeouts (idle, send, TLS handshake) are swept by each loop about four times
 per shortest timeout, so they fire within a quarter of their length late.
 
 Thread mode (``io="threads"``, the default) runs on the same loop with one
-difference, the one Go's scheduler makes for goroutines: handlers may
-block. Every inline call is timed; one slower than OFFLOAD_AFTER (50 µs) has
-its connection *offloaded*: from then on the loop reads it (one-shot, so
-never ahead of its handler) and its calls run on the listener's reused
-threads (``conn_threads``), in order, while the loop serves the rest. The
-thread reads on by itself when a call is over, as a connection thread would,
-and gives the connection back to the loop when nothing is there. After
-INLINE_AFTER quick calls in a row the connection is served inline again.
-While the handler is known to block, connections without a quick call of
-their own start offloaded, so many connections blocking at once run
-concurrently instead of each holding the loop once.
+difference, the one Go's scheduler makes for goroutines: handlers may block.
+Every inline call is timed. One slower than OFFLOAD_AFTER (50 µs) whose
+thread gave the CPU up for that long (it slept or waited), or one slower
+than OFFLOAD_LONG (250 µs, a hash computed without the GIL, say), has its
+connection *offloaded*: it moves from the loop's epoll to a second, one-shot
+epoll that the listener's handler threads wait on, one event each. The
+thread that takes a connection's event reads it, runs its calls in order,
+reads on while data is there (as a connection thread would), then arms it
+again, so a message costs one thread wake-up and the threads are only as
+many as calls run at once: sixteen at first, one more whenever an event is
+taken with none left waiting while the process leaves CPU idle, and one
+more whenever all have been stuck for HANDLERS_STUCK. After INLINE_AFTER
+quick calls in a row the connection comes back inline. While the latest
+timed call says the handler blocks, connections without a quick call of
+their own are offloaded at their first event, so many connections blocking
+at once run concurrently instead of each holding the loop once.
 
-A call that blocks before anything is known still holds the loop, and a
-monitor thread watches for that: a call still running after HANDOFF_AFTER
-seconds has its connection taken out of the loop and the loop handed to
-another thread; a call about to wait on its peer (a full send window, a
-STARTTLS handshake) hands off at once. The thread stuck in the call finishes
-it (``read_loop.serve_handed_off``) and gives the connection back, offloaded.
-Sends in thread mode block while the peer's window is full
-(``send_timeout``), as a connection thread's would.
+The bound on holding the loop up: a connection's first blocking call (or
+its first after it came back) runs inline, for its own length, and no
+longer than HANDOFF_AFTER plus a monitor tick: a monitor thread watches for
+a call still running after HANDOFF_AFTER, takes its connection out of the
+loop and hands the loop to another thread; a call about to wait on its
+peer (a full send window, a STARTTLS handshake) hands off at once. The
+thread stuck in the call finishes it (``read_loop.serve_handed_off``) and
+gives the connection back, offloaded. Sends in thread mode block while the
+peer's window is full (``send_timeout``), as a connection thread's would.
 """
 
 from __future__ import annotations
@@ -361,9 +367,9 @@ class IOLoop:
         # given back by their thread to be read by the loop again.
         self._returned: collections.deque[LoopConnection] = collections.deque()
         # Offloaded connections whose calls are over and that the loop must
-        # finish (with the reason given) or read at once (reason None: OpenSSL
-        # holds decrypted bytes that epoll cannot see).
-        self._later: collections.deque[tuple[LoopConnection, Optional[str]]] = collections.deque()
+        # finish, with the reason given (a handler thread leaves that to the
+        # loop, which owns its table of connections and the on_close call).
+        self._later: collections.deque[tuple[LoopConnection, str]] = collections.deque()
         # Thread mode: offloaded connections' epoll and the threads that wait
         # on it (see "offloaded connections" below); an eventfd wakes them all
         # at stop.

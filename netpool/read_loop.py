@@ -3,8 +3,10 @@
 Every connection starts on an event loop (``io_loop``). In thread mode, a
 handler that blocks hands the loop to another thread and carries on with its
 connection: :func:`serve_handed_off` is what that thread runs, until it gives
-the connection back to the loop or, for one that blocks again, until the
-connection ends. Whatever happens (EOF, a reset, a quit, a handler that
+the connection back to the loop (offloaded: its later calls run on the
+loop's handler threads) or, when the loop cannot take it back (it is
+stopping, or OpenSSL holds bytes epoll cannot see), until the connection
+ends. Whatever happens (EOF, a reset, a quit, a handler that
 raises, a framing error, the listener stopping), a connection that ends here
 goes to ``service._connection_ended`` exactly once, as gevent's
 ``_handle_and_close_when_done`` and trio's ``_run_handler`` do.
@@ -69,9 +71,9 @@ def serve_handed_off(conn: Any, service: "Listener", framer: Any, pending: Itera
     handler carries on with that connection. Here it delivers what was
     already framed (``pending``, the stream's end if ``eof``). Then, as Go
     puts a goroutine back on its run queue after a blocking call, the
-    connection goes back to the loop (``give_back``) the first time; one that
-    blocks again keeps this thread and is read with blocking calls, as a
-    connection thread would.
+    connection goes back to the loop (``give_back``), which hands it to its
+    handler threads; only if it cannot is it read here with blocking calls,
+    as a connection thread would.
     """
     config = service.config
     handler = service._handler

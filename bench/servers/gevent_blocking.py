@@ -1,18 +1,17 @@
-"""Reference: gevent, monkey-patched, StreamServer whose handler blocks MS milliseconds (time.sleep; every message, or with WHICH=mixed only those starting with B), then echoes."""
+"""Reference: gevent, monkey-patched, StreamServer whose handler does WORK (see work.py), then echoes."""
 
 from gevent import monkey
 
 monkey.patch_all()
 
 import sys  # noqa: E402
-import time  # noqa: E402
 
 from gevent.server import StreamServer  # noqa: E402
+from work import make_work  # noqa: E402
 
 
-def main(port: int, ms: str, which: str = "all") -> None:
-    seconds = float(ms) / 1000
-    every = which == "all"
+def main(port: int, spec: str) -> None:
+    work = make_work(spec)
 
     def handler(sock, _address) -> None:
         recv, sendall = sock.recv, sock.sendall
@@ -20,8 +19,7 @@ def main(port: int, ms: str, which: str = "all") -> None:
             data = recv(65536)
             if not data:
                 break
-            if seconds and (every or data[:1] == b"B"):
-                time.sleep(seconds)
+            work(data)
             sendall(data)
 
     server = StreamServer(("127.0.0.1", port), handler, backlog=4096)
@@ -31,4 +29,4 @@ def main(port: int, ms: str, which: str = "all") -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), *sys.argv[2:4])
+    main(int(sys.argv[1]), sys.argv[2])

@@ -1,21 +1,16 @@
-"""netpool with a handler that blocks MS milliseconds per message (a stand-in for a database call), then echoes.
-
-WHICH is "all" (every message blocks) or "mixed" (only messages starting with B: loadgen's mixed mode).
-"""
+"""netpool with a handler that does WORK (see work.py: a sleep, or a Redis GET), then echoes."""
 
 import sys
-import time
 
 import netpool
+from work import make_work
 
 
-def main(port: int, ms: str, which: str = "all", io: str = "threads") -> None:
-    seconds = float(ms) / 1000
-    every = which == "all"
+def main(port: int, spec: str, io: str = "threads") -> None:
+    work = make_work(spec)
 
     def handler(message: bytes, conn: netpool.Connection) -> None:
-        if seconds and (every or message[:1] == b"B"):
-            time.sleep(seconds)
+        work(message)
         conn.send(message)
 
     settings = dict(handler=handler, port=port, max_connections=20000, backlog=4096)
@@ -27,4 +22,4 @@ def main(port: int, ms: str, which: str = "all", io: str = "threads") -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), *sys.argv[2:5])
+    main(int(sys.argv[1]), *sys.argv[2:4])

@@ -1,12 +1,14 @@
-"""Reference: a plain thread-per-connection server whose handler blocks MS milliseconds (every message, or with WHICH=mixed only those starting with B), then echoes."""
+"""Reference: a plain thread-per-connection server whose handler does WORK (see work.py), then echoes."""
 
 import socket
 import sys
 import threading
-import time
+from typing import Callable
+
+from work import make_work
 
 
-def serve(conn: socket.socket, seconds: float, every: bool) -> None:
+def serve(conn: socket.socket, work: Callable[[bytes], None]) -> None:
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     recv, sendall = conn.recv, conn.sendall
     with conn:
@@ -14,14 +16,12 @@ def serve(conn: socket.socket, seconds: float, every: bool) -> None:
             data = recv(65536)
             if not data:
                 break
-            if seconds and (every or data[:1] == b"B"):
-                time.sleep(seconds)
+            work(data)
             sendall(data)
 
 
-def main(port: int, ms: str, which: str = "all") -> None:
-    seconds = float(ms) / 1000
-    every = which == "all"
+def main(port: int, spec: str) -> None:
+    work = make_work(spec)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
@@ -29,8 +29,8 @@ def main(port: int, ms: str, which: str = "all") -> None:
     print("READY", flush=True)
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=serve, args=(conn, seconds, every), daemon=True).start()
+        threading.Thread(target=serve, args=(conn, work), daemon=True).start()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), *sys.argv[2:4])
+    main(int(sys.argv[1]), sys.argv[2])
