@@ -111,6 +111,9 @@ INLINE_AFTER = 16
 # How many times an offloaded connection's thread reads on by itself before
 # it arms the connection again and takes the next event (_run_calls).
 READ_AHEAD = 64
+# A connection with quick calls behind it is offloaded at its second slow
+# call within this many seconds (one alone may be a wait for the GIL).
+SECOND_STRIKE = 0.1
 # Threads that run offloaded connections' calls, per listener (shared by its
 # loops); past that, offloaded connections wait for a running one.
 HANDLER_THREADS = 1024
@@ -140,7 +143,7 @@ class LoopConnection(Connection):
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_ssl_session",
                  "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_blocked", "_offloaded", "_busy", "_quick",
-                 "_proven", "_inline_after", "_away")
+                 "_proven", "_inline_after", "_away", "_struck")
 
     def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -170,6 +173,7 @@ class LoopConnection(Connection):
         self._proven = False
         self._inline_after = INLINE_AFTER  # quick calls on threads before it comes back (grows if it flaps)
         self._away = False  # registered with the handler threads' epoll, not the loop's
+        self._struck = 0.0  # when a slow call of this (proven) connection was last let pass
 
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
@@ -887,13 +891,20 @@ class IOLoop:
         off_cpu, gave_up = since_mark()
         if (off_cpu < OFFLOAD_AFTER or not gave_up) and took < OFFLOAD_LONG:
             return  # it ran (a collection), or was preempted: it did not wait on anything
-        self._offload_new = True
         if conn._offloaded or conn.close_reason is not None or self._conns.get(conn._fd) is not conn:
             return
         if conn._proven:
-            # It was served inline before: it blocks now and then, and should
-            # prove itself longer before it comes back (up to 16 times longer).
+            # It was quick inline before. One slow call may be the loop waiting
+            # for the GIL (other threads asked for it mid-call), which looks
+            # just like blocking: a second one within SECOND_STRIKE decides.
+            now = time.monotonic()
+            if now - conn._struck > SECOND_STRIKE:
+                conn._struck = now
+                return
+            # It blocks now and then: it proves itself longer before it comes
+            # back (up to 16 times longer).
             conn._inline_after = min(conn._inline_after * 2, INLINE_AFTER * 16)
+        self._offload_new = True
         conn._offloaded = True
         conn._quick = 0
         self.offloads += 1

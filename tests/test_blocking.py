@@ -224,3 +224,22 @@ def test_offloaded_tls_connection_reads_what_openssl_already_holds(tmp_path):
         info = wait_for(lambda: (i := listener.info()).closed == 1 and i, what="the connection closed")
     assert seen == [1000] * 20
     assert info.offloads >= 1 and info.errors == 0
+
+
+def test_a_quick_connection_is_offloaded_at_its_second_slow_call_not_its_first():
+    """One slow call of a connection that was quick may be a wait for the GIL; a second one soon after is not."""
+    def handler(message: bytes, conn) -> None:
+        if message == b"slow":
+            time.sleep(SHORT_BLOCK)
+        conn.send(message)
+
+    with serving(handler=handler, framing="line") as listener:
+        with connect(listener) as sock:
+            for line in (b"quick", b"quick", b"slow", b"quick"):
+                sock.sendall(line + b"\n")
+                assert recv_exactly(sock, len(line) + 1) == line + b"\n"
+            assert listener.info().offloads == 0, "one slow call offloaded a quick connection"
+            for line in (b"slow", b"slow"):
+                sock.sendall(line + b"\n")
+                assert recv_exactly(sock, len(line) + 1) == line + b"\n"
+            assert listener.info().offloads == 1
