@@ -134,8 +134,28 @@ def parse_wrk(output: str) -> tuple[float, float, float, int, int, int]:
     return rps, _latency(output, "50"), _latency(output, "99"), requests, non2xx, socket_errors
 
 
+_IN_USE = re.compile(r'^netpool_pool_connections\{[^}]*state="in_use"[^}]*\} ([\d.]+)$', re.M)
+
+
+def sample_in_use(metrics_port: int, until: float, every: float = 0.2) -> list[int]:
+    """The front end's pool connections in use, read from its metrics every ``every`` s until ``until``."""
+    import urllib.request
+
+    samples: list[int] = []
+    while time.monotonic() < until:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as page:
+                found = _IN_USE.search(page.read().decode())
+            if found:
+                samples.append(int(float(found.group(1))))
+        except OSError:
+            pass  # a slow scrape under load is skipped, not fatal
+        time.sleep(every)  # a sampling period, bounded by ``until``
+    return samples
+
+
 def run_mode(mode: str, args: argparse.Namespace, python: str) -> Result:
-    backend_port, http_port = free_port(), free_port()
+    backend_port, http_port, metrics_port = free_port(), free_port(), free_port()
     gateway = [python, "-m", "netpool.examples.gateway"]
     backend = start(gateway + ["backend", "--db", args.db, "--port", str(backend_port), "--log-level", "warning"],
                     "backend ready")
@@ -143,7 +163,8 @@ def run_mode(mode: str, args: argparse.Namespace, python: str) -> Result:
     try:
         frontend = start(gateway + ["frontend", "--port", str(http_port), "--backend-port", str(backend_port),
                                     "--pool" if mode == "on" else "--no-pool", "--max-open", str(args.max_open),
-                                    "--timeout", str(args.timeout), "--log-level", "warning"],
+                                    "--timeout", str(args.timeout), "--log-level", "warning",
+                                    "--metrics-port", str(metrics_port)],
                          "frontend ready")
         before = backend_accepted(backend_port)
         cpu_before = cpu_seconds(frontend), cpu_seconds(backend)
@@ -152,9 +173,14 @@ def run_mode(mode: str, args: argparse.Namespace, python: str) -> Result:
                "--timeout", f"{max(1, round(args.wrk_timeout))}s", "--latency", "-s", os.path.join(HERE, "login.lua"),
                f"http://127.0.0.1:{http_port}/login"]
         print(f"== pool {mode}: {' '.join(cmd)}", flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.duration + 60)
-        output = done.stdout + done.stderr
-        if done.returncode != 0:
+        load = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        # How many pooled back-end connections are busy while the load runs
+        # (skipping its first second): a front end that keeps its pool busy
+        # has all max_open in use most of the time.
+        time.sleep(1.0)  # the load's ramp-up, not measured
+        in_use = sample_in_use(metrics_port, time.monotonic() + args.duration - 2) if mode == "on" else []
+        output, _ = load.communicate(timeout=args.duration + 60)
+        if load.returncode != 0:
             raise SystemExit(f"wrk failed:\n{output}")
         cpu = cpu_seconds(frontend) - cpu_before[0], cpu_seconds(backend) - cpu_before[1]
         accepted = backend_accepted(backend_port) - before - 1
@@ -162,6 +188,10 @@ def run_mode(mode: str, args: argparse.Namespace, python: str) -> Result:
         result = Result(mode, rps, p50, p99, requests, non2xx, socket_errors, accepted, output)
         print(output.rstrip(), flush=True)
         print(f"   back-end connections opened: {accepted:,} for {requests:,} requests", flush=True)
+        if in_use:
+            full = sum(1 for n in in_use if n >= args.max_open) / len(in_use)
+            print(f"   pooled connections in use: mean {sum(in_use) / len(in_use):.1f} of {args.max_open}, "
+                  f"all {args.max_open} in {full:.0%} of {len(in_use)} samples", flush=True)
         print(f"   CPU used during the run: front end {cpu[0]:.1f} s, back end {cpu[1]:.1f} s "
               f"(of {args.duration * (os.cpu_count() or 1)} core-seconds on the machine; wrk and the kernel use the rest)", flush=True)
         return result
