@@ -150,6 +150,9 @@ class ConnectionThreads:
 
     @property
     def queued(self) -> int:
-        """Jobs waiting for a thread because ``max_threads`` are busy."""
-        with self._lock:
-            return self._queued
+        """Jobs waiting for a thread because ``max_threads`` are busy.
+
+        Read without the lock (an int attribute is read whole): handler
+        threads ask it after every read-ahead, and a count a moment old serves.
+        """
+        return self._queued

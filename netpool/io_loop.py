@@ -142,7 +142,7 @@ class LoopConnection(Connection):
     """A Connection served by an :class:`IOLoop`: non-blocking socket, queued sends."""
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_ssl_session",
-                 "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_blocked", "_offloaded", "_busy", "_quick",
+                 "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_offloaded", "_busy", "_quick",
                  "_proven", "_inline_after", "_away", "_struck")
 
     def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
@@ -161,7 +161,6 @@ class LoopConnection(Connection):
         self._hs_deadline = 0.0
         self._alarm_due = False
         self._fd = -1  # the descriptor it is registered under, while the loop holds it
-        self._blocked = 0  # thread mode: how often one of its calls was handed off
         # Thread mode: its handler calls run on the listener's threads, not on
         # the loop (_offloaded); one is running or queued there now (_busy),
         # and so many in a row were quick (_quick).
@@ -646,13 +645,13 @@ class IOLoop:
                 if not data:
                     left = self._handle_each(conn, handler, conn._framer.eof(), tls, eof=True)
                     if left is not None and conn.close_reason is None:
-                        self._offload_rest(conn, left, tls, eof=True)
+                        self._move_out_with_job(conn, left, tls, True, False)
                         return
                     self._finish(conn, "eof")
                     return
                 left = self._handle_each(conn, handler, (data,) if raw else conn._framer.feed(data), tls)
                 if left is not None and conn.close_reason is None:
-                    self._offload_rest(conn, left, tls, eof=False)
+                    self._move_out_with_job(conn, left, tls, False, False)
                     return
                 if conn.close_reason is not None:
                     self._finish(conn, "error")
@@ -689,12 +688,6 @@ class IOLoop:
                 return list(rest)
         return None
 
-    def _offload_rest(self, conn: LoopConnection, messages: list, tls: Any, eof: bool) -> None:
-        """A call of ``conn`` blocked: its remaining messages and its reading go to the handler threads."""
-        conn._busy = True  # claimed: it is still the loop's alone
-        self._move_out(conn, armed=False)
-        if conn._away:
-            self._submit(conn, messages, tls, eof, False)
 
     def _take_new(self, now: float) -> None:
         try:
@@ -747,10 +740,7 @@ class IOLoop:
         if conn._offloaded:
             if hook:
                 # Not read until on_connect is over, as on a connection thread.
-                conn._busy = True
-                self._move_out(conn, armed=False)
-                if conn._away:
-                    self._submit(conn, (), conn._tls, False, True)
+                self._move_out_with_job(conn, (), conn._tls, False, True)
             else:
                 self._hand_to_threads(conn)
             return
@@ -917,10 +907,7 @@ class IOLoop:
         """
         tls = conn._tls
         if tls is not None and tls.pending():
-            conn._busy = True
-            self._move_out(conn, armed=False)
-            if conn._away:
-                self._submit(conn, (), tls, False, False)
+            self._move_out_with_job(conn, (), tls, False, False)
         else:
             self._move_out(conn, armed=True)
 
@@ -943,6 +930,18 @@ class IOLoop:
             self._finish(conn, reason_for(conn, exc))
             return
         self._ensure_handler()
+
+    def _move_out_with_job(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
+        """Move ``conn`` to the handler threads with work already in hand (loop thread only).
+
+        The rest of a chunk whose call blocked, an on_connect, or bytes that
+        OpenSSL holds: it is claimed and registered disarmed, and a job runs
+        that work and then arms it (``_run_calls``).
+        """
+        conn._busy = True  # claimed: it is still the loop's alone
+        self._move_out(conn, armed=False)
+        if conn._away:
+            self._submit(conn, messages, tls, eof, connected)
 
     def _claim(self, conn: LoopConnection) -> bool:
         """Take an offloaded connection for a job, unless someone already has (see above)."""
@@ -1240,7 +1239,6 @@ class IOLoop:
                           self.listener.config.name, self.index, exc)
                 started = False
             self.handoffs += 1
-            conn._blocked += 1
             # Its calls run on threads from now on (it comes back to this loop
             # for reading when this one is over), and so do new connections'.
             conn._offloaded = True

@@ -14,8 +14,22 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import netpool
+from netpool import hot_path
 
 DEADLINE = 10.0
+
+
+@pytest.fixture(params=["c", "python"])
+def version(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with the C hot path, then with the Python one."""
+    if request.param == "c" and hot_path._speedups is None:
+        pytest.skip("netpool._speedups was not compiled (no C compiler at install time)")
+    before = hot_path.speedups_active()
+    hot_path.use_speedups(request.param == "c")
+    try:
+        yield request.param
+    finally:
+        hot_path.use_speedups(before)
 
 # The I/O mode serving() uses unless a test says otherwise; modules marked
 # ``io_modes`` run every test once per mode (see pytest_generate_tests).

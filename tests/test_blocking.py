@@ -18,7 +18,6 @@ import time
 
 import pytest
 
-from netpool import hot_path
 from netpool.io_loop import HANDOFF_AFTER
 
 from .certs import TestCA
@@ -27,17 +26,6 @@ from .conftest import connect, recv_exactly, run_concurrently, serving, wait_for
 # Shorter than HANDOFF_AFTER: the monitor alone would never move such a call.
 SHORT_BLOCK = 0.001
 assert SHORT_BLOCK < HANDOFF_AFTER
-
-
-@pytest.fixture(params=["c", "python"])
-def speedups(request: pytest.FixtureRequest):
-    """Each test on the C hot path (where it compiled) and on the Python one."""
-    if request.param == "c" and hot_path._speedups is None:
-        pytest.skip("netpool._speedups is not compiled here")
-    was = hot_path.speedups_active()
-    hot_path.use_speedups(request.param == "c")
-    yield request.param
-    hot_path.use_speedups(was)
 
 
 class Concurrency:
@@ -60,7 +48,7 @@ class Concurrency:
 
 
 @pytest.mark.parametrize("framing", ["raw", "line"])
-def test_many_connections_blocking_a_millisecond_at_once_run_concurrently(speedups, framing):
+def test_many_connections_blocking_a_millisecond_at_once_run_concurrently(version, framing):
     """50 connections send one message each; the handler sleeps 1 ms: the calls overlap, not one after another."""
     handler = Concurrency(SHORT_BLOCK)
     with serving(handler=handler, framing=framing, max_connections=100) as listener:
@@ -81,7 +69,7 @@ def test_many_connections_blocking_a_millisecond_at_once_run_concurrently(speedu
 
 
 @pytest.mark.parametrize("framing", ["raw", "line"])
-def test_a_fast_client_is_answered_promptly_while_twenty_others_block(speedups, framing):
+def test_a_fast_client_is_answered_promptly_while_twenty_others_block(version, framing):
     """20 clients each get 50 replies from a handler that sleeps 1 ms; a 21st, never blocked, keeps its latency.
 
     Served one after another, each of the fast client's messages would wait

@@ -19,7 +19,7 @@ import ssl
 import struct
 import sysconfig
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -30,19 +30,6 @@ from .certs import TestCA
 from .conftest import DEADLINE, connect, recv_exactly, recv_until_closed, serving, wait_for
 
 pytestmark = pytest.mark.io_modes
-
-
-@pytest.fixture(params=["c", "python"])
-def version(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test with the C hot path, then with the Python one."""
-    if request.param == "c" and hot_path._speedups is None:
-        pytest.skip("netpool._speedups was not compiled (no C compiler at install time)")
-    before = hot_path.speedups_active()
-    hot_path.use_speedups(request.param == "c")
-    try:
-        yield request.param
-    finally:
-        hot_path.use_speedups(before)
 
 
 @pytest.fixture(scope="module")
