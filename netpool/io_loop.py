@@ -599,7 +599,10 @@ class IOLoop:
         if self._offload_ep is not None:
             with self._offload_lock:
                 self._closed = True
-            os.eventfd_write(self._offload_wake, 1)  # every handler thread wakes and leaves
+                # Under the lock: the last handler thread to leave may close
+                # the eventfd (_close_offload_ep) the moment _closed is set.
+                if self._offload_wake >= 0:
+                    os.eventfd_write(self._offload_wake, 1)  # every handler thread wakes and leaves
             self._close_offload_ep()
         with self._takeover_lock:
             os.close(self._wake_fd)

@@ -231,3 +231,27 @@ def test_a_quick_connection_is_offloaded_at_its_second_slow_call_not_its_first()
                 sock.sendall(line + b"\n")
                 assert recv_exactly(sock, len(line) + 1) == line + b"\n"
             assert listener.info().offloads == 1
+
+
+def test_stopping_with_many_idle_handler_threads_logs_no_error(caplog):
+    """The handler threads leave as the loop closes: whichever goes last, stop() logs no error."""
+
+    def handler(message: bytes, conn) -> None:
+        time.sleep(SHORT_BLOCK)
+        conn.send(message)
+
+    for _ in range(25):  # the race this guards against hit about one stop in ten
+        with serving(handler=handler, framing="line") as listener:
+            socks = [connect(listener) for _ in range(20)]
+            try:
+                for sock in socks:
+                    sock.sendall(b"ping\n")
+                for sock in socks:
+                    assert recv_exactly(sock, 5) == b"ping\n"
+            finally:
+                for sock in socks:
+                    sock.close()
+            wait_for(lambda: listener.info().closed == 20, what="20 closures")
+        assert listener.info().threaded_calls > 0
+    errors = [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert errors == []
