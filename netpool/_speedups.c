@@ -45,11 +45,12 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <sys/resource.h>
+#include <poll.h>
 
 /* Slot offsets in LoopConnection instances (configure()). */
 static Py_ssize_t off_fd, off_setup, off_tls, off_close_reason, off_last_read, off_bytes_in, off_bytes_out,
     off_wr_closed, off_out, off_send_lock, off_offloaded, off_proven, off_busy, off_quick,
-    off_inline_after;
+    off_inline_after, off_stick_skip;
 /* Thread mode: an inline handler call longer than this (seconds, wall clock)
  * is reported to loop._call_was_slow (hot_path.OFFLOAD_AFTER). */
 static double offload_after = 1e9;
@@ -58,7 +59,7 @@ static PyTypeObject *lock_type;  /* _thread.lock */
 static PyObject *lock_acquire, *lock_release; /* _thread.lock's own methods (descriptors) */
 static PyObject *str_gen, *str_handed_off, *str_error, *str_eof, *str_send_later, *str_send_bytes_py,
     *str_send_failed, *str_call_was_slow, *str_offload_new, *str_stopping,
-    *str_threaded_calls;
+    *str_threaded_calls, *str_idle_handlers;
 static PyObject *one;
 
 #define RECV_MAX 65536
@@ -127,19 +128,19 @@ static PyObject *configure(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     Py_ssize_t fd, setup, tls, close_reason, last_read, bytes_in, bytes_out, wr_closed, out, send_lock, offloaded,
-        proven, busy, quick, inline_after;
+        proven, busy, quick, inline_after, stick_skip;
     if (slot_offset(cls, "_fd", &fd) || slot_offset(cls, "_setup", &setup) || slot_offset(cls, "_tls", &tls) ||
         slot_offset(cls, "close_reason", &close_reason) || slot_offset(cls, "_last_read", &last_read) ||
         slot_offset(cls, "bytes_in", &bytes_in) || slot_offset(cls, "bytes_out", &bytes_out) ||
         slot_offset(cls, "_wr_closed", &wr_closed) || slot_offset(cls, "_out", &out) ||
         slot_offset(cls, "_send_lock", &send_lock) || slot_offset(cls, "_offloaded", &offloaded) ||
         slot_offset(cls, "_proven", &proven) || slot_offset(cls, "_busy", &busy) || slot_offset(cls, "_quick", &quick) ||
-        slot_offset(cls, "_inline_after", &inline_after))
+        slot_offset(cls, "_inline_after", &inline_after) || slot_offset(cls, "_stick_skip", &stick_skip))
         return NULL;
     off_fd = fd, off_setup = setup, off_tls = tls, off_close_reason = close_reason, off_last_read = last_read;
     off_bytes_in = bytes_in, off_bytes_out = bytes_out, off_wr_closed = wr_closed, off_out = out;
     off_send_lock = send_lock, off_offloaded = offloaded, off_proven = proven;
-    off_busy = busy, off_quick = quick, off_inline_after = inline_after;
+    off_busy = busy, off_quick = quick, off_inline_after = inline_after, off_stick_skip = stick_skip;
     conn_type = (PyTypeObject *)Py_NewRef(cls);
     Py_RETURN_NONE;
 }
@@ -949,16 +950,43 @@ static PyObject *since_mark(PyObject *mod, PyObject *unused) {
  * to finish the turn: FINISH (value: the reason), RECV_ERROR or HANDLER_ERROR (value: the
  * exception), or REST (value None: anything else, such as coming back inline). */
 enum { REST = 4 };
+
+static int set_int_slot(PyObject *conn, Py_ssize_t off, Py_ssize_t v) {
+    PyObject *obj = PyLong_FromSsize_t(v);
+    if (obj == NULL) return -1;
+    set_slot(conn, off, obj);
+    Py_DECREF(obj);
+    return 0;
+}
+
+/* Whether a handler thread should wait on this connection for its next message: not while
+ * the connection sits out after a wait that timed out (conn._stick_skip turns), and only
+ * while another handler thread waits for the other connections' events (loop._idle_handlers),
+ * so that none of them waits for this one. 1 yes, 0 no, -1 on an error. */
+static int may_stick(PyObject *loop, PyObject *conn) {
+    PyObject *skip = SLOT(conn, off_stick_skip);
+    if (skip == NULL || !PyLong_CheckExact(skip)) return 0;
+    Py_ssize_t left = PyLong_AsSsize_t(skip);
+    if (left > 0) return set_int_slot(conn, off_stick_skip, left - 1) < 0 ? -1 : 0;
+    PyObject *idle = PyObject_GetAttr(loop, str_idle_handlers);
+    if (idle == NULL) return -1;
+    int yes = PyLong_Check(idle) && Py_SIZE(idle) > 0; /* a positive int */
+    Py_DECREF(idle);
+    return yes;
+}
 static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "serve_offloaded() takes 7 arguments");
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "serve_offloaded() takes 10 arguments");
         return NULL;
     }
     PyObject *loop = args[0], *conn = args[1], *handler = args[2];
     long epfd = PyLong_AsLong(args[3]);
     Py_ssize_t bufsize = PyLong_AsSsize_t(args[4]), read_ahead = PyLong_AsSsize_t(args[5]);
     unsigned long events = PyLong_AsUnsignedLong(args[6]);
+    double stick = PyFloat_AsDouble(args[7]);
+    Py_ssize_t stick_waits = PyLong_AsSsize_t(args[8]), stick_skip = PyLong_AsSsize_t(args[9]);
     if (PyErr_Occurred()) return NULL;
+    struct timespec stick_ts = {.tv_sec = (time_t)stick, .tv_nsec = (long)((stick - (double)(time_t)stick) * 1e9)};
     if (conn_type == NULL || !is_conn(conn) || epfd < 0 || epfd > INT_MAX || bufsize < 1 || bufsize > RECV_MAX ||
         events > UINT_MAX) {
         PyErr_SetString(PyExc_ValueError, "serve_offloaded(): bad arguments, or configure() not called");
@@ -973,13 +1001,36 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
     int slow = 0, kind = -1;
     PyObject *value = NULL;
     Py_INCREF(conn);
+    int waited = 0;
+    Py_ssize_t waits = 0;
     for (Py_ssize_t reads = 0; reads <= read_ahead; reads++) {
         Py_ssize_t got;
         do {
             got = recv(fd, recv_buf, (size_t)bufsize, MSG_DONTWAIT);
         } while (got < 0 && errno == EINTR);
         if (got < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if (waited || !calls || stick <= 0 || waits >= stick_waits) break;
+                int want = may_stick(loop, conn);
+                if (want < 0) goto fail;
+                if (!want) break;
+                /* Wait here for this client's next message, as its own thread would: one
+                 * wake-up, and no epoll round trip (re-arm, wait, wake) per message. */
+                struct pollfd pfd = {.fd = fd, .events = POLLIN | POLLRDHUP};
+                int r;
+                Py_BEGIN_ALLOW_THREADS
+                r = ppoll(&pfd, 1, &stick_ts, NULL);
+                Py_END_ALLOW_THREADS
+                if (r <= 0) {
+                    /* Its client is slower than that: it waits in epoll for a while. */
+                    if (r == 0 && set_int_slot(conn, off_stick_skip, stick_skip) < 0) goto fail;
+                    break;
+                }
+                waited = 1;
+                waits++;
+                reads--;
+                continue;
+            }
             PyErr_SetFromErrno(PyExc_OSError);
             kind = RECV_ERROR, value = take_exception();
             goto out;
@@ -994,6 +1045,7 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
             kind = FINISH, value = Py_NewRef(str_eof);
             goto out;
         }
+        waited = 0;
         if (add_to_slot(conn, off_bytes_in, got) < 0) goto fail;
         PyObject *data = PyBytes_FromStringAndSize(recv_buf, got);
         if (data == NULL) goto fail;
@@ -1112,9 +1164,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     str_offload_new = PyUnicode_InternFromString("_offload_new");
     str_stopping = PyUnicode_InternFromString("_stopping");
     str_threaded_calls = PyUnicode_InternFromString("threaded_calls");
+    str_idle_handlers = PyUnicode_InternFromString("_idle_handlers");
     if (!lock_acquire || !lock_release || !str_gen || !str_handed_off || !str_error || !str_eof ||
         !str_send_later || !str_send_bytes_py || !str_send_failed || !str_call_was_slow || !str_offload_new || !str_stopping ||
-        !str_threaded_calls)
+        !str_threaded_calls || !str_idle_handlers)
         return NULL;
     lock_direct = check_lock_layout(allocate_lock);
     Py_DECREF(allocate_lock);

@@ -111,6 +111,15 @@ INLINE_AFTER = 16
 # How many times an offloaded connection's thread reads on by itself before
 # it arms the connection again and takes the next event (_run_calls).
 READ_AHEAD = 64
+# Once its calls are over, an offloaded connection's thread waits up to STICK
+# seconds for the client's next message (as a thread per connection would:
+# one wake-up, no epoll round trip), while another handler thread covers the
+# other connections; STICK_WAITS times per turn at most, so that with more
+# connections than threads each takes its turn. A client slower than STICK
+# sits out STICK_SKIP turns.
+STICK = 0.002
+STICK_WAITS = 8
+STICK_SKIP = 16
 # A connection with quick calls behind it is offloaded at its second slow
 # call within this many seconds (one alone may be a wait for the GIL).
 SECOND_STRIKE = 0.1
@@ -143,7 +152,7 @@ class LoopConnection(Connection):
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_ssl_session",
                  "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_offloaded", "_busy", "_quick",
-                 "_proven", "_inline_after", "_away", "_struck")
+                 "_proven", "_inline_after", "_away", "_struck", "_stick_skip")
 
     def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -173,6 +182,7 @@ class LoopConnection(Connection):
         self._inline_after = INLINE_AFTER  # quick calls on threads before it comes back (grows if it flaps)
         self._away = False  # registered with the handler threads' epoll, not the loop's
         self._struck = 0.0  # when a slow call of this (proven) connection was last let pass
+        self._stick_skip = 0  # turns left before a handler thread waits on it again (STICK)
 
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
@@ -1019,7 +1029,8 @@ class IOLoop:
             conn = self._conns.get(events[0][0])
             if conn is not None and conn._away and self._claim(conn):
                 if fast is not None and conn._tls is None:
-                    turn = fast(self, conn, handler, epfd, bufsize, READ_AHEAD, _ONCE)
+                    turn = fast(self, conn, handler, epfd, bufsize, READ_AHEAD, _ONCE, STICK, STICK_WAITS,
+                                STICK_SKIP)
                     if turn is not None:
                         self._end_turn(conn, *turn)
                 else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pathlib
 import shutil
 import socket
 import ssl
@@ -67,6 +68,14 @@ def test_the_install_compiled_the_c_version_where_a_compiler_exists():
     if shutil.which(compiler) is None:
         pytest.skip(f"no C compiler ({compiler}) here: the Python version serves")
     assert hot_path._speedups is not None, "pip install did not build netpool._speedups; see its build log"
+    # An editable install whose rebuild failed keeps the old module beside
+    # the new source (the extension is optional, so pip only warns): then the
+    # C tests would run yesterday's code.
+    built = pathlib.Path(hot_path._speedups.__file__)
+    source = built.parent / "_speedups.c"
+    if source.exists():
+        assert built.stat().st_mtime >= source.stat().st_mtime, (
+            f"{built.name} is older than _speedups.c: its rebuild failed (pip install -v -e . shows why)")
 
 
 def test_echoes_many_clients_exactly_and_counts_every_byte(version, wire):
