@@ -961,9 +961,10 @@ static int set_int_slot(PyObject *conn, Py_ssize_t off, Py_ssize_t v) {
 
 /* Whether a handler thread should wait on this connection for its next message: not while
  * the connection sits out after a wait that timed out (conn._stick_skip turns), and only
- * while another handler thread waits for the other connections' events (loop._idle_handlers),
- * so that none of them waits for this one. 1 yes, 0 no, -1 on an error. */
-static int may_stick(PyObject *loop, PyObject *conn) {
+ * while no other connection's event waits for a thread (the handler threads' epoll epfd has
+ * none ready) and another handler thread is there to take the next (loop._idle_handlers), so
+ * that none of them waits for this one. 1 yes, 0 no, -1 on an error. */
+static int may_stick(PyObject *loop, PyObject *conn, int epfd) {
     PyObject *skip = SLOT(conn, off_stick_skip);
     if (skip == NULL || !PyLong_CheckExact(skip)) return 0;
     Py_ssize_t left = PyLong_AsSsize_t(skip);
@@ -972,7 +973,10 @@ static int may_stick(PyObject *loop, PyObject *conn) {
     if (idle == NULL) return -1;
     int yes = PyLong_Check(idle) && Py_SIZE(idle) > 0; /* a positive int */
     Py_DECREF(idle);
-    return yes;
+    if (!yes) return 0;
+    /* An idle thread may not have taken its event yet (it waits for the GIL): ask epoll. */
+    struct pollfd ready = {.fd = epfd, .events = POLLIN};
+    return poll(&ready, 1, 0) == 0;
 }
 static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 10) {
@@ -1011,7 +1015,7 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
         if (got < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 if (waited || !calls || stick <= 0 || waits >= stick_waits) break;
-                int want = may_stick(loop, conn);
+                int want = may_stick(loop, conn, (int)epfd);
                 if (want < 0) goto fail;
                 if (!want) break;
                 /* Wait here for this client's next message, as its own thread would: one

@@ -222,6 +222,13 @@ def recv_nowait(fd: int, bufsize: int) -> Optional[bytes]:
     return _recv_active(fd, bufsize)
 
 
+def wait_readable(fd: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds, without the GIL, for data or a hang-up on ``fd``: whether either came."""
+    waiter = select.poll()
+    waiter.register(fd, select.POLLIN | select.POLLRDHUP)
+    return bool(waiter.poll(timeout * 1000.0))
+
+
 def rearm(ep: "select.epoll", fd: int, events: int) -> None:
     """epoll_ctl(MOD) from a handler thread; in C it keeps the GIL (see recv_nowait)."""
     if _speedups is not None and _active is not dispatch:

@@ -74,7 +74,7 @@ from . import hot_path
 from .connection import Connection
 from .errors import ConnectionClosed, SendTimeout, TLSError
 from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
-from .hot_path import OFFLOAD_AFTER, OFFLOAD_LONG, mark, rearm, recv_nowait, since_mark
+from .hot_path import OFFLOAD_AFTER, OFFLOAD_LONG, mark, rearm, recv_nowait, since_mark, wait_readable
 from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for, serve_handed_off
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1100,10 +1100,12 @@ class IOLoop:
     def _run_calls(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
         """On a thread: a claimed connection's hook or handler calls, in order; then arm it again.
 
-        Like a connection thread, it reads on (without waiting) once its
-        calls are over: a client that answers each reply has often answered
-        by then, and its next call runs here without another wake-up. At most
-        READ_AHEAD reads, and none while jobs wait for a thread.
+        Like a connection thread, it reads on once its calls are over: a
+        client that answers each reply has often answered by then, and its
+        next call runs here without another wake-up; when it has not, the
+        thread may wait for it a little (``_may_stick``). At most READ_AHEAD
+        reads, and none while jobs wait for a thread. The C turn
+        (hot_path.offloaded_server) does the same for plain raw framing.
         """
         listener = self.listener
         handler = listener._handler
@@ -1118,7 +1120,7 @@ class IOLoop:
                 self._connected(conn)
                 slow = perf_counter() - started > OFFLOAD_AFTER
                 calls = 1
-            reads = 0
+            reads = waits = 0
             while True:
                 for message in messages:
                     if conn.close_reason is not None or conn._tls is not tls:
@@ -1141,7 +1143,15 @@ class IOLoop:
                     reason = self._recv_failed(conn, exc)
                     break
                 if data is None:
-                    break
+                    if not calls or waits >= STICK_WAITS or not self._may_stick(conn):
+                        break
+                    waits += 1
+                    if not wait_readable(conn._fd, STICK):
+                        conn._stick_skip = STICK_SKIP  # its client is slower than that
+                        break
+                    reads -= 1
+                    messages = ()
+                    continue
                 conn._last_read = time.monotonic()
                 conn.bytes_in += len(data)
                 if data:
@@ -1151,6 +1161,20 @@ class IOLoop:
         except Exception as exc:
             reason = reason_for(conn, exc)
         self._calls_done(conn, reason, eof, tls, slow, calls)
+
+    def _may_stick(self, conn: LoopConnection) -> bool:
+        """Whether this handler thread should wait on ``conn`` for its next message (STICK).
+
+        Not while the connection sits out after a wait that timed out, and
+        only while no other connection's event waits for a thread and another
+        handler thread is there to take the next, so that none of them waits
+        for this one. (An idle thread may not have taken its event yet: it
+        waits for the GIL. The handler threads' epoll knows.)
+        """
+        if conn._stick_skip:
+            conn._stick_skip -= 1
+            return False
+        return self._idle_handlers > 0 and not wait_readable(self._offload_ep.fileno(), 0)
 
     def _calls_done(self, conn: LoopConnection, reason: Optional[str], eof: bool, tls: Any, slow: bool,
                     calls: int) -> None:

@@ -257,22 +257,23 @@ def test_stopping_with_many_idle_handler_threads_logs_no_error(caplog):
     assert errors == []
 
 
-def test_a_client_that_hangs_up_while_its_thread_waits_for_it_is_closed_at_once(version):
+@pytest.mark.parametrize("framing", ["raw", "line"])
+def test_a_client_that_hangs_up_while_its_thread_waits_for_it_is_closed_at_once(version, framing):
     """The thread waiting for an offloaded client's next message sees the hang-up: closed with eof, counted once."""
     def handler(message: bytes, conn) -> None:
         time.sleep(SHORT_BLOCK)
         conn.send(message)
 
-    with serving(handler=handler, framing="raw") as listener:
+    with serving(handler=handler, framing=framing) as listener:
         socks = [connect(listener) for _ in range(30)]
         for round_ in range(3):  # offloaded at the first, waited on after the next
             for sock in socks:
-                sock.sendall(b"ping %d" % round_)
+                sock.sendall(b"ping %d\n" % round_)
             for sock in socks:
-                assert recv_exactly(sock, 6) == b"ping %d" % round_
+                assert recv_exactly(sock, 7) == b"ping %d\n" % round_
         for sock in socks:
-            sock.sendall(b"last!!")
-            assert recv_exactly(sock, 6) == b"last!!"
+            sock.sendall(b"last!\n")
+            assert recv_exactly(sock, 6) == b"last!\n"
             sock.close()  # at once: its thread may be waiting on it now
         info = wait_for(lambda: (i := listener.info()).closed == 30 and i, timeout=5, what="30 closures")
     assert info.closed_by_reason == {"eof": 30} and info.errors == 0 and info.live == 0
