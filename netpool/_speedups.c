@@ -941,12 +941,14 @@ static PyObject *since_mark(PyObject *mod, PyObject *unused) {
     return Py_BuildValue("(dl)", off_cpu, gave_up);
 }
 
-/* serve_offloaded(loop, conn, handler, epfd, bufsize, read_ahead, events): a handler thread's
- * turn with a claimed, plain, raw-framed offloaded connection (io_loop._run_calls in C): read,
- * run the handler on each read (timed), read on up to read_ahead times without waiting, then
- * arm the connection again in epfd with events and release it (conn._busy = False), all with
- * the GIL held but for the handler's own calls, so the release and io_loop's close cannot
- * interleave. Returns None when done so, else (kind, value, calls, slow) for the Python path
+/* serve_offloaded(loop, conn, handler, epfd, bufsize, read_ahead, events, stick, stick_waits,
+ * stick_skip): a handler thread's turn with a claimed, plain, raw-framed offloaded connection
+ * (io_loop._run_calls in C): read, run the handler on each read (timed), read on up to
+ * read_ahead times (waiting up to stick seconds for the client, stick_waits times at most, when
+ * may_stick allows), then arm the connection again in epfd with events and release it
+ * (conn._busy = False), all with the GIL held but for the handler's own calls and the waits,
+ * so the release and io_loop's close cannot interleave (the claim keeps the descriptor open
+ * through a wait). Returns None when done so, else (kind, value, calls, slow) for the Python path
  * to finish the turn: FINISH (value: the reason), RECV_ERROR or HANDLER_ERROR (value: the
  * exception), or REST (value None: anything else, such as coming back inline). */
 enum { REST = 4 };
