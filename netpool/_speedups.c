@@ -963,10 +963,10 @@ static int set_int_slot(PyObject *conn, Py_ssize_t off, Py_ssize_t v) {
 
 /* Whether a handler thread should wait on this connection for its next message: not while
  * the connection sits out after a wait that timed out (conn._stick_skip turns), and only
- * while no other connection's event waits for a thread (the handler threads' epoll epfd has
- * none ready) and another handler thread is there to take the next (loop._idle_handlers), so
- * that none of them waits for this one. 1 yes, 0 no, -1 on an error. */
-static int may_stick(PyObject *loop, PyObject *conn, int epfd) {
+ * while another handler thread is there for the other connections' events
+ * (loop._idle_handlers), so that none of them waits for this one. 1 yes, 0 no, -1 on an
+ * error. */
+static int may_stick(PyObject *loop, PyObject *conn) {
     PyObject *skip = SLOT(conn, off_stick_skip);
     if (skip == NULL || !PyLong_CheckExact(skip)) return 0;
     Py_ssize_t left = PyLong_AsSsize_t(skip);
@@ -975,11 +975,9 @@ static int may_stick(PyObject *loop, PyObject *conn, int epfd) {
     if (idle == NULL) return -1;
     int yes = PyLong_Check(idle) && Py_SIZE(idle) > 0; /* a positive int */
     Py_DECREF(idle);
-    if (!yes) return 0;
-    /* An idle thread may not have taken its event yet (it waits for the GIL): ask epoll. */
-    struct pollfd ready = {.fd = epfd, .events = POLLIN};
-    return poll(&ready, 1, 0) == 0;
+    return yes;
 }
+
 static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 10) {
         PyErr_SetString(PyExc_TypeError, "serve_offloaded() takes 10 arguments");
@@ -1007,36 +1005,38 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
     int slow = 0, kind = -1;
     PyObject *value = NULL;
     Py_INCREF(conn);
-    int waited = 0;
     Py_ssize_t waits = 0;
     for (Py_ssize_t reads = 0; reads <= read_ahead; reads++) {
+        if (calls && waits < stick_waits && stick > 0) {
+            int want = may_stick(loop, conn);
+            if (want < 0) goto fail;
+            if (want) {
+                /* Wait here for this client's next message, as its own thread would: one
+                 * wake-up, and no epoll round trip (re-arm, wait, wake) per message. But
+                 * not past another connection's event that finds no thread free: the
+                 * handler threads' epoll (epfd) turns readable, and this thread lets the
+                 * client go to take it. A waiting thread counted idle may not have taken
+                 * its event yet (it waits for the GIL); epoll knows. */
+                struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN | POLLRDHUP}, {.fd = (int)epfd, .events = POLLIN}};
+                int r;
+                Py_BEGIN_ALLOW_THREADS
+                r = ppoll(pfd, 2, &stick_ts, NULL);
+                Py_END_ALLOW_THREADS
+                if (r == 0) {
+                    /* Its client is slower than that: it waits in epoll for a while. */
+                    if (set_int_slot(conn, off_stick_skip, stick_skip) < 0) goto fail;
+                    break;
+                }
+                if (r < 0 || !pfd[0].revents) break; /* a signal, or others wait: end the turn */
+                waits++;
+            }
+        }
         Py_ssize_t got;
         do {
             got = recv(fd, recv_buf, (size_t)bufsize, MSG_DONTWAIT);
         } while (got < 0 && errno == EINTR);
         if (got < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                if (waited || !calls || stick <= 0 || waits >= stick_waits) break;
-                int want = may_stick(loop, conn, (int)epfd);
-                if (want < 0) goto fail;
-                if (!want) break;
-                /* Wait here for this client's next message, as its own thread would: one
-                 * wake-up, and no epoll round trip (re-arm, wait, wake) per message. */
-                struct pollfd pfd = {.fd = fd, .events = POLLIN | POLLRDHUP};
-                int r;
-                Py_BEGIN_ALLOW_THREADS
-                r = ppoll(&pfd, 1, &stick_ts, NULL);
-                Py_END_ALLOW_THREADS
-                if (r <= 0) {
-                    /* Its client is slower than that: it waits in epoll for a while. */
-                    if (r == 0 && set_int_slot(conn, off_stick_skip, stick_skip) < 0) goto fail;
-                    break;
-                }
-                waited = 1;
-                waits++;
-                reads--;
-                continue;
-            }
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
             PyErr_SetFromErrno(PyExc_OSError);
             kind = RECV_ERROR, value = take_exception();
             goto out;
@@ -1051,7 +1051,6 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
             kind = FINISH, value = Py_NewRef(str_eof);
             goto out;
         }
-        waited = 0;
         if (add_to_slot(conn, off_bytes_in, got) < 0) goto fail;
         PyObject *data = PyBytes_FromStringAndSize(recv_buf, got);
         if (data == NULL) goto fail;

@@ -222,11 +222,14 @@ def recv_nowait(fd: int, bufsize: int) -> Optional[bytes]:
     return _recv_active(fd, bufsize)
 
 
-def wait_readable(fd: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` seconds, without the GIL, for data or a hang-up on ``fd``: whether either came."""
+def wait_for_client(fd: int, others: int, timeout: float) -> Optional[bool]:
+    """Wait up to ``timeout`` seconds, without the GIL, for data or a hang-up on ``fd``, unless ``others`` (an epoll
+    descriptor) turns readable first: True for the client, False for the others, None if neither came in time."""
     waiter = select.poll()
     waiter.register(fd, select.POLLIN | select.POLLRDHUP)
-    return bool(waiter.poll(timeout * 1000.0))
+    waiter.register(others, select.POLLIN)
+    ready = dict(waiter.poll(timeout * 1000.0))
+    return (fd in ready) if ready else None
 
 
 def rearm(ep: "select.epoll", fd: int, events: int) -> None:

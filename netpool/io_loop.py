@@ -74,7 +74,7 @@ from . import hot_path
 from .connection import Connection
 from .errors import ConnectionClosed, SendTimeout, TLSError
 from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
-from .hot_path import OFFLOAD_AFTER, OFFLOAD_LONG, mark, rearm, recv_nowait, since_mark, wait_readable
+from .hot_path import OFFLOAD_AFTER, OFFLOAD_LONG, mark, rearm, recv_nowait, since_mark, wait_for_client
 from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for, serve_handed_off
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1134,6 +1134,15 @@ class IOLoop:
                         reads and threads.queued):
                     break
                 reads += 1
+                if calls and waits < STICK_WAITS and (tls is None or not tls.pending()) and self._may_stick(conn):
+                    # As the C turn does: wait for this client's next message,
+                    # but not past another connection's event finding no thread.
+                    client = wait_for_client(conn._fd, self._offload_ep.fileno(), STICK)
+                    if not client:
+                        if client is None:
+                            conn._stick_skip = STICK_SKIP  # its client is slower than that
+                        break
+                    waits += 1
                 try:
                     if tls is None:
                         data = recv_nowait(conn._fd, self._bufsize)
@@ -1143,15 +1152,7 @@ class IOLoop:
                     reason = self._recv_failed(conn, exc)
                     break
                 if data is None:
-                    if not calls or waits >= STICK_WAITS or not self._may_stick(conn):
-                        break
-                    waits += 1
-                    if not wait_readable(conn._fd, STICK):
-                        conn._stick_skip = STICK_SKIP  # its client is slower than that
-                        break
-                    reads -= 1
-                    messages = ()
-                    continue
+                    break
                 conn._last_read = time.monotonic()
                 conn.bytes_in += len(data)
                 if data:
@@ -1166,15 +1167,15 @@ class IOLoop:
         """Whether this handler thread should wait on ``conn`` for its next message (STICK).
 
         Not while the connection sits out after a wait that timed out, and
-        only while no other connection's event waits for a thread and another
-        handler thread is there to take the next, so that none of them waits
-        for this one. (An idle thread may not have taken its event yet: it
-        waits for the GIL. The handler threads' epoll knows.)
+        only while another handler thread is there for the other connections'
+        events; the wait itself ends when one of them finds no thread free (a
+        thread counted idle may not have taken its event yet: it waits for the
+        GIL; the handler threads' epoll knows).
         """
         if conn._stick_skip:
             conn._stick_skip -= 1
             return False
-        return self._idle_handlers > 0 and not wait_readable(self._offload_ep.fileno(), 0)
+        return self._idle_handlers > 0
 
     def _calls_done(self, conn: LoopConnection, reason: Optional[str], eof: bool, tls: Any, slow: bool,
                     calls: int) -> None:
