@@ -41,6 +41,7 @@ class Server:
     name: str
     argv: tuple[str, ...]
     tls: bool = False
+    netpool_tree: str | None = None  # another checkout of netpool to import (--against), else the installed one
 
     def command(self, port: int, cert: tuple[str, str] | None, redis_port: int | None = None) -> list[str]:
         extra = list(cert) if (self.tls and cert) else []
@@ -112,8 +113,11 @@ def rss_mb(pid: int) -> float:
 
 
 def start_server(server: Server, port: int, cert: tuple[str, str] | None, redis_port: int | None) -> subprocess.Popen:
+    env = None
+    if server.netpool_tree is not None:
+        env = {**os.environ, "PYTHONPATH": server.netpool_tree}  # ahead of the installed netpool
     proc = subprocess.Popen(server.command(port, cert, redis_port), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+                            text=True, env=env)
     deadline = time.monotonic() + 20
     assert proc.stdout is not None
     line = proc.stdout.readline()  # servers print READY once listening
@@ -255,7 +259,7 @@ def summarise(cfg: Config) -> list[str]:
         if ours not in medians:
             continue
         parts = []
-        for ref in REFERENCES:
+        for ref in [*REFERENCES, *(name for name in medians if name.startswith(ours + "@"))]:
             if ref in medians and medians[ref]:
                 ratio = medians[ours] / medians[ref]
                 if not cfg.higher_is_better:
@@ -326,6 +330,29 @@ def mixed_summary(plan: list[Config]) -> list[str]:
     return ["### Non-blocking connections beside blocking ones", "", *lines, ""] if lines else []
 
 
+def against_tree(rev: str) -> tuple[str, str]:
+    """A checkout of netpool at ``rev`` under build/, its C module built in place: (short commit, directory)."""
+    repo = HERE.parent
+    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=repo, capture_output=True, text=True, check=True)
+    short = commit.stdout.strip()
+    tree = repo / "build" / f"against-{short}"
+    if not (tree / "netpool").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", short], cwd=repo, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    built = subprocess.run([PY, "setup.py", "build_ext", "--inplace"], cwd=tree, capture_output=True, text=True)
+    if not list((tree / "netpool").glob("_speedups*.so")):
+        raise SystemExit(f"could not build netpool._speedups at {short} in {tree}:\n{built.stdout}{built.stderr}")
+    return short, str(tree)
+
+
+def with_against(plan: list[Config], short: str, tree: str) -> None:
+    """Each netpool server of each configuration also runs from ``tree``, interleaved with the rest."""
+    for cfg in plan:
+        old = [Server(f"{s.name}@{short}", s.argv, s.tls, tree) for s in cfg.servers if s.name.startswith("netpool")]
+        cfg.servers = [*cfg.servers, *old]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -345,18 +372,27 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="run only these servers (names as in the tables)")
     ap.add_argument("--idle-skip-threads", nargs="*", default=[],
                     help="servers to leave out of idle runs above 10,000 connections")
-    ap.add_argument("--out", default=str(HERE / "results.md"))
+    ap.add_argument("--against", metavar="REV",
+                    help="also run netpool as of this git revision (built under build/), interleaved, and give "
+                         "ratios to it: to tell a change from this machine's noise")
+    ap.add_argument("--out", help="where the report goes (default bench/results.md; with --against, "
+                                  "build/bench-against-REV.md)")
     args = ap.parse_args()
     if not LOADGEN.exists():
         print("build the load generator first: make bench-tools", file=sys.stderr)
         return 2
     started = time.time()
     plan = configs(args)
+    out = Path(args.out) if args.out else HERE / "results.md"
+    if args.against:
+        short, tree = against_tree(args.against)
+        with_against(plan, short, tree)
+        out = Path(args.out) if args.out else HERE.parent / "build" / f"bench-against-{short}.md"
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         cert = make_cert(tmp)
         redis_port = stack.enter_context(LocalRedis()).port if any(cfg.redis for cfg in plan) else None
         for cfg in plan:
-            servers = [s for s in cfg.servers if not args.only or s.name in args.only]
+            servers = [s for s in cfg.servers if not args.only or s.name.split("@")[0] in args.only]
             for rnd in range(args.rounds):
                 for server in servers:
                     try:
@@ -383,8 +419,8 @@ def main() -> int:
         example = next((r["command"] for runs in cfg.results.values() for r in runs if "command" in r), "")
         lines += [f"Load generator: `{example}`", ""]
     lines += mixed_summary(plan)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).with_suffix(".json").write_text(
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(
         json.dumps({cfg.key: cfg.results for cfg in plan}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
