@@ -962,7 +962,8 @@ static int set_int_slot(PyObject *conn, Py_ssize_t off, Py_ssize_t v) {
 }
 
 /* Whether a handler thread should wait on this connection for its next message: not while
- * the connection sits out after a wait that timed out (conn._stick_skip turns), and only
+ * the connection sits out after a wait that timed out (each call here counts one of its
+ * conn._stick_skip chances down), and only
  * while another handler thread is there for the other connections' events
  * (loop._idle_handlers), so that none of them waits for this one. 1 yes, 0 no, -1 on an
  * error. */
@@ -1091,10 +1092,7 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
         kind = REST;
         goto out;
     }
-    PyObject *quick_obj = PyLong_FromSsize_t(quick);
-    if (quick_obj == NULL) goto fail;
-    set_slot(conn, off_quick, quick_obj);
-    Py_DECREF(quick_obj);
+    if (set_int_slot(conn, off_quick, quick) < 0) goto fail;
     if (calls && !slow && PyObject_SetAttr(loop, str_offload_new, Py_False) < 0) goto fail;
     if (calls) {
         PyObject *total = PyObject_GetAttr(loop, str_threaded_calls);

@@ -116,7 +116,7 @@ READ_AHEAD = 64
 # one wake-up, no epoll round trip), while another handler thread covers the
 # other connections; STICK_WAITS times per turn at most, so that with more
 # connections than threads each takes its turn. A client slower than STICK
-# sits out STICK_SKIP turns.
+# is not waited on for its next STICK_SKIP chances (about one a message).
 STICK = 0.002
 STICK_WAITS = 8
 STICK_SKIP = 16
@@ -186,7 +186,7 @@ class LoopConnection(Connection):
         self._inline_after = INLINE_AFTER  # quick calls on threads before it comes back (grows if it flaps)
         self._away = False  # registered with the handler threads' epoll, not the loop's
         self._struck = 0.0  # when a slow call of this (proven) connection was last let pass
-        self._stick_skip = 0  # turns left before a handler thread waits on it again (STICK)
+        self._stick_skip = 0  # chances left before a handler thread waits on it again (STICK_SKIP)
 
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
@@ -659,16 +659,14 @@ class IOLoop:
         tls = conn._tls
         try:
             while True:
-                if not data:
-                    left = self._handle_each(conn, handler, conn._framer.eof(), tls, eof=True)
-                    if left is not None and conn.close_reason is None:
-                        self._move_out_with_job(conn, left, tls, True, False)
-                        return
-                    self._finish(conn, "eof")
-                    return
-                left = self._handle_each(conn, handler, (data,) if raw else conn._framer.feed(data), tls)
+                eof = not data
+                messages = conn._framer.eof() if eof else (data,) if raw else conn._framer.feed(data)
+                left = self._handle_each(conn, handler, messages, tls, eof=eof)
                 if left is not None and conn.close_reason is None:
-                    self._move_out_with_job(conn, left, tls, False, False)
+                    self._move_out_with_job(conn, left, tls, eof, False)  # a call blocked: the rest on a thread
+                    return
+                if eof:
+                    self._finish(conn, "eof")
                     return
                 if conn.close_reason is not None:
                     self._finish(conn, "error")
@@ -704,7 +702,6 @@ class IOLoop:
             if conn._offloaded:
                 return list(rest)
         return None
-
 
     def _take_new(self, now: float) -> None:
         try:

@@ -28,6 +28,24 @@ SHORT_BLOCK = 0.001
 assert SHORT_BLOCK < HANDOFF_AFTER
 
 
+def slow_echo(message: bytes, conn) -> None:
+    time.sleep(SHORT_BLOCK)
+    conn.send(message)
+
+
+def each_pings_once(listener, clients: int, line: bytes = b"ping\n") -> None:
+    """``clients`` connections each send ``line`` (all before any reads), read its echo, and hang up."""
+    socks = [connect(listener) for _ in range(clients)]
+    try:
+        for sock in socks:
+            sock.sendall(line)
+        for sock in socks:
+            assert recv_exactly(sock, len(line)) == line
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 class Concurrency:
     """A handler that blocks ``seconds`` per message and records how many of its calls overlapped."""
 
@@ -52,15 +70,7 @@ def test_many_connections_blocking_a_millisecond_at_once_run_concurrently(versio
     """50 connections send one message each; the handler sleeps 1 ms: the calls overlap, not one after another."""
     handler = Concurrency(SHORT_BLOCK)
     with serving(handler=handler, framing=framing, max_connections=100) as listener:
-        socks = [connect(listener) for _ in range(50)]
-        try:
-            for sock in socks:
-                sock.sendall(b"ping\n")
-            for sock in socks:
-                assert recv_exactly(sock, 5) == b"ping\n"
-        finally:
-            for sock in socks:
-                sock.close()
+        each_pings_once(listener, 50)
         info = wait_for(lambda: (i := listener.info()).closed == 50 and i, what="50 closures")
     # One after another (what the loop did before) would be exactly 1.
     assert handler.most >= 10, f"at most {handler.most} blocking calls ran at once"
@@ -235,22 +245,9 @@ def test_a_quick_connection_is_offloaded_at_its_second_slow_call_not_its_first()
 
 def test_stopping_with_many_idle_handler_threads_logs_no_error(caplog):
     """The handler threads leave as the loop closes: whichever goes last, stop() logs no error."""
-
-    def handler(message: bytes, conn) -> None:
-        time.sleep(SHORT_BLOCK)
-        conn.send(message)
-
     for _ in range(25):  # the race this guards against hit about one stop in ten
-        with serving(handler=handler, framing="line") as listener:
-            socks = [connect(listener) for _ in range(20)]
-            try:
-                for sock in socks:
-                    sock.sendall(b"ping\n")
-                for sock in socks:
-                    assert recv_exactly(sock, 5) == b"ping\n"
-            finally:
-                for sock in socks:
-                    sock.close()
+        with serving(handler=slow_echo, framing="line") as listener:
+            each_pings_once(listener, 20)
             wait_for(lambda: listener.info().closed == 20, what="20 closures")
         assert listener.info().threaded_calls > 0
     errors = [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
@@ -260,11 +257,7 @@ def test_stopping_with_many_idle_handler_threads_logs_no_error(caplog):
 @pytest.mark.parametrize("framing", ["raw", "line"])
 def test_a_client_that_hangs_up_while_its_thread_waits_for_it_is_closed_at_once(version, framing):
     """The thread waiting for an offloaded client's next message sees the hang-up: closed with eof, counted once."""
-    def handler(message: bytes, conn) -> None:
-        time.sleep(SHORT_BLOCK)
-        conn.send(message)
-
-    with serving(handler=handler, framing=framing) as listener:
+    with serving(handler=slow_echo, framing=framing) as listener:
         socks = [connect(listener) for _ in range(30)]
         for round_ in range(3):  # offloaded at the first, waited on after the next
             for sock in socks:
