@@ -50,10 +50,11 @@ _EPOLLOUT = select.EPOLLOUT
 # (io_loop's _call_was_slow). 50 µs is about the shortest blocking call worth
 # a thread switch: a switch costs a few microseconds, a local Redis GET 50.
 OFFLOAD_AFTER = 50e-6
-# A call that took this long is offloaded even if its thread never gave the
-# CPU up: it may have computed without the GIL (a password hash, zlib), which
-# runs in parallel on a thread, and if it held the GIL the loop loses little
-# by waiting for it there instead.
+# A call that ran on the CPU this long is offloaded even if its thread never
+# gave the CPU up (one only preempted for that long is not): it may have
+# computed without the GIL (a password hash, zlib), which runs in parallel on
+# a thread, and if it held the GIL the loop loses little by waiting for it
+# there instead.
 OFFLOAD_LONG = 250e-6
 
 try:

@@ -32,8 +32,8 @@ per shortest timeout, so they fire within a quarter of their length late.
 Thread mode (``io="threads"``, the default) runs on the same loop with one
 difference, the one Go's scheduler makes for goroutines: handlers may block.
 Every inline call is timed. One slower than OFFLOAD_AFTER (50 µs) whose
-thread gave the CPU up for that long (it slept or waited), or one slower
-than OFFLOAD_LONG (250 µs, a hash computed without the GIL, say), has its
+thread gave the CPU up for that long (it slept or waited), or one that ran
+on the CPU for OFFLOAD_LONG (250 µs, a hash computed without the GIL, say), has its
 connection *offloaded*: it moves from the loop's epoll to a second, one-shot
 epoll that the listener's handler threads wait on, one event each. The
 thread that takes a connection's event reads it, runs its calls in order,
@@ -893,8 +893,13 @@ class IOLoop:
         or with the rest of its messages (``_deliver``).
         """
         off_cpu, gave_up = since_mark()
-        if (off_cpu < OFFLOAD_AFTER or not gave_up) and took < OFFLOAD_LONG:
-            return  # it ran (a collection), or was preempted: it did not wait on anything
+        waited = off_cpu >= OFFLOAD_AFTER and gave_up  # it slept or waited on something
+        # Or it ran that long (a hash without the GIL, say). off_cpu covers
+        # the whole batch so far, so took - off_cpu is at most the call's own
+        # time on the CPU: a call that was only preempted does not pass.
+        ran = took - off_cpu >= OFFLOAD_LONG
+        if not (waited or ran):
+            return  # a short collection, or preempted: it did not wait on anything
         if conn._offloaded or conn.close_reason is not None or self._conns.get(conn._fd) is not conn:
             return
         if conn._proven:
