@@ -59,7 +59,8 @@ __all__ = [
 
 # The calling side: client pool, circuit breaker, deadlines, worker pool.
 from .breaker import BreakerStats, CircuitBreaker  # noqa: E402
-from .client_pool import ConnectionPool, PoolConnection, PoolStats  # noqa: E402
+from .client_pool import ConnectionPool, PoolStats  # noqa: E402
+from .pool_connection import PoolConnection  # noqa: E402
 from .deadline import Deadline  # noqa: E402
 from .errors import (  # noqa: E402
     CircuitOpen,

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
+from .checks import seconds, whole_number
 from .errors import CircuitOpen, ConfigError
 
 __all__ = ["CircuitBreaker", "BreakerStats", "STATES"]
@@ -136,19 +137,14 @@ class CircuitBreaker:
         cooldown: float = 5.0,
         is_failure: Callable[[BaseException], bool] = _any_exception,
     ) -> None:
-        if failure_threshold is not None and (
-            isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1
-        ):
-            raise ConfigError("failure_threshold", f"must be a whole number of at least 1 or None, got {failure_threshold!r}")
+        whole_number("failure_threshold", failure_threshold, optional=True)
         if failure_ratio is not None and not (isinstance(failure_ratio, (int, float)) and 0 < failure_ratio <= 1):
             raise ConfigError("failure_ratio", f"must be in (0, 1] or None, got {failure_ratio!r}")
         if failure_threshold is None and failure_ratio is None:
             raise ConfigError("failure_threshold", "set failure_threshold or failure_ratio, or the breaker never opens")
-        for key, value in (("window", window), ("cooldown", cooldown)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(key, f"must be a positive number of seconds, got {value!r}")
-        if isinstance(min_calls, bool) or not isinstance(min_calls, int) or min_calls < 1:
-            raise ConfigError("min_calls", f"must be a whole number of at least 1, got {min_calls!r}")
+        seconds("window", window)
+        seconds("cooldown", cooldown)
+        whole_number("min_calls", min_calls)
         if not callable(is_failure):
             raise ConfigError("is_failure", f"expected a callable is_failure(exc) -> bool, got {is_failure!r}")
         self.name = name

@@ -30,33 +30,30 @@ Staleness: a connection is never handed out if its peer has closed it
 fresh dial for the same caller. A background thread runs the same checks
 (and the optional ``health_check(conn)`` ping) on idle connections every
 ``health_check_interval`` seconds. Lifetime is never enforced mid-use.
+
+This module is the pool's bookkeeping (checkout, release, dialling on a
+free slot, the breaker around a request, the background checks, stats). The
+rest has a module of its own: one connection and its length-prefixed I/O
+(``pool_connection``), the queue of callers waiting for one
+(``pool_waiters``), and turning a target into a dial function (``dialer``).
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
-import select
 import socket
-import ssl as _ssl
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
-from .config import format_address
+from .checks import seconds, whole_number
 from .deadline import Deadline, DeadlineLike, to_deadline
-from .errors import (
-    ConfigError,
-    ConnectionClosed,
-    DeadlineExceeded,
-    DialError,
-    PoolClosed,
-    PoolTimeout,
-    ProtocolError,
-)
+from .dialer import Dialer, Target, make_dialer
+from .errors import ConfigError, DeadlineExceeded, DialError, PoolClosed, PoolTimeout, ProtocolError
+from .pool_connection import PoolConnection
+from .pool_waiters import Waiter, WaiterQueue
 
 if TYPE_CHECKING:  # pragma: no cover
     from .breaker import CircuitBreaker
@@ -64,15 +61,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ConnectionPool", "PoolConnection", "PoolStats", "Dialer", "Target", "CLOSE_REASONS"]
 
 log = logging.getLogger("netpool.client_pool")
-
-# dial() -> a connected socket (plain or TLS). It should bound its own time.
-Dialer = Callable[[], socket.socket]
-# (host, port) or (host, port, ssl.SSLContext)
-Target = Union[tuple, Dialer]
-
-_HEADER = struct.Struct(">I")
-_ids = itertools.count(1)
-_DEAD_EVENTS = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 # Why the pool closed a connection (the keys of ``stats().closed_by_reason``).
 CLOSE_REASONS = (
@@ -84,163 +72,6 @@ CLOSE_REASONS = (
     "error",  # the user's code raised while holding it, or its I/O failed
     "pool_closed",  # pool.close()
 )
-
-
-class PoolConnection:
-    """One pooled connection: a socket plus length-prefixed I/O with deadlines.
-
-    Every call takes ``deadline`` (seconds from now, or a shared
-    :class:`~netpool.Deadline`); each step is also bounded by the pool's
-    ``read_timeout``/``write_timeout``. Any I/O error or timeout marks the
-    connection ``broken`` and the pool discards it on release: after a
-    timeout the stream may still hold half a reply, and reusing it would
-    hand that half to the next caller.
-
-    ``sock`` is the raw socket for protocols of your own; a caller who uses
-    it directly and leaves unread bytes behind should ``release(conn,
-    discard=True)`` (the checkout check would discard it anyway).
-    """
-
-    __slots__ = (
-        "sock", "id", "address", "created_at", "last_used", "uses", "broken",
-        "read_timeout", "write_timeout", "max_message_size", "_rbuf", "_poll",
-    )
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        address: str,
-        *,
-        read_timeout: Optional[float],
-        write_timeout: Optional[float],
-        max_message_size: int,
-    ) -> None:
-        self.sock = sock
-        self.id = next(_ids)
-        self.address = address
-        self.created_at = self.last_used = time.monotonic()
-        self.uses = 0
-        self.broken = False
-        self.read_timeout = read_timeout
-        self.write_timeout = write_timeout
-        self.max_message_size = max_message_size
-        self._rbuf = bytearray()
-        self._poll: Optional[select.poll] = None
-
-    def __repr__(self) -> str:
-        return f"<PoolConnection {self.id} to {self.address}{' broken' if self.broken else ''}>"
-
-    # -- the exchange -------------------------------------------------------
-
-    def request(self, payload: bytes, deadline: DeadlineLike = None) -> bytes:
-        """Send one length-prefixed message and return the one reply, both within ``deadline``."""
-        d = to_deadline(deadline)
-        self.send_message(payload, d)
-        return self.recv_message(d)
-
-    def send_message(self, payload: bytes, deadline: DeadlineLike = None) -> None:
-        """Send ``payload`` with a 4-byte big-endian length prefix (netpool's "length" framing)."""
-        self.send(_HEADER.pack(len(payload)) + payload, deadline)
-
-    def recv_message(self, deadline: DeadlineLike = None) -> bytes:
-        """Receive one length-prefixed message; larger than ``max_message_size`` is a ProtocolError."""
-        d = to_deadline(deadline)
-        (size,) = _HEADER.unpack(self.recv_exactly(4, d))
-        if size > self.max_message_size:
-            self.broken = True
-            raise ProtocolError(
-                f"{self.address} announced a {size}-byte reply, more than max_message_size={self.max_message_size}"
-            )
-        return self.recv_exactly(size, d)
-
-    def send(self, data: bytes, deadline: DeadlineLike = None) -> None:
-        """Send all of ``data`` before the deadline (and within ``write_timeout``)."""
-        d = to_deadline(deadline)
-        sock = self.sock
-        try:
-            sock.settimeout(self._step_timeout(d, self.write_timeout, "sending"))
-            sock.sendall(data)
-        except TimeoutError:
-            self.broken = True
-            raise self._timed_out(d, self.write_timeout, f"sending {len(data)} bytes") from None
-        except OSError:
-            self.broken = True
-            raise
-
-    def recv_exactly(self, n: int, deadline: DeadlineLike = None) -> bytes:
-        """Receive exactly ``n`` bytes before the deadline; each read within ``read_timeout``."""
-        d = to_deadline(deadline)
-        buf = self._rbuf
-        sock = self.sock
-        try:
-            while len(buf) < n:
-                sock.settimeout(self._step_timeout(d, self.read_timeout, "receiving"))
-                chunk = sock.recv(max(65536, n - len(buf)))
-                if not chunk:
-                    self.broken = True
-                    raise ConnectionClosed(
-                        f"{self.address} closed the connection with {n - len(buf)} of {n} bytes still expected"
-                    )
-                buf += chunk
-        except TimeoutError:
-            self.broken = True
-            raise self._timed_out(d, self.read_timeout, f"waiting for {n - len(buf)} more bytes") from None
-        except OSError:
-            self.broken = True
-            raise
-        data = bytes(buf[:n])
-        del buf[:n]
-        return data
-
-    def _step_timeout(self, d: Deadline, limit: Optional[float], what: str) -> Optional[float]:
-        left = d.remaining()
-        if left is not None and left <= 0:
-            self.broken = True
-            raise DeadlineExceeded(f"deadline passed before {what} on {self.address}")
-        if limit is None:
-            return left
-        return limit if left is None else min(left, limit)
-
-    def _timed_out(self, d: Deadline, limit: Optional[float], what: str) -> DeadlineExceeded:
-        if d.expired or limit is None:
-            return DeadlineExceeded(f"deadline passed while {what} on {self.address}")
-        return DeadlineExceeded(f"no progress for {limit:g} s while {what} on {self.address} (read/write timeout)")
-
-    # -- liveness -----------------------------------------------------------
-
-    def is_alive(self) -> bool:
-        """Cheap check for an idle connection: no error, nothing buffered, nothing readable.
-
-        An idle request/response connection has nothing to read; if the
-        socket is readable, the peer closed it (EOF, reset) or sent bytes
-        nobody asked for. Either way it must not be handed out. One
-        ``poll`` with a zero timeout, no read: works the same for TLS.
-        """
-        if self.broken or self._rbuf:
-            return False
-        sock = self.sock
-        if isinstance(sock, _ssl.SSLSocket) and sock.pending():
-            return False
-        poller = self._poll
-        if poller is None:
-            try:
-                poller = self._poll = select.poll()
-                poller.register(sock.fileno(), _DEAD_EVENTS)
-            except (OSError, ValueError):
-                return False
-        try:
-            return not poller.poll(0)
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        """Close the socket (the pool does this; call it only on a connection you took out of a pool's hands)."""
-        self.broken = True
-        self._poll = None
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 @dataclass(frozen=True)
@@ -270,34 +101,6 @@ class PoolStats:
     """Total time spent queued."""
     closed: int
     closed_by_reason: Mapping[str, int] = field(default_factory=dict)
-
-
-class _Waiter:
-    """One queued caller: granted either a connection or the right to dial one.
-
-    The wake-up is a bare lock used as a one-shot semaphore (held at
-    creation, released by the grant): under contention every checkout may
-    queue, and an Event costs a Condition and two locks more.
-    """
-
-    __slots__ = ("lock", "conn", "dial", "granted", "closed")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.lock.acquire()
-        self.conn: Optional[PoolConnection] = None
-        self.dial = False
-        self.granted = False
-        self.closed = False
-
-    def wake(self) -> None:
-        self.lock.release()
-
-    def wait(self, timeout: Optional[float]) -> None:
-        if timeout is None:
-            self.lock.acquire()
-        elif timeout > 0:
-            self.lock.acquire(timeout=timeout)
 
 
 class _Lease:
@@ -364,17 +167,17 @@ class ConnectionPool:
         breaker: Optional["CircuitBreaker"] = None,
         name: Optional[str] = None,
     ) -> None:
-        self._dial_fn, self.address = _dialer(target, connect_timeout)
-        _check_int("max_open", max_open)
+        self._dial_fn, self.address = make_dialer(target, connect_timeout)
+        whole_number("max_open", max_open)
         max_idle = max_open if max_idle is None else max_idle
-        _check_int("max_idle", max_idle, minimum=0)
+        whole_number("max_idle", max_idle, minimum=0)
         for key, value in (
             ("max_lifetime", max_lifetime), ("idle_timeout", idle_timeout), ("acquire_timeout", acquire_timeout),
             ("read_timeout", read_timeout), ("write_timeout", write_timeout),
             ("health_check_interval", health_check_interval), ("connect_timeout", connect_timeout),
         ):
-            _check_seconds(key, value, optional=key != "connect_timeout")
-        _check_int("max_message_size", max_message_size)
+            seconds(key, value, optional=key != "connect_timeout")
+        whole_number("max_message_size", max_message_size)
         if health_check is not None and not callable(health_check):
             raise ConfigError("health_check", f"expected a callable health_check(conn) -> bool, got {health_check!r}")
         self.name = name or self.address
@@ -393,7 +196,7 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._idle: collections.deque[PoolConnection] = collections.deque()  # right end = most recent
         self._in_use: dict[int, PoolConnection] = {}
-        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._waiters = WaiterQueue()
         self._open = 0
         self._closed = False
         self._dialled = 0
@@ -487,8 +290,7 @@ class ConnectionPool:
                 self._open += 1
                 dial = True
             else:
-                waiter = _Waiter()
-                self._waiters.append(waiter)
+                waiter = self._waiters.join()
                 waited_since = time.monotonic()
         if waiter is not None:
             conn, dial = self._wait(waiter, deadline)
@@ -521,18 +323,14 @@ class ConnectionPool:
             observe(waited)
         return conn
 
-    def _wait(self, waiter: _Waiter, deadline: Deadline) -> tuple[Optional[PoolConnection], bool]:
+    def _wait(self, waiter: Waiter, deadline: Deadline) -> tuple[Optional[PoolConnection], bool]:
         waiter.wait(deadline.remaining())
         with self._lock:
             if waiter.granted:
                 if waiter.closed:
                     raise PoolClosed(self, f"pool {self.name} was closed while waiting for a connection")
                 return waiter.conn, waiter.dial
-            # Not granted: leave the queue (a grant after this point cannot reach us).
-            try:
-                self._waiters.remove(waiter)
-            except ValueError:  # pragma: no cover - granted and removed imply granted
-                pass
+            self._waiters.leave(waiter)  # not granted
             self._timeouts += 1
             in_use, waiting = len(self._in_use), len(self._waiters)
         raise PoolTimeout(
@@ -543,20 +341,14 @@ class ConnectionPool:
         )
 
     def _hand_off_locked(self, conn: PoolConnection) -> None:
-        waiter = self._waiters.popleft()
-        waiter.conn = conn
-        waiter.granted = True
         self._in_use[conn.id] = conn
-        waiter.wake()
+        self._waiters.grant_connection(conn)
 
     def _slot_freed_locked(self) -> None:
         self._open -= 1
         if self._waiters and self._open < self.max_open and not self._closed:
-            waiter = self._waiters.popleft()
-            waiter.dial = True
-            waiter.granted = True
             self._open += 1
-            waiter.wake()
+            self._waiters.grant_dial()
 
     def _stale_reason(self, conn: PoolConnection, now: Optional[float] = None) -> Optional[str]:
         now = time.monotonic() if now is None else now
@@ -755,10 +547,7 @@ class ConnectionPool:
                 self._idle.clear()
                 self._open -= len(idle)
                 self._closed_by["pool_closed"] += len(idle)
-                for waiter in self._waiters:
-                    waiter.granted = waiter.closed = True
-                    waiter.wake()
-                self._waiters.clear()
+                self._waiters.close_all()
             thread = self._health_thread
         for conn in idle:
             conn.close()
@@ -771,43 +560,3 @@ class ConnectionPool:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-
-def _dialer(target: Target, connect_timeout: float) -> tuple[Dialer, str]:
-    if callable(target):
-        return target, getattr(target, "__name__", "dial")
-    if not isinstance(target, tuple) or len(target) not in (2, 3):
-        raise ConfigError("target", f"expected (host, port), (host, port, ssl_context) or a dial() function, got {target!r}")
-    host, port = target[0], target[1]
-    context = target[2] if len(target) == 3 else None
-    if context is not None and not isinstance(context, _ssl.SSLContext):
-        raise ConfigError("target", f"the third item must be an ssl.SSLContext, got {context!r}")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
-        raise ConfigError("target", f"port must be 1..65535, got {port!r}")
-
-    def dial() -> socket.socket:
-        sock = socket.create_connection((host, port), timeout=connect_timeout)
-        try:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if context is not None:
-                # The handshake runs here, bounded by connect_timeout.
-                sock = context.wrap_socket(sock, server_hostname=host)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    return dial, format_address((host, port))
-
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(name, f"must be a whole number of at least {minimum}, got {value!r}")
-
-
-def _check_seconds(name: str, value: Any, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(name, f"must be a positive number of seconds{' or None' if optional else ''}, got {value!r}")

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .checks import whole_number
 from .errors import ConfigError, Overloaded, WorkerPoolStopped
 
 __all__ = ["WorkerPool", "WorkerPoolStats", "Lane"]
@@ -104,14 +105,12 @@ class WorkerPool:
         name: str = "workers",
         on_error: Optional[ErrorHook] = None,
     ) -> None:
-        for key, value in (("workers", workers), ("queue_size", queue_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(key, f"must be a whole number of at least 1, got {value!r}")
+        whole_number("workers", workers)
+        whole_number("queue_size", queue_size)
         if workers > 1024:
             raise ConfigError("workers", f"{workers} threads is past what one interpreter lock can use; use at most 1024")
         overflow_size = workers * queue_size if overflow_size is None else overflow_size
-        if isinstance(overflow_size, bool) or not isinstance(overflow_size, int) or overflow_size < 0:
-            raise ConfigError("overflow_size", f"must be a whole number >= 0, got {overflow_size!r}")
+        whole_number("overflow_size", overflow_size, minimum=0)
         if on_error is not None and not callable(on_error):
             raise ConfigError("on_error", f"expected a callable on_error(exc, fn, args), got {on_error!r}")
         self.name = name

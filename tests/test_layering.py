@@ -1,0 +1,197 @@
+"""The package's layering, read from its own source: which modules import which, and whose private names they use.
+
+The core is being rebuilt so that dependencies point one way and no module
+reaches into another's underscore names. Until that is done, the circle and
+the private names in use today are listed below; these tests fail when a
+new one appears, and also when a listed one is gone, so that the lists
+shrink with the code and never hold stale entries.
+
+A "private name" here is ``obj._name`` (or ``getattr(obj, "_name")``, or
+``from .mod import _name``) in module M, where ``obj`` is not ``self`` or
+``cls`` and nothing in M itself defines ``_name`` (a function, class,
+attribute or ``__slots__`` entry). Dunder names are not private.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+from collections import defaultdict
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "netpool"
+
+# Modules that import each other in a circle today (one strongly connected
+# component of the import graph). No other circle may appear, and no other
+# module may join this one.
+KNOWN_CIRCLE = frozenset({"acceptor", "connection", "hot_path", "io_loop", "listener", "read_loop", "tls"})
+
+# module -> other modules' private names it uses today.
+KNOWN_PRIVATE: dict[str, frozenset[str]] = {
+    "acceptor": frozenset({"_accept", "_accepting_on", "_admission", "_admit", "_client_kind", "_enter_accept",
+                           "_leave_accept", "_out_of_descriptors", "_stop_event"}),
+    "connection": frozenset({"_tls_context"}),
+    "hot_path": frozenset({"_call_was_slow", "_handed_off", "_offload_new", "_offloaded", "_setup", "_sock", "_tls"}),
+    "io_loop": frozenset({"_conn_threads", "_connection_ended", "_fire_alarm", "_force_close", "_framer_factory",
+                          "_handler", "_proxy_trusted", "_proxy_versions", "_raw_framer", "_raw_framing",
+                          "_request_close", "_send_lock", "_sock", "_tls_context", "_tls_implicit"}),
+    "listener": frozenset({"_finish", "_force_close", "_request_close"}),
+    "read_loop": frozenset({"_connection_ended", "_fault_logs", "_framer_factory", "_handler", "_raw_framing", "_sock",
+                            "_tls"}),
+    "supervisor": frozenset({"_exit"}),
+}
+
+# Library modules that import the bundled examples today (the examples
+# should sit outside the library's import graph).
+KNOWN_EXAMPLE_IMPORTS = frozenset({"cli"})
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _is_submodule(name: str) -> bool:
+    return any(PACKAGE.glob(f"{name}.*"))
+
+
+def _modules() -> dict[str, ast.Module]:
+    return {path.stem: ast.parse(path.read_text(), str(path)) for path in sorted(PACKAGE.glob("*.py"))}
+
+
+def _own_names(tree: ast.Module) -> set[str]:
+    """Names the module defines itself: functions, classes, assigned names and attributes, __slots__ entries."""
+    own: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            own.add(node.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            own.add(node.attr)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            own.add(node.id)
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets):
+            own.update(c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    return own
+
+
+def _imports(tree: ast.Module, modules: set[str]) -> tuple[set[str], set[str]]:
+    """(package modules this one imports, private names it imports from them)."""
+    deps: set[str] = set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                if node.module:
+                    deps.add(node.module.split(".")[0])
+                else:
+                    deps.update(alias.name for alias in node.names)
+            elif node.module and node.module.split(".")[0] == "netpool":
+                parts = node.module.split(".")
+                deps.update([parts[1]] if len(parts) > 1 else [alias.name for alias in node.names])
+            if node.level == 1 or (node.module or "").startswith("netpool"):
+                # A private submodule (the compiled _speedups) is the package's own, not another module's.
+                names.update(alias.name for alias in node.names
+                             if _private(alias.name) and not (node.module is None and _is_submodule(alias.name)))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "netpool" and len(parts) > 1:
+                    deps.add(parts[1])
+    return deps & modules | ({"examples"} & deps), names
+
+
+def _private_uses(tree: ast.Module) -> set[str]:
+    own = _own_names(tree)
+    used: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            used.add(node.attr)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) >= 2
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+              and _private(node.args[1].value)):
+            used.add(node.args[1].value)
+    return used - own
+
+
+def _graph() -> dict[str, set[str]]:
+    trees = _modules()
+    return {name: _imports(tree, set(trees))[0] - {name} for name, tree in trees.items()}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[frozenset[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(frozenset(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_new_import_circle() -> None:
+    circles = _circles(_graph())
+    assert all(circle <= KNOWN_CIRCLE for circle in circles), (
+        f"import circles {sorted(map(sorted, circles))}: a module may not import one that (indirectly) imports it; "
+        f"only {sorted(KNOWN_CIRCLE)} are left to untangle")
+    assert KNOWN_CIRCLE in circles, (
+        f"the circle {sorted(KNOWN_CIRCLE)} is gone or smaller ({sorted(map(sorted, circles))}): "
+        "shrink KNOWN_CIRCLE in this file to match")
+
+
+def test_no_new_private_names_across_modules() -> None:
+    found: dict[str, set[str]] = defaultdict(set)
+    for name, tree in _modules().items():
+        uses = _private_uses(tree) | _imports(tree, set())[1]
+        if uses:
+            found[name] = uses
+    new = {m: sorted(names - KNOWN_PRIVATE.get(m, frozenset())) for m, names in found.items()}
+    new = {m: names for m, names in new.items() if names}
+    assert not new, f"modules using other modules' private names (hand them a public name or a callable): {new}"
+    gone = {m: sorted(known - found.get(m, set())) for m, known in KNOWN_PRIVATE.items()}
+    gone = {m: names for m, names in gone.items() if names}
+    assert not gone, f"no longer used, take them out of KNOWN_PRIVATE in this file: {gone}"
+
+
+def test_library_does_not_import_examples() -> None:
+    importers = {name for name, deps in _graph().items() if "examples" in deps}
+    assert importers <= KNOWN_EXAMPLE_IMPORTS, f"library modules importing the examples: {sorted(importers)}"
+    assert importers == KNOWN_EXAMPLE_IMPORTS, (
+        f"only {sorted(importers)} import the examples now: shrink KNOWN_EXAMPLE_IMPORTS in this file")
+
+
+def test_the_checks_see_what_they_look_for() -> None:
+    """The analysis itself: a circle, a private name and a getattr string are found in made-up modules."""
+    a = ast.parse("from . import b\nimport netpool.c\ndef f(x):\n    return x._secret + getattr(x, '_other')")
+    assert _imports(a, {"b", "c"})[0] == {"b", "c"}
+    assert _private_uses(a) == {"_secret", "_other"}
+    own = ast.parse("class K:\n    __slots__ = ('_mine',)\n    def g(self, o):\n        return o._mine + self._x")
+    assert _private_uses(own) == set()
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset({"a", "b", "c"})]
