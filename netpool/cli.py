@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from importlib.metadata import entry_points
 from typing import Any, Callable, Optional
 
 import click
@@ -24,7 +25,10 @@ from .supervisor import serve_processes
 log = logging.getLogger("netpool.cli")
 
 CLI_DEFAULT_PORT = 5555
-ECHO_HANDLER = "netpool.examples.echo.handler:echo"
+ECHO_HANDLER = "netpool.echo:echo"
+# Commands that other packages add (the XMPP example's `netpool xmpp`):
+# entry points NAME = module:factory, factory() returning a click command.
+COMMANDS_GROUP = "netpool.commands"
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ListenerConfig)}
 
 
@@ -110,12 +114,57 @@ def listener_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The netpool group: its own commands, and those other packages register (COMMANDS_GROUP).
+
+    Registered ones are imported only when named (or listed by --help), so a
+    broken one cannot break `netpool run`, and the library imports none of
+    them itself.
+    """
+
+    def _registered(self) -> dict[str, Any]:
+        return {ep.name: ep for ep in entry_points(group=COMMANDS_GROUP) if ep.name not in self.commands}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*self.commands, *self._registered()])
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name in self.commands:
+            return self.commands[name]
+        ep = self._registered().get(name)
+        if ep is None:
+            return None
+        try:
+            command = ep.load()()
+        except Exception as exc:
+            raise click.ClickException(f"the command {name!r} ({ep.value}) cannot be loaded: {exc}") from exc
+        if not isinstance(command, click.Command):
+            raise click.ClickException(f"the command {name!r} ({ep.value}) did not build a click command")
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # As click's own, except that a registered command that cannot load
+        # is listed with the reason instead of failing the whole --help.
+        rows = []
+        for name in self.list_commands(ctx):
+            try:
+                command = self.get_command(ctx, name)
+            except click.ClickException as exc:
+                rows.append((name, f"(cannot be loaded: {exc.message})"))
+                continue
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="netpool")
 def main() -> None:
     """netpool: TCP servers on a pool of acceptor threads.
 
-    Serve the bundled echo example with `netpool echo`, or your own handler
+    Serve an echo server with `netpool echo`, or your own handler
     with `netpool run module:handler`. Stop with Ctrl-C or SIGTERM: live
     connections get --grace seconds, then a one-line summary is logged.
     """
@@ -125,13 +174,13 @@ def main() -> None:
 @listener_options
 def echo(config_file: Optional[str], grace: float, log_level: str, metrics_port: Optional[int],
          metrics_host: str, **flags: Any) -> None:
-    """Serve the echo example (examples/echo): every message comes straight back.
+    """Serve an echo server (netpool.echo): every message comes straight back.
 
     Try it with: nc 127.0.0.1 5555
     """
-    settings = _settings(config_file, flags, default_name="echo")
+    settings = settings_from_flags(config_file, flags, default_name="echo")
     settings["handler"] = ECHO_HANDLER
-    _serve(settings, grace, log_level, metrics_port, metrics_host)
+    serve_settings(settings, grace, log_level, metrics_port, metrics_host)
 
 
 @main.command()
@@ -144,9 +193,9 @@ def run(handler: str, config_file: Optional[str], grace: float, log_level: str, 
     The current directory is importable, so `netpool run mymodule:handler`
     finds ./mymodule.py.
     """
-    settings = _settings(config_file, flags, default_name=handler.partition(":")[0])
+    settings = settings_from_flags(config_file, flags, default_name=handler.partition(":")[0])
     settings["handler"] = handler
-    _serve(settings, grace, log_level, metrics_port, metrics_host)
+    serve_settings(settings, grace, log_level, metrics_port, metrics_host)
 
 
 @main.command()
@@ -173,7 +222,8 @@ def cert(out_dir: str, hosts: tuple[str, ...], days: int) -> None:
     click.echo(f"serve it: netpool echo --certfile {cert_path} --keyfile {key_path}")
 
 
-def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: str) -> dict[str, Any]:
+def settings_from_flags(config_file: Optional[str], flags: dict[str, Any], default_name: str) -> dict[str, Any]:
+    """Listener settings from --config and the flags of :func:`listener_options` (flags win); for serve_settings."""
     settings: dict[str, Any] = {"name": default_name}
     if config_file is not None:
         try:
@@ -205,8 +255,9 @@ def _settings(config_file: Optional[str], flags: dict[str, Any], default_name: s
     return settings
 
 
-def _serve(settings: dict[str, Any], grace: float, log_level: str, metrics_port: Optional[int] = None,
-           metrics_host: str = "127.0.0.1") -> None:
+def serve_settings(settings: dict[str, Any], grace: float, log_level: str, metrics_port: Optional[int] = None,
+                   metrics_host: str = "127.0.0.1") -> None:
+    """Validate ``settings`` and serve them until SIGINT/SIGTERM, as ``netpool run`` does (exits on errors)."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -244,13 +295,6 @@ def _serve(settings: dict[str, Any], grace: float, log_level: str, metrics_port:
     finally:
         for server in servers:
             server.stop()
-
-
-# `netpool xmpp` ships with the XMPP example, which builds its group from the
-# helpers above: imported here, at the end, and built by a function call.
-from .examples.xmpp_stub.cli import command as _xmpp_command  # noqa: E402
-
-main.add_command(_xmpp_command())
 
 
 if __name__ == "__main__":  # pragma: no cover

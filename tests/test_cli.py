@@ -282,6 +282,25 @@ def test_run_with_a_bad_handler_is_a_usage_error(tmp_path: Path, spec: str, need
     assert_clean_usage_error(run_cli("run", spec, "--port", "0", cwd=tmp_path), "handler:", *needles)
 
 
+def test_a_registered_command_that_cannot_load_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken netpool.commands entry point: naming it is a clear error; help and the other commands still work."""
+    from importlib.metadata import EntryPoint
+
+    from click.testing import CliRunner
+
+    broken = EntryPoint(name="chat", value="no_such_module_here:command", group=cli.COMMANDS_GROUP)
+    monkeypatch.setattr(cli, "entry_points", lambda group: [broken] if group == cli.COMMANDS_GROUP else [])
+    runner = CliRunner()
+    listed = runner.invoke(cli.main, ["--help"])
+    assert listed.exit_code == 0, listed.output
+    assert re.search(r"^\s+chat\s+\(cannot be loaded: ", listed.output, re.M), listed.output
+    assert runner.invoke(cli.main, ["run", "--help"]).exit_code == 0
+    named = runner.invoke(cli.main, ["chat", "--port", "0"])
+    assert named.exit_code == 1, named.output
+    assert "the command 'chat' (no_such_module_here:command) cannot be loaded" in named.output
+    assert "No module named 'no_such_module_here'" in named.output
+
+
 def test_port_in_use_exits_1_with_a_clear_message(tmp_path: Path) -> None:
     """A port someone else listens on exits 1 (not 2) saying "address already in use", no traceback."""
     with socket.socket() as occupant:
@@ -438,8 +457,12 @@ def install_wheel(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.timeout(180)
-def test_installed_wheel_finds_the_echo_example(tmp_path: Path) -> None:
-    """A plain (non-editable) install of the wheel serves `netpool echo` from its own files."""
+def test_installed_wheel_serves_echo_and_finds_the_example_commands(tmp_path: Path) -> None:
+    """A plain (non-editable) install of the wheel serves `netpool echo` from its own files, examples included.
+
+    `netpool xmpp` comes from the wheel's entry points (netpool.commands),
+    not from an import in netpool itself.
+    """
     site, elsewhere = install_wheel(tmp_path)
     assert (site / "netpool" / "examples" / "echo" / "handler.py").is_file()
     assert (site / "netpool" / "examples" / "echo" / "README.md").is_file(), "package_data README.md not installed"
@@ -456,3 +479,8 @@ def test_installed_wheel_finds_the_echo_example(tmp_path: Path) -> None:
         returncode, stderr = srv.stop()
     assert returncode == 0, stderr
     assert "echo stopped after" in stderr
+
+    xmpp = subprocess.run([sys.executable, "-c", "from netpool.cli import main; main()", "xmpp", "--help"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert xmpp.returncode == 0, xmpp.stderr
+    assert "XMPP example" in xmpp.stdout and "--domain" in xmpp.stdout

@@ -1,10 +1,10 @@
 """``netpool xmpp`` (serve the XMPP example) and ``netpool xmpp adduser NAME``: click wiring only.
 
 The group takes every listener and TLS flag ``netpool echo`` takes (netpool's
-own ``listener_options``), plus the XMPP settings. netpool's CLI registers it
-by calling :func:`command`; building the group in a function rather than at
-import time lets this module use netpool.cli's helpers without the two
-modules importing each other while they load.
+own ``listener_options``), plus the XMPP settings. netpool's CLI finds it
+through the ``netpool.commands`` entry point (setup.cfg) and builds it by
+calling :func:`command` when ``netpool xmpp`` is asked for; netpool itself
+never imports the examples.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, Optional
 import click
 
 from netpool import ConfigError
+from netpool.cli import listener_options, serve_settings, settings_from_flags
 from netpool.config import load_toml
 
 from .jid import InvalidJID, localpart
@@ -35,7 +36,6 @@ log = logging.getLogger("netpool.xmpp")
 def serve(xmpp: dict[str, Any], config_file: Optional[str], grace: float, log_level: str,
           flags: dict[str, Any]) -> None:
     """Build the server from the XMPP options and serve it with netpool's CLI machinery."""
-    from netpool.cli import _serve, _settings
 
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     users = None
@@ -57,7 +57,7 @@ def serve(xmpp: dict[str, Any], config_file: Optional[str], grace: float, log_le
             session_timeout=xmpp["session_timeout"],
             limits=Limits(max_stanza_bytes=xmpp["max_stanza_size"]),
         ))
-        listener = _settings(config_file, flags, default_name=LISTENER_DEFAULTS["name"])
+        listener = settings_from_flags(config_file, flags, default_name=LISTENER_DEFAULTS["name"])
         if flags.get("port") is None and "unix" not in listener and not _config_has(config_file, "port"):
             listener["port"] = LISTENER_DEFAULTS["port"]
         settings = server.listener_settings(**listener)
@@ -76,7 +76,7 @@ def serve(xmpp: dict[str, Any], config_file: Optional[str], grace: float, log_le
     accounts = "any name and password" if users is None else f"users from {users.path} ({len(users)})"
     log.info("xmpp serving %s: %s; %s; login within %gs, silent up to %gs",
              s.domain, accounts, tls, s.login_timeout, s.session_timeout)
-    _serve(settings, grace, log_level)
+    serve_settings(settings, grace, log_level)
 
 
 def _config_has(config_file: Optional[str], key: str) -> bool:
@@ -111,8 +111,6 @@ def add_user(users_file: str, name: str, password_stdin: bool, replace: bool) ->
 
 def command() -> click.Group:
     """Build the ``netpool xmpp`` group (netpool's CLI calls this once to register it)."""
-    from netpool.cli import listener_options
-
     @click.group(name="xmpp", invoke_without_command=True)
     @click.option("--domain", default="localhost", show_default=True,
                   help="The domain served: users log in as NAME@DOMAIN.")
