@@ -3,7 +3,8 @@
 Each acceptor thread blocks in ``accept()`` on the one listening socket (the
 kernel wakes one waiter per connection, so there is no herd and no polling).
 It never runs anything slow: a TLS handshake, a handler or an alarm callback
-all run on the connection's own thread.
+all run on the I/O loop that serves the connection (or, in thread mode, on
+the threads it gives blocking calls to), never on an acceptor.
 
 Errors are sorted by errno (``errors.ACCEPT_*``): running out of descriptors
 backs off and drains the pending client through a spare descriptor, a client

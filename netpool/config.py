@@ -23,7 +23,8 @@ from .tls_config import TLSConfig
 
 __all__ = ["ListenerConfig", "Handler", "OVERFLOW_STRATEGIES", "load_toml", "format_address"]
 
-# handler(message, conn): called on the connection's thread, once per message.
+# handler(message, conn): called once per message, in order per connection,
+# on the thread serving it (its I/O loop, or in thread mode a handler thread).
 Handler = Callable[[bytes, Any], None]
 
 OVERFLOW_STRATEGIES = ("refuse", "grow", "wait")
@@ -148,14 +149,14 @@ class ListenerConfig:
     """Networks of the balancers allowed to send PROXY headers; other peers are refused."""
 
     on_connect: Optional[Callable[[Any], None]] = None
-    """``on_connect(conn)``: called on the connection's thread before its first read."""
+    """``on_connect(conn)``: called before the connection's first read, on the thread serving it."""
     on_close: Optional[Callable[[Any, str], None]] = None
     """``on_close(conn, reason)``: called once when the connection has closed."""
 
     alarm_threshold: Optional[int] = None
     """Live count at which ``on_alarm`` fires (Ranch's alarms)."""
     on_alarm: Optional[Callable[[Any, int], None]] = None
-    """``on_alarm(listener, live)``; runs on a connection thread, never on an acceptor."""
+    """``on_alarm(listener, live)``; runs where on_connect does (never on an acceptor), just before it."""
     alarm_cooldown: float = 5.0
     """Minimum seconds between two alarms."""
 

@@ -1,15 +1,17 @@
 """Connection: what a handler holds for one client.
 
 A Connection owns one accepted socket. Exactly one thread, its *owner* (the
-read loop), ever closes the descriptor; every other path (``close()`` from a
+I/O loop serving it, or the thread a blocking call was handed off to), ever
+closes the descriptor; every other path (``close()`` from a
 handler or another thread, ``quit.put()``, the listener stopping, a send that
 timed out) only records a reason and shuts the socket down, which wakes the
 owner out of ``recv`` at once. The owner then closes the descriptor and
 reports to the listener exactly once. This is why a descriptor number is
 never closed under a thread still using it, and why the counter stays exact.
 
-The read path lives outside this class (``read_loop``) so another one (an
-event-driven loop) can drive the same Connection API.
+The read paths live outside this class: ``io_loop`` (both I/O modes) and
+``read_loop`` (a connection whose call blocked long enough to take a thread
+of its own) drive the same Connection API.
 """
 
 from __future__ import annotations
@@ -221,7 +223,7 @@ class Connection:
         """Upgrade this plain connection to TLS in place (STARTTLS), and return what was negotiated.
 
         Call it from the handler right after sending the protocol's "proceed":
-        the handshake runs here, on the connection's thread, within the
+        the handshake runs here, on the thread running the handler, within the
         listener's ``handshake_timeout``; the following messages arrive
         decrypted through the same framer. Bytes the client sent in plaintext
         after its STARTTLS request are discarded, never read as if they had
@@ -300,7 +302,7 @@ class Connection:
         # The peer's window is full. Wait for it at most send_timeout in all:
         # a peer that reads one byte now and then cannot hold us forever.
         # poll() + a non-blocking send, so this works whether the socket is
-        # blocking (a connection's own thread) or not (a loop's connection).
+        # blocking (a handed-off connection's thread) or not (a loop's connection).
         self._about_to_wait()
         view = memoryview(data)
         deadline = time.monotonic() + self._send_timeout

@@ -1,4 +1,4 @@
-"""The event-driven read path (``io="events"``): a few threads read many connections.
+"""The read path of both I/O modes: a few epoll loops read many connections, and run their handlers.
 
 Acceptors stay blocking threads, as the design says; what changes is who
 reads. Each admitted connection goes to one of ``io_threads`` loops, which
@@ -15,9 +15,10 @@ waits for a peer: past ``LOOP_QUEUE_LIMIT`` queued bytes its connection is
 closed (``send_overflow``). Either way a client that stops reading cannot
 grow memory without bound, and in the loop's case cannot stall the others.
 
-Handlers run on the loop thread, so a handler that blocks (sleeps, long
-computation) holds up every connection of its loop: such handlers belong in
-thread mode or on a worker pool (``workers=N``).
+In events mode (``io="events"``) handlers run on the loop thread, so a
+handler that blocks (sleeps, long computation) holds up every connection of
+its loop: such handlers belong in thread mode (below) or on a worker pool
+(``workers=N``).
 
 Plain reads of raw-framed connections (over TLS or not, nothing queued)
 take the hot path (``hot_path.dispatch``, in C where it compiled): recv or

@@ -8,8 +8,9 @@ Lifecycle::
                                    stopping -> stopped
 
 Ownership: the listener owns the listening socket, one spare descriptor,
-every acceptor thread and every connection thread it starts; ``stop()`` joins
-them all. Connection threads own their sockets (see ``connection``).
+every acceptor thread and every thread it starts for connections (I/O loops,
+handler threads, handed-off calls: ``conn_threads``); ``stop()`` joins them
+all. The thread serving a connection owns its socket (see ``connection``).
 """
 
 from __future__ import annotations
@@ -551,7 +552,7 @@ class Listener:
                 self._spare = _open_spare()
             return drained
 
-    # -- called on connection threads -----------------------------------------
+    # -- called on the threads serving connections -----------------------------
 
     def _fire_alarm(self) -> None:
         callback = self.config.on_alarm

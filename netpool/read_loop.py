@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["serve_handed_off"]
 
-log = logging.getLogger("netpool.connection")
+log = logging.getLogger("netpool.read_loop")
 
 # Receive at most this much per recv: large enough for bulk transfers, small
 # enough that an idle-but-chatty connection does not pin a large buffer.
@@ -43,7 +43,7 @@ RECV_SIZE = 65536
 
 
 def prepare_socket(sock: socket.socket, idle_timeout: Optional[float], send_timeout: float) -> None:
-    """Per-connection socket options, set on the connection's thread (not the acceptor's)."""
+    """Per-connection socket options, set by the thread serving it (not the acceptor)."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         # Request/response protocols (echo, chat) must not wait for Nagle's
         # 40 ms: Go and most servers turn it off by default.

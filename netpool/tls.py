@@ -1,7 +1,7 @@
 """TLS with pyOpenSSL: contexts built once, handshakes with a deadline, a thread-safe transport.
 
 OpenSSL forbids two threads in one SSL object at once, yet a netpool
-connection is read by its own thread while any thread may send. So a TLS
+connection is read by the thread serving it while any thread may send. So a TLS
 connection's socket is non-blocking and every SSL call is made under one lock
 that is *never held while waiting*: a reader waiting for bytes sits in
 ``poll()`` without the lock, so senders go ahead (cheroot's pyOpenSSL adapter
