@@ -18,15 +18,14 @@ import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
+from .admission import Admission
 from .errors import ACCEPT_CAPACITY_ERRNOS, ACCEPT_CLIENT_ERRNOS
 from .ratelimit import RateLimitedLog
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .listener import Listener
-
-__all__ = ["Acceptor"]
+__all__ = ["Acceptor", "AcceptGate"]
 
 log = logging.getLogger("netpool.acceptor")
 
@@ -36,39 +35,73 @@ MIN_BACKOFF = 0.01
 MAX_BACKOFF = 0.5
 
 
+@dataclass(frozen=True)
+class AcceptGate:
+    """What an acceptor needs from its listener, handed over as callables (as Ranch hands its acceptor a socket and a supervisor).
+
+    ``enter()`` waits while the listener is suspended and returns the socket
+    to accept on, or None when the acceptor should end; ``leave()`` follows
+    every ``enter()`` that returned a socket, as soon as ``accept()`` is
+    over. ``accepting_on(sock)`` says whether an error on ``sock`` matters
+    (no: it was closed by a suspend or stop). ``out_of_descriptors(sock,
+    exc)`` drains the backlog after EMFILE; ``admit(client, peer, index,
+    reserved=...)`` takes an accepted client over. ``stopping`` is set when
+    the listener stops (back-off waits end early). With ``wait_for_slot``
+    (overflow="wait") a slot of ``admission`` is reserved before each accept.
+    """
+
+    enter: Callable[[], Optional[socket.socket]]
+    leave: Callable[[], None]
+    accepting_on: Callable[[socket.socket], bool]
+    out_of_descriptors: Callable[[socket.socket, OSError], Any]
+    admit: Callable[..., None]
+    stopping: threading.Event
+    admission: Admission
+    wait_for_slot: bool
+
+
 class Acceptor:
     """One acceptor thread of a listener."""
 
-    def __init__(self, listener: "Listener", index: int) -> None:
-        self.listener = listener
+    def __init__(self, gate: AcceptGate, index: int, *, name: str, nice: int = 0) -> None:
+        self.gate = gate
         self.index = index
         self.accepted = 0
-        self.thread = threading.Thread(
-            target=self.run, name=f"netpool-acceptor-{listener.config.name}-{index}", daemon=True
-        )
+        self.thread = threading.Thread(target=self.run, name=f"netpool-acceptor-{name}-{index}", daemon=True)
+        self._nice = nice
         self._errors = RateLimitedLog(log)
 
     def run(self) -> None:
-        listener = self.listener
-        self._lower_priority(listener.config.acceptor_nice)
-        admission = listener._admission
-        wait_for_slot = listener.config.overflow == "wait"
+        gate = self.gate
+        self._lower_priority(self._nice)
+        admission = gate.admission
+        wait_for_slot = gate.wait_for_slot
+        enter, leave, admit = gate.enter, gate.leave, gate.admit  # per connection: bound once
         backoff = MIN_BACKOFF
+        listening: Optional[socket.socket] = None
+        kind: tuple[int, int, int] = (0, 0, 0)
         while True:
             # overflow="wait": hold a free slot *before* accepting, so that at
             # the limit nobody is in accept() and clients queue in the backlog.
             if wait_for_slot and not admission.reserve():
                 return
-            sock = listener._enter_accept()
+            sock = enter()
             if sock is None:
                 if wait_for_slot:
                     admission.unreserve()
                 return
+            if sock is not listening:
+                # What accepted sockets are, as plain ints: socket.accept()
+                # would ask the listening socket each time through properties
+                # that build enum members, a sixth of the Python work per
+                # connection (callgrind). Asked again only for a new socket
+                # (after a resume).
+                listening, kind = sock, (int(sock.family), int(sock.type), sock.proto)
             try:
                 # socket.accept() without its per-call property lookups.
                 fd, peer = sock._accept()
                 try:
-                    client = socket.socket(*listener._client_kind, fileno=fd)
+                    client = socket.socket(*kind, fileno=fd)
                 except OSError:
                     os.close(fd)  # not yet owned by a socket object: close it here or it leaks
                     raise
@@ -77,26 +110,26 @@ class Acceptor:
             else:
                 error = None
             finally:
-                listener._leave_accept()
+                leave()
             if error is not None:
                 if wait_for_slot:
                     admission.unreserve()
-                if not listener._accepting_on(sock):
+                if not gate.accepting_on(sock):
                     continue  # suspended or stopping: the gate decides what next
                 if error.errno in ACCEPT_CAPACITY_ERRNOS:
                     # Out of this acceptor's accept(): it must not hold a slot
                     # while the spare is down.
-                    listener._out_of_descriptors(sock, error)
-                    listener._stop_event.wait(backoff)
+                    gate.out_of_descriptors(sock, error)
+                    gate.stopping.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
                 elif error.errno not in ACCEPT_CLIENT_ERRNOS:
                     self._errors(logging.ERROR, "acceptor %d: accept() failed: %s", self.index, error)
-                    listener._stop_event.wait(backoff)
+                    gate.stopping.wait(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             backoff = MIN_BACKOFF
             self.accepted += 1
-            listener._admit(client, peer, self.index, reserved=wait_for_slot)
+            admit(client, peer, self.index, reserved=wait_for_slot)
 
     def _lower_priority(self, increment: int) -> None:
         """Run this thread ``increment`` nice steps below the process (see ListenerConfig.acceptor_nice).

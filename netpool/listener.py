@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from .acceptor import Acceptor
+from .acceptor import AcceptGate, Acceptor
 from .admission import Admission
 from .config import ListenerConfig, format_address
 from .conn_threads import ConnectionThreads
@@ -168,7 +168,12 @@ class Listener:
         self._stop_event = threading.Event()
         self._stopped = threading.Event()
         self._started_at = 0.0
-        self._acceptors = [Acceptor(self, i) for i in range(config.acceptors)]
+        gate = AcceptGate(enter=self._enter_accept, leave=self._leave_accept, accepting_on=self._accepting_on,
+                          out_of_descriptors=self._out_of_descriptors, admit=self._admit,
+                          stopping=self._stop_event, admission=self._admission,
+                          wait_for_slot=config.overflow == "wait")
+        self._acceptors = [Acceptor(gate, i, name=config.name, nice=config.acceptor_nice)
+                           for i in range(config.acceptors)]
         # Both modes read through event loops; in thread mode handlers may
         # block, and a loop held up by one moves to another thread.
         self._loops = [IOLoop(self, i, handoff=config.io == "threads") for i in range(config.io_threads)]
@@ -228,10 +233,6 @@ class Listener:
     def _open_socket(self) -> None:
         sock = open_listening_socket(self.config, port=self.port)
         self._sock = sock
-        # What accepted sockets are, as plain ints: socket.accept() would ask
-        # the listening socket each time through properties that build enum
-        # members, a sixth of the Python work per connection (callgrind).
-        self._client_kind = (int(sock.family), int(sock.type), sock.proto)
         if self.config.unix is not None:
             self._unix_inode = os.lstat(self.config.unix).st_ino
         else:
