@@ -15,8 +15,14 @@ header or TLS handshake pending, not closing, nothing to flush. It stops at
 the first event that needs the loop's full path and says which, so events
 are still served strictly in order. Reads of an established TLS session are
 plain reads too: the C version calls OpenSSL's ``SSL_read`` and
-``SSL_write`` itself once ``netpool.tls`` has handed it their addresses
-(``install_tls``), under the same per-session lock as ``tls.TLSTransport``.
+``SSL_write`` itself once it has their addresses (``install_tls``), under
+the same per-session lock as ``tls.TLSTransport``.
+
+Nothing here is installed by importing a module: each listener calls
+``listener.install_hot_path`` as it is made, which hands this module the
+connection classes (``install``) and, for a TLS listener, what ``tls``
+found in OpenSSL (``install_tls``); only the first call of each does
+anything.
 """
 
 from __future__ import annotations
@@ -149,19 +155,20 @@ _base: Optional[type] = None
 _installed: tuple[type, ...] = ()
 
 
-def install(base: type, classes: tuple[type, ...]) -> None:
+def install(base: type, classes: tuple[type, ...], recv_size: int) -> None:
     """Use the C ``send_bytes`` on ``classes`` (``base`` and its subclasses), unless told not to.
 
     Each class that defines ``send_bytes`` keeps its Python version as
     ``_send_bytes_py``, which the C one falls back on for what it does not
     do itself (TLS, a queue to append to, a busy send lock, non-bytes).
     Classes with ``_raw_send = True`` have ``send`` follow ``send_bytes``.
+    ``recv_size`` is the largest read the callers make. Called by every
+    listener as it is made (nothing is installed by an import); only the
+    first call does anything.
     """
     global _base, _installed
-    from .read_loop import RECV_SIZE
-
-    if _speedups is None or RECV_SIZE > _speedups.RECV_MAX:  # a stale build reading shorter chunks: not used
-        return
+    if _base is not None or _speedups is None or recv_size > _speedups.RECV_MAX:
+        return  # installed already, not built, or a stale build reading shorter chunks
     _speedups.configure(base, OFFLOAD_AFTER)
     _base, _installed = base, classes
     for cls in classes:
@@ -201,6 +208,8 @@ def install_tls(transport: type, functions: Optional[tuple[int, ...]], eof_reaso
     """
     if _speedups is None or functions is None:
         return False
+    if _speedups.tls_configured():
+        return True
     _speedups.configure_tls(transport, TLSError, functions, eof_reason, write_chunk)
     return True
 

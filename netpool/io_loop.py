@@ -82,7 +82,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .listener import Listener
 
 __all__ = ["IOLoop", "LoopConnection", "RawLoopConnection", "ThreadedLoopConnection", "RawThreadedLoopConnection",
-           "HIGH_WATER", "HANDOFF_AFTER"]
+           "CONNECTION_CLASSES", "HIGH_WATER", "HANDOFF_AFTER"]
 
 log = logging.getLogger("netpool.io_loop")
 
@@ -1318,4 +1318,5 @@ class IOLoop:
         return "error"
 
 
-hot_path.install(LoopConnection, (LoopConnection, RawLoopConnection, ThreadedLoopConnection, RawThreadedLoopConnection))
+# The connection classes whose sends the C hot path takes over (see hot_path.install).
+CONNECTION_CLASSES = (LoopConnection, RawLoopConnection, ThreadedLoopConnection, RawThreadedLoopConnection)

@@ -30,15 +30,17 @@ from .config import ListenerConfig, format_address
 from .conn_threads import ConnectionThreads
 from .connection import Connection
 from .framing import RawFramer, framer_factory, with_message_deadline
-from .io_loop import IOLoop, LoopConnection, RawLoopConnection, RawThreadedLoopConnection, ThreadedLoopConnection
+from . import hot_path
+from .io_loop import (CONNECTION_CLASSES, IOLoop, LoopConnection, RawLoopConnection, RawThreadedLoopConnection,
+                      ThreadedLoopConnection)
 from .ratelimit import RateLimitedLog
 from .proxy_protocol import parse_networks
 from .errors import ConnectionClosed, Overloaded, WorkerPoolStopped
-from .read_loop import fault_logs, reason_for
+from .read_loop import RECV_SIZE, fault_logs, reason_for
 from .workers import WorkerPool
 from .sockets import open_listening_socket, remove_unix_socket
 
-__all__ = ["Listener", "ListenerInfo", "start_listener", "ERROR_REASONS"]
+__all__ = ["Listener", "ListenerInfo", "start_listener", "install_hot_path", "ERROR_REASONS"]
 
 log = logging.getLogger("netpool.listener")
 
@@ -65,6 +67,21 @@ ERROR_REASONS = frozenset(
 # After the grace period, force-closed connections get this long to finish
 # their cleanup before stop() gives up joining their threads.
 FORCE_CLOSE_WAIT = 1.0
+
+
+def install_hot_path(*, tls: bool = False) -> None:
+    """Put the C hot path (where it was built) in place: for the loop connection classes, and for TLS sessions.
+
+    Every Listener calls this as it is made, so importing netpool installs
+    nothing; after the first time (the first TLS listener, for TLS) it
+    changes nothing. NETPOOL_PURE_PYTHON=1 in the environment keeps the
+    Python versions.
+    """
+    hot_path.install(LoopConnection, CONNECTION_CLASSES, RECV_SIZE)
+    if tls and not hot_path.tls_speedups_ready():
+        from . import tls as tls_module
+
+        tls_module.use_c_path(hot_path.install_tls(*tls_module.c_path_parts()))
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,7 @@ class Listener:
             from .tls import build_server_context  # pyOpenSSL is loaded only for TLS listeners
 
             self._tls_context = build_server_context(tls, config.name)
+        install_hot_path(tls=tls is not None)
         self._tls_implicit = tls is not None and tls.mode == "implicit"
         self._proxy_versions = {"off": (), "v1": (1,), "v2": (2,), "any": (1, 2)}[config.proxy_protocol]
         self._proxy_trusted = parse_networks(config.proxy_trusted)

@@ -25,7 +25,6 @@ from typing import Any, Optional
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
-from . import hot_path
 from .errors import TLSError, TLSHandshakeError, TLSHandshakeTimeout
 from .tls_config import TLSConfig, TLSInfo
 
@@ -446,4 +445,17 @@ def _session_address(ssl_conn: SSL.Connection) -> int:
     return int(_ffi.cast("uintptr_t", ssl_conn._ssl))
 
 
-_C_PATH = hot_path.install_tls(TLSTransport, *_openssl_functions(), WRITE_CHUNK)
+# Whether the C hot path serves TLSTransport sessions (then each carries its
+# SSL* address): set by use_c_path() when a TLS listener installs the path.
+_C_PATH = False
+
+
+def c_path_parts() -> tuple[type, Optional[tuple[int, ...]], int, int]:
+    """What ``hot_path.install_tls`` takes: the transport class, OpenSSL's functions, its EOF reason, the write chunk."""
+    return (TLSTransport, *_openssl_functions(), WRITE_CHUNK)
+
+
+def use_c_path(on: bool) -> None:
+    """Sessions made from now on carry what the C hot path needs (the listener calls this once it is installed)."""
+    global _C_PATH
+    _C_PATH = on

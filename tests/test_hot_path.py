@@ -392,9 +392,9 @@ def test_the_c_version_serves_tls_without_the_python_transport(version, pki, mon
     for name in ("recv_nowait", "send_nowait", "sendall", "pending"):
         original = getattr(TLSTransport, name)
         monkeypatch.setattr(TLSTransport, name, lambda self, *a, _n=name, _f=original: used.append(_n) or _f(self, *a))
-    assert hot_path.tls_speedups_ready()
     wire = Wire("tls", pki)
     with wire.serving() as listener, wire.connect(listener) as sock:
+        assert hot_path.tls_speedups_ready()  # the TLS listener installed it
         # In thread mode a call slowed by something else (this process's own
         # client thread taking the GIL, a collection) offloads the connection
         # to a thread, which reads through the Python transport for a while:
