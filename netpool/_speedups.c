@@ -53,7 +53,7 @@ static Py_ssize_t off_fd, off_setup, off_tls, off_close_reason, off_last_read, o
     off_inline_after, off_stick_skip;
 /* Thread mode: an inline handler call longer than this (seconds, wall clock)
  * is reported to loop._call_was_slow (hot_path.OFFLOAD_AFTER). */
-static double offload_after = 1e9;
+static double offload_after = 1e9, offload_long = 1e9;
 static PyTypeObject *conn_type;  /* LoopConnection */
 static PyTypeObject *lock_type;  /* _thread.lock */
 static PyObject *lock_acquire, *lock_release; /* _thread.lock's own methods (descriptors) */
@@ -110,18 +110,19 @@ static int slot_offset(PyObject *cls, const char *name, Py_ssize_t *off) {
 }
 
 static PyObject *configure(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyType_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "configure() takes the LoopConnection class and OFFLOAD_AFTER");
+    if (nargs != 3 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "configure() takes the LoopConnection class, OFFLOAD_AFTER and OFFLOAD_LONG");
         return NULL;
     }
     PyObject *cls = args[0];
-    double after = PyFloat_AsDouble(args[1]);
-    if (after == -1.0 && PyErr_Occurred()) return NULL;
-    if (!(after >= 0)) {
-        PyErr_SetString(PyExc_ValueError, "configure(): OFFLOAD_AFTER must be >= 0");
+    double after = PyFloat_AsDouble(args[1]), long_ = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    if (!(after >= 0) || !(long_ >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "configure(): OFFLOAD_AFTER and OFFLOAD_LONG must be >= 0");
         return NULL;
     }
     offload_after = after;
+    offload_long = long_;
     if (conn_type != NULL) {
         if ((PyObject *)conn_type == cls) Py_RETURN_NONE;
         PyErr_SetString(PyExc_RuntimeError, "configure() was already called with another class");
@@ -1007,7 +1008,19 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
     PyObject *value = NULL;
     Py_INCREF(conn);
     Py_ssize_t waits = 0;
+    /* What this thread did with the CPU since the turn began or its last wait for the client: a
+     * call longer than offload_after counts as slow only if it gave the CPU up for that long (it
+     * slept or waited) or ran on it for offload_long, as io_loop._call_was_slow judges inline
+     * calls; one the scheduler merely preempted does not restart the quick streak. */
+    struct { double wall, cpu; long voluntary; } since;
+    if (read_usage(&since.wall, &since.cpu, &since.voluntary) < 0) goto fail;
+    /* Quick calls in a row before this turn, and how many bring it back to the loop: once this
+     * turn's calls make up the difference, none of them slow, it stops reading here. */
+    PyObject *q0 = SLOT(conn, off_quick), *ia0 = SLOT(conn, off_inline_after);
+    Py_ssize_t back_after = q0 != NULL && ia0 != NULL && PyLong_CheckExact(q0) && PyLong_CheckExact(ia0)
+                                ? PyLong_AsSsize_t(ia0) - PyLong_AsSsize_t(q0) : PY_SSIZE_T_MAX;
     for (Py_ssize_t reads = 0; reads <= read_ahead; reads++) {
+        if (calls >= back_after && !slow) break; /* quick long enough: back to the loop (Python path) */
         if (calls && waits < stick_waits && stick > 0) {
             int want = may_stick(loop, conn);
             if (want < 0) goto fail;
@@ -1030,6 +1043,8 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
                 }
                 if (r < 0 || !pfd[0].revents) break; /* a signal, or others wait: end the turn */
                 waits++;
+                /* Judged once per turn at most: once a call was slow, no need to measure more. */
+                if (!slow && read_usage(&since.wall, &since.cpu, &since.voluntary) < 0) goto fail;
             }
         }
         Py_ssize_t got;
@@ -1060,8 +1075,18 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
         Py_DECREF(data);
         clock_gettime(CLOCK_MONOTONIC, &ended);
         calls++;
-        if ((double)(ended.tv_sec - started.tv_sec) + (double)(ended.tv_nsec - started.tv_nsec) * 1e-9 > offload_after)
-            slow = 1;
+        double took = (double)(ended.tv_sec - started.tv_sec) + (double)(ended.tv_nsec - started.tv_nsec) * 1e-9;
+        if (took > offload_after && !slow) {
+            double wall, cpu;
+            long voluntary;
+            if (read_usage(&wall, &cpu, &voluntary) < 0) {
+                Py_XDECREF(res);
+                goto fail;
+            }
+            double off_cpu = (wall - since.wall) - (cpu - since.cpu);
+            if ((off_cpu >= offload_after && voluntary > since.voluntary) || took - off_cpu >= offload_long) slow = 1;
+            since.wall = wall, since.cpu = cpu, since.voluntary = voluntary;
+        }
         if (res == NULL) {
             if (!PyErr_ExceptionMatches(PyExc_Exception)) goto fail; /* KeyboardInterrupt and such */
             kind = HANDLER_ERROR, value = take_exception();

@@ -232,7 +232,7 @@ class Connection:
         closes the connection (tls_error or tls_handshake_timeout) and raises.
         """
         listener = self.listener
-        context = getattr(listener, "_tls_context", None)
+        context = getattr(listener, "tls_context", None)
         if context is None:
             raise TLSError(
                 "start_tls() needs a certificate: give the listener ssl options "

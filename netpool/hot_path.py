@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Union
 
 from .errors import TLSError
 
-__all__ = ["dispatch", "install", "install_tls", "use_speedups", "speedups_active", "tls_speedups_ready",
+__all__ = ["dispatch", "install", "install_tls", "blocked_since_mark", "use_speedups", "speedups_active", "tls_speedups_ready",
            "FINISH", "RECV_ERROR", "HANDLER_ERROR", "TLS_ERROR"]
 
 # What (index, kind, value) from dispatch() asks the loop to do with that
@@ -169,7 +169,7 @@ def install(base: type, classes: tuple[type, ...], recv_size: int) -> None:
     global _base, _installed
     if _base is not None or _speedups is None or recv_size > _speedups.RECV_MAX:
         return  # installed already, not built, or a stale build reading shorter chunks
-    _speedups.configure(base, OFFLOAD_AFTER)
+    _speedups.configure(base, OFFLOAD_AFTER, OFFLOAD_LONG)
     _base, _installed = base, classes
     for cls in classes:
         own = cls.__dict__.get("send_bytes")
@@ -266,6 +266,19 @@ def mark() -> None:
         _speedups.mark()
     else:
         _marks.usage = _usage()
+
+
+def blocked_since_mark(took: float) -> bool:
+    """Whether a call that took ``took`` seconds blocked, judged by this thread's usage since mark(); marks again.
+
+    It did if the thread gave the CPU up (slept or waited on something) for
+    OFFLOAD_AFTER, or ran on it for OFFLOAD_LONG (a hash computed without
+    the GIL, say). The time off the CPU covers everything since the mark, so
+    ``took`` minus it is at most the call's own time on the CPU: a call the
+    scheduler merely preempted does not pass.
+    """
+    off_cpu, gave_up = since_mark()
+    return (off_cpu >= OFFLOAD_AFTER and gave_up > 0) or took - off_cpu >= OFFLOAD_LONG
 
 
 def since_mark() -> tuple[float, int]:

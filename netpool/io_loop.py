@@ -75,11 +75,11 @@ from . import hot_path
 from .connection import Connection
 from .errors import ConnectionClosed, SendTimeout, TLSError
 from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
-from .hot_path import OFFLOAD_AFTER, OFFLOAD_LONG, mark, rearm, recv_nowait, since_mark, wait_for_client
+from .hot_path import OFFLOAD_AFTER, blocked_since_mark, mark, rearm, recv_nowait, wait_for_client
 from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for, serve_handed_off
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .listener import Listener
+    from .services import ConnectionServices
 
 __all__ = ["IOLoop", "LoopConnection", "RawLoopConnection", "ThreadedLoopConnection", "RawThreadedLoopConnection",
            "CONNECTION_CLASSES", "HIGH_WATER", "HANDOFF_AFTER"]
@@ -364,8 +364,8 @@ class _HandedOff(BaseException):
 class IOLoop:
     """One loop thread: epoll over the connections it owns, handlers inline."""
 
-    def __init__(self, listener: "Listener", index: int, *, handoff: bool = False) -> None:
-        self.listener = listener
+    def __init__(self, services: "ConnectionServices", index: int, *, handoff: bool = False) -> None:
+        self.services = services
         self.index = index
         self.handoff = handoff
         # The user call (handler, hook) running on the loop thread: its
@@ -407,7 +407,7 @@ class IOLoop:
         self._offload_lock = threading.Lock()
         self._handlers = 0
         self._idle_handlers = 0
-        self._max_handlers = max(1, HANDLER_THREADS // listener.config.io_threads)
+        self._max_handlers = max(1, HANDLER_THREADS // services.config.io_threads)
         self._closed = False
         self._cpu_at, self._cpu_used, self._cpu_room = time.monotonic(), time.process_time(), True
         self._turn_ended = time.monotonic()  # when a handler thread last finished a turn
@@ -417,11 +417,11 @@ class IOLoop:
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, select.EPOLLIN)
         self._stopping = False
-        config = listener.config
+        config = services.config
         timeouts = [t for t in (config.idle_timeout, config.send_timeout, config.handshake_timeout) if t]
         self._sweep_every = max(0.01, min(1.0, min(timeouts) / 4))
         # With raw framing a read is a message: no larger than a message may be.
-        self._bufsize = min(RECV_SIZE, config.max_message_size) if listener._raw_framing else RECV_SIZE
+        self._bufsize = min(RECV_SIZE, config.max_message_size) if services.raw_framing else RECV_SIZE
         self.thread = threading.Thread(target=self.run, name=f"netpool-io-{config.name}-{index}", daemon=True)
         if handoff:
             self._monitor = threading.Thread(target=self._watch, name=f"netpool-handoff-{config.name}-{index}",
@@ -433,7 +433,7 @@ class IOLoop:
             return
         # Thread mode: the loop runs on a reusable connection thread, since
         # the thread running it may become a connection's own at any time.
-        self.listener._conn_threads.submit(self.run)
+        self.services.threads.submit(self.run)
         self._monitor.start()
 
     @property
@@ -493,22 +493,22 @@ class IOLoop:
             # connection whose call held it, then gives it back or keeps it.
             if not handed.done:
                 conn = handed.conn
-                serve_handed_off(conn, self.listener, conn._framer, handed.pending, handed.eof, handed.error,
+                serve_handed_off(conn, self.services, conn._framer, handed.pending, handed.eof, handed.error,
                                  handed.tls, give_back=self.give_back)
             return
         except BaseException:
-            log.exception("%s: I/O loop %d failed; closing its connections", self.listener.config.name, self.index)
+            log.exception("%s: I/O loop %d failed; closing its connections", self.services.config.name, self.index)
             self._close()
             raise
         self._close()
 
     def _serve(self) -> None:
-        listener = self.listener
-        handler = listener._handler
+        services = self.services
+        handler = services.handler
         # Raw framing, over TLS or not: reads may take the hot path. Other
         # framers need the full path for every event, and asking dispatch
         # first would only cost.
-        plain = listener._raw_framing
+        plain = services.raw_framing
         bufsize = self._bufsize
         conns = self._conns
         poll = hot_path.poller(self._ep)
@@ -576,7 +576,7 @@ class IOLoop:
             self._finish(conn, "error")
             return
         tls = conn._tls
-        listener = self.listener
+        services = self.services
         try:
             if tls is None:
                 data = conn._sock.recv(self._bufsize)
@@ -590,11 +590,11 @@ class IOLoop:
             self._finish_dispatched(conn, hot_path.RECV_ERROR, exc)
             return
         except TLSError as exc:
-            self._finish(conn, reason_for(conn, exc))
+            self._finish(conn, self._reason(conn, exc))
             return
         conn._last_read = now
         conn.bytes_in += len(data)
-        self._deliver(conn, data, listener._handler, listener._raw_framing)
+        self._deliver(conn, data, services.handler, services.raw_framing)
 
     def _finish_dispatched(self, conn: LoopConnection, kind: int, value: Any) -> None:
         """End a connection as hot_path.dispatch said: its reason, a receive error, or the handler's exception."""
@@ -603,7 +603,7 @@ class IOLoop:
         elif kind == hot_path.RECV_ERROR:
             reason = self._recv_failed(conn, value)
         else:
-            reason = reason_for(conn, value)
+            reason = self._reason(conn, value)
         self._finish(conn, reason)
 
     def _recv_failed(self, conn: LoopConnection, exc: OSError) -> str:
@@ -688,7 +688,7 @@ class IOLoop:
                 if conn._tls is not tls:
                     # start_tls() ran in the handler: plaintext framed or
                     # buffered after the request must not pass for TLS data.
-                    conn._framer = self.listener._framer_factory(self.listener.config.max_message_size)
+                    conn._framer = self.services.framer_factory(self.services.config.max_message_size)
                     return
                 # OpenSSL may hold decrypted bytes epoll cannot see.
                 if tls is None or not tls.pending():
@@ -698,7 +698,7 @@ class IOLoop:
                     return
                 conn.bytes_in += len(data)
         except Exception as exc:
-            self._finish(conn, reason_for(conn, exc))
+            self._finish(conn, self._reason(conn, exc))
 
     def _handle_each(self, conn: LoopConnection, handler: Any, messages: Any, tls: Any,
                      eof: bool = False) -> Optional[list]:
@@ -728,43 +728,43 @@ class IOLoop:
             try:
                 self._hold(conn)
             except OSError as exc:
-                self._finish(conn, reason_for(conn, exc))
+                self._finish(conn, self._reason(conn, exc))
         while self._later:
             conn, reason = self._later.popleft()
             conn._busy = False
             self._finish(conn, reason)
-        listener = self.listener
-        context = listener._tls_context if listener._tls_implicit else None
-        raw_framer = listener._raw_framer
+        services = self.services
+        context = services.tls_context if services.tls_implicit else None
+        raw_framer = services.raw_framer
         while self._pending:
             conn = self._pending.popleft()
             sock = conn._sock
             fd = sock.fileno()
             conn._last_read = now
-            conn._framer = raw_framer or listener._framer_factory(listener.config.max_message_size)
+            conn._framer = raw_framer or services.framer_factory(services.config.max_message_size)
             try:
                 sock.setblocking(False)  # TCP_NODELAY it has from the listening socket
                 conn._fd = fd
                 self._hold(conn)
-                if listener._proxy_versions:
-                    check_proxy_source(conn, listener._proxy_trusted)
-                    conn._proxy_reader = ProxyHeaderReader(listener._proxy_versions)
+                if services.proxy_versions:
+                    check_proxy_source(conn, services.proxy_trusted)
+                    conn._proxy_reader = ProxyHeaderReader(services.proxy_versions)
                 if context is not None:
                     from .tls import start_server_session
 
                     conn._ssl_session = start_server_session(sock, context)
                 conn._setup = conn._proxy_reader is not None or conn._ssl_session is not None
-                conn._hs_deadline = now + listener.config.handshake_timeout
+                conn._hs_deadline = now + services.config.handshake_timeout
                 self._advance_setup(conn)
             except Exception as exc:
-                self._finish(conn, reason_for(conn, exc))
+                self._finish(conn, self._reason(conn, exc))
 
     def _ready(self, conn: LoopConnection) -> None:
         """The connection can talk: alarm, on_connect (on this loop thread or offloaded, never an acceptor)."""
-        listener = self.listener
+        services = self.services
         if self._offload_new and not conn._offloaded:
             conn._offloaded = True  # the handler blocks: start where its calls will run
-        hook = conn._alarm_due or listener.config.on_connect is not None
+        hook = conn._alarm_due or services.config.on_connect is not None
         if conn._offloaded:
             if hook:
                 # Not read until on_connect is over, as on a connection thread.
@@ -778,11 +778,11 @@ class IOLoop:
             self._finish(conn, "error")
 
     def _connected(self, conn: LoopConnection) -> None:
-        listener = self.listener
+        services = self.services
         if conn._alarm_due:
-            listener._fire_alarm()
-        if listener.config.on_connect is not None:
-            listener.config.on_connect(conn)
+            services.fire_alarm()
+        if services.config.on_connect is not None:
+            services.config.on_connect(conn)
 
     def _advance_setup(self, conn: LoopConnection) -> None:
         """Read the PROXY header, then run the TLS handshake, then let the handler in."""
@@ -808,7 +808,7 @@ class IOLoop:
         except Exception as exc:
             conn._setup = False
             conn._ssl_session = conn._proxy_reader = None
-            self._finish(conn, reason_for(conn, exc))
+            self._finish(conn, self._reason(conn, exc))
 
     def _writable(self, conn: LoopConnection) -> None:
         # A sender holding the lock is flushing already; never wait for it here.
@@ -824,7 +824,7 @@ class IOLoop:
 
     def _sweep(self, now: float) -> None:
         """Idle, send and handshake deadlines: checked a few times per shortest timeout."""
-        config = self.listener.config
+        config = self.services.config
         idle = config.idle_timeout
         for conn in list(self._conns.values()):
             if conn._busy:
@@ -840,7 +840,7 @@ class IOLoop:
                         exc = handshake_timed_out(config.handshake_timeout)
                     conn._setup = False
                     conn._ssl_session = conn._proxy_reader = None
-                    self._finish(conn, reason_for(conn, exc))
+                    self._finish(conn, self._reason(conn, exc))
                 continue
             if conn._out and now >= conn._out_deadline:
                 conn._request_close("send_timeout", socket.SHUT_RDWR)
@@ -861,9 +861,9 @@ class IOLoop:
                 conn._send_lock.release()
         self._forget(conn)
         if self._stopping:  # no hand-off any more: the loop is closing
-            self.listener._connection_ended(conn, reason)
+            self.services.connection_ended(conn, reason)
         else:
-            self._user_call(conn, self.listener._connection_ended, conn, reason, done=True)
+            self._user_call(conn, self.services.connection_ended, conn, reason, done=True)
 
     def _hold(self, conn: LoopConnection) -> None:
         """Have this loop read ``conn`` (new, given back, or kept after a refused hand-off)."""
@@ -906,13 +906,7 @@ class IOLoop:
         connection moves to the threads at its next event (``_serve_event``),
         or with the rest of its messages (``_deliver``).
         """
-        off_cpu, gave_up = since_mark()
-        waited = off_cpu >= OFFLOAD_AFTER and gave_up  # it slept or waited on something
-        # Or it ran that long (a hash without the GIL, say). off_cpu covers
-        # the whole batch so far, so took - off_cpu is at most the call's own
-        # time on the CPU: a call that was only preempted does not pass.
-        ran = took - off_cpu >= OFFLOAD_LONG
-        if not (waited or ran):
+        if not blocked_since_mark(took):  # since the loop's mark, once per batch of events
             return  # a short collection, or preempted: it did not wait on anything
         if conn._offloaded or conn.close_reason is not None or self._conns.get(conn._fd) is not conn:
             return
@@ -960,7 +954,7 @@ class IOLoop:
             self._offload_ep.register(fd, _ONCE if armed else select.EPOLLONESHOT)
         except OSError as exc:
             conn._away = False
-            self._finish(conn, reason_for(conn, exc))
+            self._finish(conn, self._reason(conn, exc))
             return
         self._ensure_handler()
 
@@ -1002,14 +996,14 @@ class IOLoop:
 
     def _start_handler(self) -> None:
         try:
-            self.listener._conn_threads.submit(self._serve_offloaded, urgent=True)
+            self.services.threads.submit(self._serve_offloaded, urgent=True)
         except RuntimeError as exc:  # no thread can be started (a system limit, or stopping)
             with self._offload_lock:
                 self._handlers -= 1
                 self._idle_handlers -= 1
             if not self._stopping:
                 log.error("%s: I/O loop %d cannot start a handler thread (%s); offloaded connections "
-                          "wait for the ones running", self.listener.config.name, self.index, exc)
+                          "wait for the ones running", self.services.config.name, self.index, exc)
 
     def _serve_offloaded(self) -> None:
         """A handler thread: take offloaded connections' events one at a time and run their calls.
@@ -1021,10 +1015,10 @@ class IOLoop:
         """
         poll = self._offload_ep.poll
         lock = self._offload_lock
-        listener = self.listener
+        services = self.services
         # Plain reads of raw-framed connections: a whole turn in C.
-        fast = hot_path.offloaded_server() if listener._raw_framing else None
-        handler, epfd, bufsize = listener._handler, self._offload_ep.fileno(), self._bufsize
+        fast = hot_path.offloaded_server() if services.raw_framing else None
+        handler, epfd, bufsize = services.handler, self._offload_ep.fileno(), self._bufsize
         while True:
             try:
                 events = poll(HANDLER_KEEPALIVE, 1)
@@ -1096,7 +1090,7 @@ class IOLoop:
         elif kind == hot_path.RECV_ERROR:
             reason = self._recv_failed(conn, value)
         elif kind == hot_path.HANDLER_ERROR:
-            reason = reason_for(conn, value)
+            reason = self._reason(conn, value)
         self._calls_done(conn, reason, reason == "eof", None, slow, calls)
 
     def _close_offload_ep(self) -> None:
@@ -1111,10 +1105,10 @@ class IOLoop:
     def _submit(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
         """Run a claimed connection's calls on a thread (on_connect, or messages framed on the loop)."""
         try:
-            self.listener._conn_threads.submit(self._run_calls, conn, messages, tls, eof, connected)
+            self.services.threads.submit(self._run_calls, conn, messages, tls, eof, connected)
         except RuntimeError as exc:  # no thread can be started (a system limit, or stopping)
             log.error("%s: I/O loop %d cannot start a thread for connection %d (%s); running its call "
-                      "on the loop", self.listener.config.name, self.index, conn.id, exc)
+                      "on the loop", self.services.config.name, self.index, conn.id, exc)
             self._run_calls(conn, messages, tls, eof, connected)
 
     def _run_calls(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
@@ -1127,18 +1121,23 @@ class IOLoop:
         reads, and none while jobs wait for a thread. The C turn
         (hot_path.offloaded_server) does the same for plain raw framing.
         """
-        listener = self.listener
-        handler = listener._handler
-        raw = listener._raw_framing
-        threads = listener._conn_threads
+        services = self.services
+        handler = services.handler
+        raw = services.raw_framing
+        threads = services.threads
         reason: Optional[str] = None
         slow = False
         calls = 0
+        # A call longer than OFFLOAD_AFTER is slow only if it blocked or ran
+        # long (blocked_since_mark, as inline), not if it was preempted; the
+        # mark is taken again after each wait for the client.
+        mark()
         try:
             if connected:
                 started = perf_counter()
                 self._connected(conn)
-                slow = perf_counter() - started > OFFLOAD_AFTER
+                took = perf_counter() - started
+                slow = took > OFFLOAD_AFTER and blocked_since_mark(took)
                 calls = 1
             reads = waits = 0
             most = self._stick_waits()
@@ -1148,12 +1147,13 @@ class IOLoop:
                         break  # closing, or start_tls() ran: plaintext framed after the request is dropped
                     started = perf_counter()
                     handler(message, conn)
-                    if perf_counter() - started > OFFLOAD_AFTER:
-                        slow = True
+                    took = perf_counter() - started
+                    if took > OFFLOAD_AFTER and not slow:
+                        slow = blocked_since_mark(took)
                 calls += len(messages)
                 if eof or conn.close_reason is not None or conn._tls is not tls or reads > READ_AHEAD or (
-                        reads and threads.queued):
-                    break
+                        reads and threads.queued) or (not slow and conn._quick + calls >= conn._inline_after):
+                    break  # the last: quick long enough to go back to the loop (_calls_done)
                 reads += 1
                 if calls and waits < most and (tls is None or not tls.pending()) and self._may_stick(conn):
                     # As the C turn does: wait for this client's next message,
@@ -1164,6 +1164,8 @@ class IOLoop:
                             conn._stick_skip = STICK_SKIP  # its client is slower than that
                         break
                     waits += 1
+                    if not slow:  # once one call was slow the turn is judged: no need to measure more
+                        mark()
                 try:
                     if tls is None:
                         data = recv_nowait(conn._fd, self._bufsize)
@@ -1181,7 +1183,7 @@ class IOLoop:
                 else:
                     messages, eof = conn._framer.eof(), True
         except Exception as exc:
-            reason = reason_for(conn, exc)
+            reason = self._reason(conn, exc)
         self._calls_done(conn, reason, eof, tls, slow, calls)
 
     def _stick_waits(self) -> int:
@@ -1213,7 +1215,7 @@ class IOLoop:
             elif conn._tls is not tls:
                 # start_tls() ran in the handler: what the framer buffered
                 # came in plaintext and must not pass for TLS data.
-                conn._framer = self.listener._framer_factory(self.listener.config.max_message_size)
+                conn._framer = self.services.framer_factory(self.services.config.max_message_size)
         if calls:
             conn._quick = 0 if slow else conn._quick + calls
             if not slow:
@@ -1247,7 +1249,7 @@ class IOLoop:
                     conn._busy = False  # being closed: the loop finishes it
                 return
         # The loop has ended (it left this connection to us because it was busy).
-        self.listener._connection_ended(conn, reason or "server_stop")
+        self.services.connection_ended(conn, reason or "server_stop")
 
     # -- thread mode: the monitor and the hand-off ---------------------------------
 
@@ -1289,7 +1291,7 @@ class IOLoop:
                 return False  # the call ended as we looked
             self._forget(conn)
             try:
-                self.listener._conn_threads.submit(self.run)
+                self.services.threads.submit(self.run)
                 started = True
             except RuntimeError as exc:  # no thread can be started (system limit, or stopping)
                 if not by_monitor:
@@ -1300,7 +1302,7 @@ class IOLoop:
                     return False
                 log.error("%s: I/O loop %d cannot start a thread (%s); the monitor runs the loop "
                           "from now on, so a blocking handler will hold up its connections",
-                          self.listener.config.name, self.index, exc)
+                          self.services.config.name, self.index, exc)
                 started = False
             self.handoffs += 1
             # Its calls run on threads from now on (it comes back to this loop
@@ -1312,6 +1314,10 @@ class IOLoop:
             return True
         self.run()  # this thread, the monitor, becomes the owner; no more hand-offs for this loop
         return False
+
+    def _reason(self, conn: LoopConnection, exc: Exception) -> str:
+        """The close reason for ``exc``, logged at most so often (read_loop.reason_for)."""
+        return reason_for(conn, exc, self.services.fault_logs)
 
     def _log_recv_error(self, conn: LoopConnection, exc: OSError) -> str:
         log.warning("connection %d: receive failed: %s", conn.id, exc)

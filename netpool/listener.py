@@ -38,6 +38,7 @@ from .proxy_protocol import parse_networks
 from .errors import ConnectionClosed, Overloaded, WorkerPoolStopped
 from .read_loop import RECV_SIZE, fault_logs, reason_for
 from .workers import WorkerPool
+from .services import ConnectionServices
 from .sockets import open_listening_socket, remove_unix_socket
 
 __all__ = ["Listener", "ListenerInfo", "start_listener", "install_hot_path", "ERROR_REASONS"]
@@ -192,9 +193,20 @@ class Listener:
                           wait_for_slot=config.overflow == "wait")
         self._acceptors = [Acceptor(gate, i, name=config.name, nice=config.acceptor_nice)
                            for i in range(config.acceptors)]
+        self.workers: Optional[WorkerPool] = None
+        self._handler = config.handler
+        if config.workers:
+            self.workers = WorkerPool(config.workers, name=config.name)
+            self._handler = self._dispatch
+        self._fault_logs = fault_logs()
+        services = ConnectionServices(
+            config=config, handler=self._handler, raw_framing=self._raw_framing, raw_framer=self._raw_framer,
+            framer_factory=self._framer_factory, tls_context=self._tls_context, tls_implicit=self._tls_implicit,
+            proxy_versions=self._proxy_versions, proxy_trusted=self._proxy_trusted, fault_logs=self._fault_logs,
+            threads=self._conn_threads, connection_ended=self._connection_ended, fire_alarm=self._fire_alarm)
         # Both modes read through event loops; in thread mode handlers may
         # block, and a loop held up by one moves to another thread.
-        self._loops = [IOLoop(self, i, handoff=config.io == "threads") for i in range(config.io_threads)]
+        self._loops = [IOLoop(services, i, handoff=config.io == "threads") for i in range(config.io_threads)]
         if config.io == "threads":
             self._connection_class = RawThreadedLoopConnection if self._raw_framing else ThreadedLoopConnection
         else:
@@ -209,17 +221,16 @@ class Listener:
         # acceptor may enter accept() meanwhile (see _out_of_descriptors).
         self._draining = False
         self._bytes_in = self._bytes_out = 0  # of closed connections; open ones add theirs in info()
-        self.workers: Optional[WorkerPool] = None
-        self._handler = config.handler
-        if config.workers:
-            self.workers = WorkerPool(config.workers, name=config.name)
-            self._handler = self._dispatch
         self._refusals = RateLimitedLog(log)
-        self._fault_logs = fault_logs()
         self._fd_log = RateLimitedLog(log)
 
     def __repr__(self) -> str:
         return f"<Listener {self.config.name} {self.address} {self._state}>"
+
+    @property
+    def tls_context(self) -> Any:
+        """The pyOpenSSL context this listener serves TLS with (implicit or STARTTLS), or None without ``ssl``."""
+        return self._tls_context
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -603,7 +614,7 @@ class Listener:
 
     def _handler_failed(self, conn: Connection, exc: BaseException) -> None:
         if isinstance(exc, Exception):
-            reason = reason_for(conn, exc)
+            reason = reason_for(conn, exc, self._fault_logs)
             conn._request_close(reason if reason != "error" else "handler_error", socket.SHUT_RDWR)
 
     def _connection_ended(self, conn: Connection, reason: str) -> None:

@@ -8,7 +8,7 @@ loop's handler threads) or, when the loop cannot take it back (it is
 stopping, or OpenSSL holds bytes epoll cannot see), until the connection
 ends. Whatever happens (EOF, a reset, a quit, a handler that
 raises, a framing error, the listener stopping), a connection that ends here
-goes to ``service._connection_ended`` exactly once, as gevent's
+goes to ``services.connection_ended`` exactly once, as gevent's
 ``_handle_and_close_when_done`` and trio's ``_run_handler`` do.
 
 The helpers every read path shares live here too: close reasons and their
@@ -31,7 +31,7 @@ from .ratelimit import RateLimitedLog
 from .proxy_protocol import MAX_V2, ProxyHeaderError, ProxyHeaderReader, ProxyUntrusted
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .listener import Listener
+    from .services import ConnectionServices
 
 __all__ = ["serve_handed_off"]
 
@@ -61,7 +61,7 @@ def _reader(conn: Connection, idle_timeout: Optional[float]) -> Callable[[int], 
     return functools.partial(tls.recv, timeout=idle_timeout)
 
 
-def serve_handed_off(conn: Any, service: "Listener", framer: Any, pending: Iterable[bytes] = (),
+def serve_handed_off(conn: Any, services: "ConnectionServices", framer: Any, pending: Iterable[bytes] = (),
                      eof: bool = False, error: Optional[Exception] = None, tls: Any = None,
                      give_back: Optional[Callable[[Any], bool]] = None) -> None:
     """Go on serving, on this thread, a connection whose handler outlived its event loop's patience.
@@ -75,8 +75,8 @@ def serve_handed_off(conn: Any, service: "Listener", framer: Any, pending: Itera
     handler threads; only if it cannot is it read here with blocking calls,
     as a connection thread would.
     """
-    config = service.config
-    handler = service._handler
+    config = services.config
+    handler = services.handler
     reason = "error"
     returned = False
     try:
@@ -85,7 +85,7 @@ def serve_handed_off(conn: Any, service: "Listener", framer: Any, pending: Itera
         if conn._tls is not tls:
             # start_tls() ran in the handler: plaintext framed after the
             # request must not pass for data that came over TLS.
-            framer, pending = service._framer_factory(config.max_message_size), ()
+            framer, pending = services.framer_factory(config.max_message_size), ()
         for message in pending:
             if conn.close_reason is not None:
                 break
@@ -105,20 +105,20 @@ def serve_handed_off(conn: Any, service: "Listener", framer: Any, pending: Itera
                 # blocks in recv, with the kernel keeping the idle timeout.
                 conn._sock.setblocking(True)
                 prepare_socket(conn._sock, config.idle_timeout, config.send_timeout)
-            reason = _read_messages(conn, service, framer)
+            reason = _read_messages(conn, services, framer)
     except Exception as exc:
-        reason = reason_for(conn, exc)
+        reason = reason_for(conn, exc, services.fault_logs)
     finally:
         if not returned:
-            service._connection_ended(conn, reason)
+            services.connection_ended(conn, reason)
 
 
-def _read_messages(conn: Connection, service: "Listener", framer: Any) -> str:
+def _read_messages(conn: Connection, services: "ConnectionServices", framer: Any) -> str:
     """recv -> framer -> handler until the connection ends; returns why it ended."""
-    config = service.config
-    handler = service._handler
+    config = services.config
+    handler = services.handler
     feed = framer.feed
-    raw = service._raw_framing
+    raw = services.raw_framing
     tls = conn._tls
     recv = _reader(conn, config.idle_timeout)
     bufsize = min(RECV_SIZE, config.max_message_size) if raw else RECV_SIZE
@@ -155,7 +155,7 @@ def _read_messages(conn: Connection, service: "Listener", framer: Any) -> str:
             # the STARTTLS request (already framed or still buffered) must
             # never pass for data that came over TLS: drop it with the framer.
             tls = conn._tls
-            framer = service._framer_factory(config.max_message_size)
+            framer = services.framer_factory(config.max_message_size)
             feed = framer.feed
             recv = _reader(conn, config.idle_timeout)
 
@@ -170,8 +170,8 @@ def fault_logs() -> "collections.defaultdict[str, RateLimitedLog]":
     return collections.defaultdict(lambda: RateLimitedLog(log, interval=1.0))
 
 
-def reason_for(conn: Connection, exc: Exception) -> str:
-    """The close reason for an exception that ended a connection's loop; logs it (rate-limited).
+def reason_for(conn: Connection, exc: Exception, logs: Any) -> str:
+    """The close reason for an exception that ended a connection's loop; logs it on ``logs`` (``fault_logs()``).
 
     Shared by every read path so a given fault reads the same in the logs
     and counters whichever I/O mode served the connection.
@@ -181,7 +181,6 @@ def reason_for(conn: Connection, exc: Exception) -> str:
         # timeout, reset, quit): its own reason is already recorded.
         return "error"
     peer = format_address(conn.peer)
-    logs = conn.listener._fault_logs
     if isinstance(exc, (TLSHandshakeError, ProxyHeaderError, FramingError)):
         reason = exc.reason
         level = logging.INFO if isinstance(exc, TLSHandshakeError) else logging.WARNING

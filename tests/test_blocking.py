@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ssl
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -280,3 +282,58 @@ def test_a_client_that_hangs_up_while_its_thread_waits_for_it_is_closed_at_once(
         info = wait_for(lambda: (i := listener.info()).closed == 30 and i, timeout=5, what="30 closures")
     assert info.closed_by_reason == {"eof": 30} and info.errors == 0 and info.live == 0
     assert info.threaded_calls >= 60
+
+
+# A client in its own process: one in this process would compete with the
+# loop for the GIL, and a loop waiting for the GIL mid-call looks just like
+# a handler that blocks.
+PING_CLIENT = """
+import socket, sys
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+for _ in range(int(sys.argv[2])):
+    sock.sendall(b"ping\\n")
+    got = b""
+    while len(got) < 5:
+        chunk = sock.recv(5 - len(got))
+        assert chunk, "closed"
+        got += chunk
+    assert got == b"ping\\n", got
+"""
+
+
+# Raw framing takes the C turn, line framing the Python one (_run_calls).
+# With the C version only: the pure-Python sends release the GIL, so on
+# this machine a quick call there now and then waits for it, which counts
+# as blocking (and may send the connection back to the threads).
+@pytest.mark.parametrize("version", ["c"], indirect=True)
+@pytest.mark.parametrize("framing", ["raw", "line"])
+def test_a_connection_that_blocked_once_comes_back_to_the_loop_while_its_client_keeps_talking(version, framing):
+    """After INLINE_AFTER quick calls in a row on a thread, the next calls run on the loop again.
+
+    The client answers every reply at once, so the thread serving it could
+    keep waiting on it for ever; it must not: quick calls cost less inline.
+    A quick call the scheduler preempts still counts as quick. The test asks
+    for three quarters of the calls after the first 40 on the loop rather
+    than for call 17 and every one after it: a rare real wait for the GIL
+    (the monitor's tick, a collection) may send it back to the threads once
+    more, for twice as long.
+    """
+    ran_on: list[threading.Thread] = []
+
+    def handler(message: bytes, conn) -> None:
+        if not ran_on:
+            time.sleep(SHORT_BLOCK)  # a cold cache, once
+        ran_on.append(threading.current_thread())
+        conn.send(message)
+
+    pings = 300
+    with serving(handler=handler, framing=framing) as listener:
+        subprocess.run([sys.executable, "-c", PING_CLIENT, str(listener.port), str(pings)], check=True, timeout=60)
+        assert len(ran_on) == pings
+        loop_thread = listener._loops[0].thread
+        assert ran_on[0] is loop_thread  # its first call ran inline and blocked
+        assert ran_on[1] is not loop_thread  # then it was offloaded
+        later = ran_on[40:]
+        inline = sum(thread is loop_thread for thread in later)
+        pattern = "".join("L" if thread is loop_thread else "T" for thread in ran_on)
+        assert inline >= 0.75 * len(later), f"{inline} of {len(later)} later calls ran on the loop: {pattern}"

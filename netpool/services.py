@@ -1,0 +1,48 @@
+"""ConnectionServices: what the read paths need from the listener that owns them, handed over as one object.
+
+The I/O loops (``io_loop``) and a handed-off connection's thread
+(``read_loop``) never see the Listener: they get its settings, the handler
+to call, how to frame and secure a connection, the threads to run calls on,
+and two callables back (a connection ended; an alarm is due). The listener
+builds one of these and gives it to each loop, as Ranch gives an acceptor
+its socket and its connection supervisor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .config import ListenerConfig
+from .conn_threads import ConnectionThreads
+
+__all__ = ["ConnectionServices"]
+
+
+@dataclass(frozen=True)
+class ConnectionServices:
+    config: ListenerConfig
+    handler: Callable[[Any, Any], None]
+    """``handler(message, conn)``: the user's handler, or the hand-over to the worker pool."""
+    raw_framing: bool
+    """Messages are whatever one read returned (RawFramer): the hot path serves them."""
+    raw_framer: Optional[Any]
+    """The one stateless RawFramer every raw connection shares (None otherwise)."""
+    framer_factory: Callable[[int], Any]
+    """``framer_factory(max_message_size)``: a new framer for a connection."""
+    tls_context: Any
+    """The pyOpenSSL context for TLS (implicit or STARTTLS), or None."""
+    tls_implicit: bool
+    """TLS from the first byte: every connection shakes hands before its first message."""
+    proxy_versions: tuple[int, ...]
+    """PROXY protocol versions expected before anything else (empty: none)."""
+    proxy_trusted: tuple[Any, ...]
+    """Networks allowed to send PROXY headers."""
+    fault_logs: Any
+    """Rate-limited logs per close reason (``read_loop.fault_logs``)."""
+    threads: ConnectionThreads
+    """Reusable threads for loops, handler threads and handed-off calls."""
+    connection_ended: Callable[[Any, str], None]
+    """``connection_ended(conn, reason)``: once per connection, after its descriptor is closed."""
+    fire_alarm: Callable[[], None]
+    """Run the listener's alarm hook (due when the connection was admitted)."""
