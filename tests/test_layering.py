@@ -182,3 +182,11 @@ def test_the_checks_see_what_they_look_for() -> None:
     own = ast.parse("class K:\n    __slots__ = ('_mine',)\n    def g(self, o):\n        return o._mine + self._x")
     assert _private_uses(own) == set()
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [frozenset({"a", "b", "c"})]
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """Each module of the package has its line in the README's Layout section."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    missing = [path.name for path in sorted(PACKAGE.glob("*.py")) if f"netpool/{path.name}" not in layout]
+    assert not missing, f"README's Layout does not list: {missing}"
