@@ -25,6 +25,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from .deadline import poll_until
 from .errors import ConnectionClosed, SendTimeout, TLSError, TLSHandshakeError
 from .tls_config import TLSInfo
 
@@ -310,11 +311,8 @@ class Connection:
         poller = select.poll()
         poller.register(sock, select.POLLOUT)
         while sent < len(view):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if not poll_until(poller, deadline):
                 raise self._send_timed_out()
-            if not poller.poll(max(1, int(remaining * 1000))):
-                continue
             try:
                 sent += sock.send(view[sent:], socket.MSG_DONTWAIT)
             except BlockingIOError:

@@ -11,11 +11,14 @@ down (Go's ``context.WithDeadline``).
 from __future__ import annotations
 
 import time
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from .errors import DeadlineExceeded
 
-__all__ = ["Deadline", "DeadlineLike", "to_deadline"]
+if TYPE_CHECKING:  # pragma: no cover
+    import select
+
+__all__ = ["Deadline", "DeadlineLike", "to_deadline", "poll_until"]
 
 
 class Deadline:
@@ -72,3 +75,17 @@ def to_deadline(value: DeadlineLike, default: Optional[float] = None) -> Deadlin
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ValueError(f"deadline must be a Deadline, a number of seconds >= 0 or None, got {value!r}")
     return Deadline.after(float(value))
+
+
+def poll_until(poller: "select.poll", at: float) -> bool:
+    """Wait for what ``poller`` watches until the monotonic time ``at``: True when it came, False once ``at`` passed.
+
+    The one "wait on a socket, but not past the deadline" loop step of the
+    server side (a send waiting for a full window, a TLS handshake or
+    write). The wait is rounded up to poll's whole milliseconds, so False
+    means the deadline really has passed.
+    """
+    remaining = at - time.monotonic()
+    if remaining <= 0:
+        return False
+    return bool(poller.poll(max(1, int(remaining * 1000 + 0.999))))

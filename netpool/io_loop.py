@@ -73,10 +73,12 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import hot_path
 from .connection import Connection
+from .deadline import poll_until
 from .errors import ConnectionClosed, SendTimeout, TLSError
 from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
 from .hot_path import OFFLOAD_AFTER, blocked_since_mark, mark, rearm, recv_nowait, wait_for_client
-from .read_loop import RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for, serve_handed_off
+from .read_loop import (RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for, recv_failed,
+                        serve_handed_off)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .services import ConnectionServices
@@ -287,12 +289,10 @@ class LoopConnection(Connection):
         while self._out and len(self._out) > limit:
             if self._flush():
                 break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._send_timed_out()
             if self._wr_closed:
                 raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
-            poller.poll(max(1, int(remaining * 1000)))
+            if not poll_until(poller, deadline):
+                raise self._send_timed_out()
 
 
 class RawLoopConnection(LoopConnection):
@@ -601,16 +601,10 @@ class IOLoop:
         if kind == hot_path.FINISH:
             reason = value
         elif kind == hot_path.RECV_ERROR:
-            reason = self._recv_failed(conn, value)
+            reason = recv_failed(conn, value)
         else:
             reason = self._reason(conn, value)
         self._finish(conn, reason)
-
-    def _recv_failed(self, conn: LoopConnection, exc: OSError) -> str:
-        """The close reason for a failed receive (logged unless the connection was closing anyway)."""
-        if isinstance(exc, ConnectionResetError):
-            return "reset"
-        return "error" if conn.close_reason else self._log_recv_error(conn, exc)
 
     def _close(self) -> None:
         """The loop has ended (stopped, or failed): finish what it still holds, release its descriptors."""
@@ -688,7 +682,7 @@ class IOLoop:
                 if conn._tls is not tls:
                     # start_tls() ran in the handler: plaintext framed or
                     # buffered after the request must not pass for TLS data.
-                    conn._framer = self.services.framer_factory(self.services.config.max_message_size)
+                    conn._framer = self.services.new_framer()
                     return
                 # OpenSSL may hold decrypted bytes epoll cannot see.
                 if tls is None or not tls.pending():
@@ -741,7 +735,7 @@ class IOLoop:
             sock = conn._sock
             fd = sock.fileno()
             conn._last_read = now
-            conn._framer = raw_framer or services.framer_factory(services.config.max_message_size)
+            conn._framer = raw_framer or services.new_framer()
             try:
                 sock.setblocking(False)  # TCP_NODELAY it has from the listening socket
                 conn._fd = fd
@@ -1088,7 +1082,7 @@ class IOLoop:
         if kind == hot_path.FINISH:
             reason = value
         elif kind == hot_path.RECV_ERROR:
-            reason = self._recv_failed(conn, value)
+            reason = recv_failed(conn, value)
         elif kind == hot_path.HANDLER_ERROR:
             reason = self._reason(conn, value)
         self._calls_done(conn, reason, reason == "eof", None, slow, calls)
@@ -1172,7 +1166,7 @@ class IOLoop:
                     else:
                         data = tls.recv_nowait(self._bufsize)
                 except OSError as exc:
-                    reason = self._recv_failed(conn, exc)
+                    reason = recv_failed(conn, exc)
                     break
                 if data is None:
                     break
@@ -1215,7 +1209,7 @@ class IOLoop:
             elif conn._tls is not tls:
                 # start_tls() ran in the handler: what the framer buffered
                 # came in plaintext and must not pass for TLS data.
-                conn._framer = self.services.framer_factory(self.services.config.max_message_size)
+                conn._framer = self.services.new_framer()
         if calls:
             conn._quick = 0 if slow else conn._quick + calls
             if not slow:
@@ -1319,9 +1313,6 @@ class IOLoop:
         """The close reason for ``exc``, logged at most so often (read_loop.reason_for)."""
         return reason_for(conn, exc, self.services.fault_logs)
 
-    def _log_recv_error(self, conn: LoopConnection, exc: OSError) -> str:
-        log.warning("connection %d: receive failed: %s", conn.id, exc)
-        return "error"
 
 
 # The connection classes whose sends the C hot path takes over (see hot_path.install).

@@ -33,7 +33,8 @@ from .proxy_protocol import MAX_V2, ProxyHeaderError, ProxyHeaderReader, ProxyUn
 if TYPE_CHECKING:  # pragma: no cover
     from .services import ConnectionServices
 
-__all__ = ["serve_handed_off"]
+__all__ = ["serve_handed_off", "reason_for", "recv_failed", "fault_logs", "check_proxy_source", "read_proxy_header_nowait",
+           "RECV_SIZE"]
 
 log = logging.getLogger("netpool.read_loop")
 
@@ -85,7 +86,7 @@ def serve_handed_off(conn: Any, services: "ConnectionServices", framer: Any, pen
         if conn._tls is not tls:
             # start_tls() ran in the handler: plaintext framed after the
             # request must not pass for data that came over TLS.
-            framer, pending = services.framer_factory(config.max_message_size), ()
+            framer, pending = services.new_framer(), ()
         for message in pending:
             if conn.close_reason is not None:
                 break
@@ -129,12 +130,8 @@ def _read_messages(conn: Connection, services: "ConnectionServices", framer: Any
             data = recv(bufsize)
         except BlockingIOError:  # nothing from the peer for idle_timeout
             return "idle_timeout"
-        except ConnectionResetError:
-            return "reset"
         except OSError as exc:
-            if conn.close_reason is None:
-                log.warning("connection %d from %s: receive failed: %s", conn.id, format_address(conn.peer), exc)
-            return "error"
+            return recv_failed(conn, exc)
         conn.bytes_in += len(data)
         if not data:
             for message in framer.eof():
@@ -155,7 +152,7 @@ def _read_messages(conn: Connection, services: "ConnectionServices", framer: Any
             # the STARTTLS request (already framed or still buffered) must
             # never pass for data that came over TLS: drop it with the framer.
             tls = conn._tls
-            framer = services.framer_factory(config.max_message_size)
+            framer = services.new_framer()
             feed = framer.feed
             recv = _reader(conn, config.idle_timeout)
 
@@ -168,6 +165,15 @@ def fault_logs() -> "collections.defaultdict[str, RateLimitedLog]":
     different fault or another listener's. The counters stay exact.
     """
     return collections.defaultdict(lambda: RateLimitedLog(log, interval=1.0))
+
+
+def recv_failed(conn: Connection, exc: OSError) -> str:
+    """The close reason for a receive that failed: ``reset``, else ``error``, logged unless it was closing anyway."""
+    if isinstance(exc, ConnectionResetError):
+        return "reset"
+    if conn.close_reason is None:
+        log.warning("connection %d from %s: receive failed: %s", conn.id, format_address(conn.peer), exc)
+    return "error"
 
 
 def reason_for(conn: Connection, exc: Exception, logs: Any) -> str:

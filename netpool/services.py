@@ -46,3 +46,12 @@ class ConnectionServices:
     """``connection_ended(conn, reason)``: once per connection, after its descriptor is closed."""
     fire_alarm: Callable[[], None]
     """Run the listener's alarm hook (due when the connection was admitted)."""
+
+    def new_framer(self) -> Any:
+        """A fresh framer for a connection: at its start, and after STARTTLS.
+
+        After ``start_tls()`` whatever the old framer holds (or framed but
+        not yet delivered) came in plaintext and must never pass for data
+        that came over TLS: every read path drops it by taking a new one.
+        """
+        return self.framer_factory(self.config.max_message_size)

@@ -25,6 +25,7 @@ from typing import Any, Optional
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
+from .deadline import poll_until
 from .errors import TLSError, TLSHandshakeError, TLSHandshakeTimeout
 from .tls_config import TLSConfig, TLSInfo
 
@@ -233,8 +234,7 @@ def server_handshake(sock: socket.socket, ctx: SSL.Context, timeout: float) -> S
         if not wanted:
             return ssl_conn
         poller = pollers.get(wanted) or pollers.setdefault(wanted, _poller(sock, wanted))
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not _wait(poller, remaining):
+        if not poll_until(poller, deadline):
             raise handshake_timed_out(timeout)
 
 
@@ -367,8 +367,7 @@ class TLSTransport:
                 view = view[sent:]
                 continue
             poller = self._read_poll if wanted == select.POLLIN else self._writable()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not _wait(poller, remaining):
+            if not poll_until(poller, deadline):
                 raise TimeoutError("send timed out")
 
     def _send_once(self, data: memoryview) -> tuple[int, int]:
