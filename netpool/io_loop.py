@@ -170,7 +170,7 @@ class LoopConnection(Connection):
                  "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_offloaded", "_busy", "_quick",
                  "_proven", "_inline_after", "_away", "_struck", "_stick_skip")
 
-    def __init__(self, *args: Any, loop: "IOLoop", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loop: "IOLoop", alarm_due: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._loop = loop
         self._out: Optional[bytearray] = None
@@ -184,7 +184,7 @@ class LoopConnection(Connection):
         self._proxy_reader: Any = None
         self._ssl_session: Any = None
         self._hs_deadline = 0.0
-        self._alarm_due = False
+        self._alarm_due = alarm_due  # admitting it crossed the alarm threshold: on_alarm runs before on_connect
         self._fd = -1  # the descriptor it is registered under, while the loop holds it
         # Thread mode: its handler calls run on the listener's threads, not on
         # the loop (_offloaded); one is running or queued there now (_busy),

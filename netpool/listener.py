@@ -496,8 +496,7 @@ class Listener:
         self._next_loop += 1
         conn = self._connection_class(client, peer, listener=self, acceptor=acceptor, encode=self._encode,
                                       send_timeout=self.config.send_timeout, release=self._admission.release,
-                                      loop=loop)
-        conn._alarm_due = alarm_due
+                                      loop=loop, alarm_due=alarm_due)
         with self._lock:
             self._conns[conn.id] = conn
             self._admitted += 1
