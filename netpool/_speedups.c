@@ -909,36 +909,44 @@ static PyObject *rearm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
  * the CPU up itself, and marks again. A call that slept or waited gives the
  * CPU up; one that was only long (a collection, a computation) or was
  * preempted does not. Per thread: the loop's owner changes at hand-offs. */
-static _Thread_local struct {
+struct usage {
     double wall, cpu;
     long voluntary;
-} usage_mark;
+};
+static _Thread_local struct usage usage_mark;
 
-static int read_usage(double *wall, double *cpu, long *voluntary) {
+static int read_usage(struct usage *u) {
     struct rusage ru;
     struct timespec ts;
     if (getrusage(RUSAGE_THREAD, &ru) < 0 || clock_gettime(CLOCK_MONOTONIC, &ts) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
-    *wall = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-    *cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
-    *voluntary = ru.ru_nvcsw;
+    u->wall = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    u->cpu = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) + (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1e-6;
+    u->voluntary = ru.ru_nvcsw;
+    return 0;
+}
+
+/* Since *then: the time off the CPU and the voluntary context switches; *then becomes now. */
+static int usage_since(struct usage *then, double *off_cpu, long *gave_up) {
+    struct usage now;
+    if (read_usage(&now) < 0) return -1;
+    *off_cpu = (now.wall - then->wall) - (now.cpu - then->cpu);
+    *gave_up = now.voluntary - then->voluntary;
+    *then = now;
     return 0;
 }
 
 static PyObject *mark(PyObject *mod, PyObject *unused) {
-    if (read_usage(&usage_mark.wall, &usage_mark.cpu, &usage_mark.voluntary) < 0) return NULL;
+    if (read_usage(&usage_mark) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *since_mark(PyObject *mod, PyObject *unused) {
-    double wall, cpu;
-    long voluntary;
-    if (read_usage(&wall, &cpu, &voluntary) < 0) return NULL;
-    double off_cpu = (wall - usage_mark.wall) - (cpu - usage_mark.cpu);
-    long gave_up = voluntary - usage_mark.voluntary;
-    usage_mark.wall = wall, usage_mark.cpu = cpu, usage_mark.voluntary = voluntary;
+    double off_cpu;
+    long gave_up;
+    if (usage_since(&usage_mark, &off_cpu, &gave_up) < 0) return NULL;
     return Py_BuildValue("(dl)", off_cpu, gave_up);
 }
 
@@ -1012,8 +1020,8 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
      * call longer than offload_after counts as slow only if it gave the CPU up for that long (it
      * slept or waited) or ran on it for offload_long, as io_loop._call_was_slow judges inline
      * calls; one the scheduler merely preempted does not restart the quick streak. */
-    struct { double wall, cpu; long voluntary; } since;
-    if (read_usage(&since.wall, &since.cpu, &since.voluntary) < 0) goto fail;
+    struct usage since;
+    if (read_usage(&since) < 0) goto fail;
     /* Quick calls in a row before this turn, and how many bring it back to the loop: once this
      * turn's calls make up the difference, none of them slow, it stops reading here. */
     PyObject *q0 = SLOT(conn, off_quick), *ia0 = SLOT(conn, off_inline_after);
@@ -1044,7 +1052,7 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
                 if (r < 0 || !pfd[0].revents) break; /* a signal, or others wait: end the turn */
                 waits++;
                 /* Judged once per turn at most: once a call was slow, no need to measure more. */
-                if (!slow && read_usage(&since.wall, &since.cpu, &since.voluntary) < 0) goto fail;
+                if (!slow && read_usage(&since) < 0) goto fail;
             }
         }
         Py_ssize_t got;
@@ -1077,15 +1085,14 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
         calls++;
         double took = (double)(ended.tv_sec - started.tv_sec) + (double)(ended.tv_nsec - started.tv_nsec) * 1e-9;
         if (took > offload_after && !slow) {
-            double wall, cpu;
-            long voluntary;
-            if (read_usage(&wall, &cpu, &voluntary) < 0) {
+            /* As hot_path.blocked_since_mark judges. */
+            double off_cpu;
+            long gave_up;
+            if (usage_since(&since, &off_cpu, &gave_up) < 0) {
                 Py_XDECREF(res);
                 goto fail;
             }
-            double off_cpu = (wall - since.wall) - (cpu - since.cpu);
-            if ((off_cpu >= offload_after && voluntary > since.voluntary) || took - off_cpu >= offload_long) slow = 1;
-            since.wall = wall, since.cpu = cpu, since.voluntary = voluntary;
+            slow = (off_cpu >= offload_after && gave_up > 0) || took - off_cpu >= offload_long;
         }
         if (res == NULL) {
             if (!PyErr_ExceptionMatches(PyExc_Exception)) goto fail; /* KeyboardInterrupt and such */

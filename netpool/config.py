@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional
 
+from .checks import whole_number
 from .errors import ConfigError
 from .framing import FRAMERS, FramerFactory
 from .loader import load_object
@@ -29,13 +30,6 @@ Handler = Callable[[bytes, Any], None]
 
 OVERFLOW_STRATEGIES = ("refuse", "grow", "wait")
 Overflow = Literal["refuse", "grow", "wait"]
-
-
-def _positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"expected a whole number, got {value!r}")
-    if value < minimum:
-        raise ConfigError(name, f"must be at least {minimum}, got {value}")
 
 
 def _timeout(name: str, value: Any, *, optional: bool) -> None:
@@ -190,20 +184,20 @@ class ListenerConfig:
                 raise ConfigError("unix_mode", f"expected a file mode 0..0o777, got {self.unix_mode!r}")
             if self.unix is None:
                 raise ConfigError("unix_mode", "only applies together with unix=PATH")
-        _positive_int("backlog", self.backlog)
-        _positive_int("processes", self.processes)
+        whole_number("backlog", self.backlog)
+        whole_number("processes", self.processes)
         if not isinstance(self.reuse_port, bool):
             raise ConfigError("reuse_port", f"expected true or false, got {self.reuse_port!r}")
-        _positive_int("acceptors", self.acceptors)
+        whole_number("acceptors", self.acceptors)
         if self.acceptors > 1000:
             raise ConfigError("acceptors", f"{self.acceptors} threads in accept() buys nothing; use at most 1000")
-        _positive_int("acceptor_nice", self.acceptor_nice, minimum=0)
+        whole_number("acceptor_nice", self.acceptor_nice, minimum=0)
         if self.acceptor_nice > 19:
             raise ConfigError("acceptor_nice", f"nice increments go up to 19, got {self.acceptor_nice}")
-        _positive_int("max_connections", self.max_connections)
+        whole_number("max_connections", self.max_connections)
         if self.overflow not in OVERFLOW_STRATEGIES:
             raise ConfigError("overflow", f"expected one of {', '.join(OVERFLOW_STRATEGIES)}, got {self.overflow!r}")
-        _positive_int("grow_step", self.grow_step)
+        whole_number("grow_step", self.grow_step)
         if isinstance(self.refuse_message, str):
             object.__setattr__(self, "refuse_message", self.refuse_message.encode())
         if self.refuse_message is not None:
@@ -216,15 +210,15 @@ class ListenerConfig:
 
         if self.io not in ("threads", "events"):
             raise ConfigError("io", f"expected threads or events, got {self.io!r}")
-        _positive_int("io_threads", self.io_threads)
-        _positive_int("workers", self.workers, minimum=0)
-        _positive_int("worker_queue", self.worker_queue)
+        whole_number("io_threads", self.io_threads)
+        whole_number("workers", self.workers, minimum=0)
+        whole_number("worker_queue", self.worker_queue)
         if isinstance(self.framing, str):
             if self.framing not in FRAMERS:
                 raise ConfigError("framing", f"expected one of {', '.join(FRAMERS)} or a framer factory, got {self.framing!r}")
         elif not callable(self.framing):
             raise ConfigError("framing", f"expected a name or a callable framer factory, got {self.framing!r}")
-        _positive_int("max_message_size", self.max_message_size)
+        whole_number("max_message_size", self.max_message_size)
         _timeout("idle_timeout", self.idle_timeout, optional=True)
         _timeout("send_timeout", self.send_timeout, optional=False)
         _timeout("message_timeout", self.message_timeout, optional=True)
@@ -245,7 +239,7 @@ class ListenerConfig:
         for hook in ("on_connect", "on_close", "on_alarm"):
             _hook(hook, getattr(self, hook))
         if self.alarm_threshold is not None:
-            _positive_int("alarm_threshold", self.alarm_threshold)
+            whole_number("alarm_threshold", self.alarm_threshold)
             if self.on_alarm is None:
                 raise ConfigError("alarm_threshold", "set on_alarm too: the callback the alarm calls")
         _timeout("alarm_cooldown", self.alarm_cooldown, optional=False)

@@ -526,10 +526,10 @@ class IOLoop:
         while not (self._stopping and not conns and not self._pending and not self._returned and not self._later):
             events = poll(self._sweep_every)
             now = time.monotonic()
-            if events and (len(events) > 1 or events[0][0] != wake_fd):
-                self._inline_at = now  # it serves connections of its own (STICK_WAITS)
             if handoff:
                 mark()  # what a slow call in this batch did with the CPU (_call_was_slow)
+                if events and (len(events) > 1 or events[0][0] != wake_fd):
+                    self._inline_at = now  # it serves connections of its own (STICK_WAITS)
             if plain:
                 # Plain reads go through hot_path.dispatch; it stops at the
                 # first event that needs the full path, served here in turn.
@@ -1312,7 +1312,6 @@ class IOLoop:
     def _reason(self, conn: LoopConnection, exc: Exception) -> str:
         """The close reason for ``exc``, logged at most so often (read_loop.reason_for)."""
         return reason_for(conn, exc, self.services.fault_logs)
-
 
 
 # The connection classes whose sends the C hot path takes over (see hot_path.install).

@@ -15,6 +15,7 @@ Waking a reader works as for plain sockets: shutting the socket down makes
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import socket
@@ -414,6 +415,7 @@ _C_FUNCTIONS = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_pending", "ERR_ge
 _ffi: Any = None  # pyOpenSSL's cffi FFI, once _openssl_functions found what it needs
 
 
+@functools.cache  # the answer never changes: probe OpenSSL once, however many TLS listeners ask
 def _openssl_functions() -> tuple[Optional[tuple[int, ...]], int]:
     """Addresses of _C_FUNCTIONS in the OpenSSL pyOpenSSL uses, and OpenSSL's "EOF without close_notify" reason.
 
