@@ -391,7 +391,7 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
             if (PyErr_Occurred()) return NULL;
             goto slow;
         }
-        if (!is_conn(conn) || SLOT(conn, off_setup) != Py_False || SLOT(conn, off_close_reason) != Py_None)
+        if (!is_conn(conn) || SLOT(conn, off_setup) != Py_None || SLOT(conn, off_close_reason) != Py_None)
             goto slow;
         /* Thread mode: an offloaded connection's calls run on threads, which read it too; the
          * full path moves it to them. So does it one with no quick call of its own yet while
@@ -1169,7 +1169,7 @@ static PyMethodDef methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "Look up the LoopConnection slot offsets and take OFFLOAD_AFTER; call once."},
     {"dispatch", (PyCFunction)(void (*)(void))dispatch, METH_FASTCALL,
-     "Serve the plain reads in events[start:]; see netpool.hot_path.dispatch."},
+     "Serve the plain reads in events[start:]; see netpool.hot_path."},
     {"send_method", send_method, METH_O, "A send_bytes method descriptor for the given connection class."},
     {"configure_tls", (PyCFunction)(void (*)(void))configure_tls, METH_FASTCALL,
      "Give the C path OpenSSL's entry points, so it serves TLS sessions too; call once."},

@@ -9,9 +9,8 @@ owner out of ``recv`` at once. The owner then closes the descriptor and
 reports to the listener exactly once. This is why a descriptor number is
 never closed under a thread still using it, and why the counter stays exact.
 
-The read paths live outside this class: ``io_loop`` (both I/O modes) and
-``read_loop`` (a connection whose call blocked long enough to take a thread
-of its own) drive the same Connection API.
+The read path lives outside this class: ``io_loop`` (both I/O modes, and
+the threads a blocking handler's calls move to) drives the same Connection API.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import itertools
 import queue
 import select
 import socket
-import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -35,22 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Connection", "RawConnection", "QuitQueue"]
 
 _ids = itertools.count(1)
-_TIMEVAL = struct.Struct("@ll")
-
-
-def set_socket_timeout(sock: socket.socket, option: int, seconds: Optional[float]) -> None:
-    """Set SO_RCVTIMEO or SO_SNDTIMEO; None or 0 means wait forever.
-
-    Kernel timeouts instead of ``settimeout()``: the socket stays in blocking
-    mode, so each recv or send is one system call (no poll before it), and
-    the read and write sides get different limits.
-    """
-    if not seconds:
-        sec = usec = 0
-    else:
-        sec = int(seconds)
-        usec = max(1, int((seconds - sec) * 1_000_000)) if seconds != sec else 0
-    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(sec, usec))
 
 
 class QuitQueue(queue.SimpleQueue):

@@ -1,22 +1,31 @@
-"""The two steps every message of a raw-framed connection takes: read it in, send the reply.
+"""The C version of the loop's commonest work: read a raw-framed message, run the handler, send the reply.
 
-An I/O loop spends most of its time here, so both steps have two versions
-with the same behaviour: the Python below, which defines it, and the C of
-``netpool/_speedups.c``, which is used when it was built (``pip install``
-compiles it; without a compiler the install still succeeds, in Python).
-The C version runs the same system calls without the interpreter's cost per
-bytecode, and without releasing and retaking the GIL around a ``recv`` and
-a ``send`` that cannot block (MSG_DONTWAIT); that is what lets one loop
-thread keep up with uvloop. Set ``NETPOOL_PURE_PYTHON=1`` to use the Python
-version anyway (to compare, or to rule the C out).
+``io_loop`` serves every epoll event in Python, and that Python is what
+defines the behaviour. Where ``netpool/_speedups.c`` was built (``pip
+install`` compiles it; without a compiler the install still succeeds, in
+Python) this module hands the loop C versions of its three busiest steps,
+which run the same system calls without the interpreter's cost per bytecode
+and without releasing and retaking the GIL around a ``recv`` and a ``send``
+that cannot block (MSG_DONTWAIT); that is what lets one loop thread keep up
+with uvloop. Set ``NETPOOL_PURE_PYTHON=1`` to use the Python anyway (to
+compare, or to rule the C out); the tests run every read-path test both ways.
 
-``dispatch`` serves a run of epoll events that are plain reads: no PROXY
-header or TLS handshake pending, not closing, nothing to flush. It stops at
-the first event that needs the loop's full path and says which, so events
-are still served strictly in order. Reads of an established TLS session are
-plain reads too: the C version calls OpenSSL's ``SSL_read`` and
-``SSL_write`` itself once it has their addresses (``install_tls``), under
-the same per-session lock as ``tls.TLSTransport``.
+- ``dispatch(events, i, conns, handler, calls, loop, bufsize, now)`` serves
+  ``events[i:]`` while each is a plain read of an established connection (no
+  PROXY header or TLS handshake pending, not closing, nothing to flush, not
+  offloaded): recv or SSL_read, count, run the handler. It returns the index
+  of the first event the loop must serve itself (``len(events)`` when there
+  is none), or ``(index, kind, value)`` when that event's connection must
+  finish (see FINISH), so events are still served strictly in order. In
+  thread mode (``calls`` is the loop's call list) it times each call as
+  ``IOLoop.user_call`` does and reports slow ones to the loop.
+- ``send_bytes``, installed on the connection classes (``install``).
+- ``serve_offloaded``: a handler thread's turn on an offloaded connection
+  (``offloaded_server``), as ``IOLoop.run_calls`` does it.
+
+Reads and writes of an established TLS session take the C path too once it
+has OpenSSL's ``SSL_read`` and ``SSL_write`` (``install_tls``), under the
+same per-session lock as ``tls.TLSTransport``.
 
 Nothing here is installed by importing a module: each listener calls
 ``listener.install_hot_path`` as it is made, which hands this module the
@@ -33,12 +42,11 @@ import resource
 import select
 import threading
 import time
-from time import perf_counter
 from typing import Any, Callable, Optional, Union
 
 from .errors import TLSError
 
-__all__ = ["dispatch", "install", "install_tls", "blocked_since_mark", "use_speedups", "speedups_active", "tls_speedups_ready",
+__all__ = ["install", "install_tls", "blocked_since_mark", "use_speedups", "speedups_active", "tls_speedups_ready",
            "FINISH", "RECV_ERROR", "HANDLER_ERROR", "TLS_ERROR"]
 
 # What (index, kind, value) from dispatch() asks the loop to do with that
@@ -48,8 +56,6 @@ __all__ = ["dispatch", "install", "install_tls", "blocked_since_mark", "use_spee
 FINISH, RECV_ERROR, HANDLER_ERROR, TLS_ERROR = 0, 1, 2, 3
 
 Outcome = Union[int, tuple[int, int, Any]]
-
-_EPOLLOUT = select.EPOLLOUT
 
 # Thread mode: an inline handler or hook call that takes longer than this
 # (wall clock) held up its loop, and its connection's calls move to threads
@@ -69,88 +75,8 @@ except ImportError:  # not compiled: the Python versions serve
     _speedups = None
 
 
-def dispatch(events: list, i: int, conns: dict, handler: Callable, calls: Optional[list], loop: Any,
-             bufsize: int, now: float) -> Outcome:
-    """Serve ``events[i:]`` while each is a plain read: recv, count, run the handler.
-
-    Returns the index of the first event the loop must serve itself
-    (``len(events)`` when there is none), or ``(index, kind, value)`` when
-    that event's connection must finish (see FINISH). ``calls`` is the
-    loop's call list in thread mode (None in events mode): each handler call
-    is pushed on it and popped after, and an empty list at the pop means the
-    loop's monitor handed the call off; then ``loop._handed_off`` is raised.
-    In thread mode a call slower than OFFLOAD_AFTER is reported to
-    ``loop._call_was_slow``, and offloaded connections are left to the loop.
-    """
-    n = len(events)
-    while i < n:
-        fd, ev = events[i]
-        if ev & _EPOLLOUT:
-            return i
-        conn = conns.get(fd)
-        if conn is None or conn._setup or conn.close_reason is not None:
-            return i
-        if conn._offloaded or (calls is not None and not conn._proven and loop._offload_new):
-            return i  # its calls run on threads, which read it too: the loop's full path moves it there
-        tls = conn._tls
-        try:
-            if tls is None:
-                data = conn._sock.recv(bufsize)  # non-blocking: the loop set it so
-            else:
-                data = tls.recv_nowait(bufsize)
-                if data is None:  # part of a record, or the session must write first
-                    i += 1
-                    continue
-        except BlockingIOError:
-            i += 1
-            continue
-        except OSError as exc:
-            return i, RECV_ERROR, exc
-        except TLSError as exc:
-            return i, TLS_ERROR, exc
-        conn._last_read = now
-        if not data:
-            return i, FINISH, "eof"
-        conn.bytes_in += len(data)
-        if calls is None:
-            try:
-                handler(data, conn)
-            except Exception as exc:
-                return i, HANDLER_ERROR, exc
-        else:
-            loop._gen += 1
-            calls.append(conn)
-            started = perf_counter()
-            try:
-                handler(data, conn)
-            except Exception as exc:
-                try:
-                    calls.pop()
-                except IndexError:
-                    raise loop._handed_off(conn, error=exc, tls=tls) from None
-                return i, HANDLER_ERROR, exc
-            except BaseException:  # KeyboardInterrupt and such end the loop: nothing to hand off
-                if calls:
-                    calls.pop()
-                raise
-            try:
-                calls.pop()
-            except IndexError:
-                raise loop._handed_off(conn, tls=tls) from None
-            took = perf_counter() - started
-            if took > OFFLOAD_AFTER:
-                loop._call_was_slow(conn, took)
-            elif not conn._proven:
-                conn._proven = True
-        if conn.close_reason is not None:
-            return i, FINISH, "error"
-        if tls is not None and conn._tls is tls and tls.pending():
-            continue  # OpenSSL holds decrypted bytes epoll cannot see: read this event again
-        i += 1
-    return n
-
-
-_active: Callable[..., Outcome] = dispatch
+# The C dispatch while the C version is in use, else None (the loop serves every event itself).
+_active: Optional[Callable[..., Outcome]] = None
 _base: Optional[type] = None
 _installed: tuple[type, ...] = ()
 
@@ -186,7 +112,7 @@ def use_speedups(on: bool) -> bool:
     """
     global _active, _recv_active
     on = on and _speedups is not None and _base is not None
-    _active = _speedups.dispatch if on else dispatch  # type: ignore[union-attr]
+    _active = _speedups.dispatch if on else None  # type: ignore[union-attr]
     _recv_active = _speedups.recv_nowait if on else _recv_nowait  # type: ignore[union-attr]
     c_send = _speedups.send_method(_base) if on else None  # type: ignore[union-attr]
     for cls in _installed:
@@ -244,7 +170,7 @@ def wait_for_client(fd: int, others: int, timeout: float) -> Optional[bool]:
 
 def rearm(ep: "select.epoll", fd: int, events: int) -> None:
     """epoll_ctl(MOD) from a handler thread; in C it keeps the GIL (see recv_nowait)."""
-    if _speedups is not None and _active is not dispatch:
+    if _speedups is not None and _active is not None:
         _speedups.rearm(ep.fileno(), fd, events)
     else:
         ep.modify(fd, events)
@@ -303,21 +229,22 @@ REST = 4
 
 def offloaded_server() -> Optional[Callable[..., Any]]:
     """The C turn of a handler thread with a plain, raw-framed offloaded connection, or None (see io_loop)."""
-    if _active is dispatch:
+    if _active is None:
         return None
     return _speedups.serve_offloaded  # type: ignore[union-attr, no-any-return]
 
 
 def poller(ep: "select.epoll") -> Callable[[float], list]:
     """The wait of a loop on ``ep``: ``poll(timeout) -> [(fd, events), ...]``."""
-    if _active is dispatch:
+    if _active is None:
         return ep.poll
     return functools.partial(_speedups.epoll_wait, ep.fileno())  # type: ignore[union-attr]
 
 
 def speedups_active() -> bool:
-    return _active is not dispatch
+    return _active is not None
 
 
-def active_dispatch() -> Callable[..., Outcome]:
+def active_dispatch() -> Optional[Callable[..., Outcome]]:
+    """The C dispatch (see above), or None while the Python version is in use."""
     return _active

@@ -20,12 +20,13 @@ handler that blocks (sleeps, long computation) holds up every connection of
 its loop: such handlers belong in thread mode (below) or on a worker pool
 (``workers=N``).
 
-Plain reads of raw-framed connections (over TLS or not, nothing queued)
-take the hot path (``hot_path.dispatch``, in C where it compiled): recv or
+Every event is served by ``_serve_event`` (recv, framer, handler; new
+connections, their PROXY header and TLS handshake (``handshake``), flushing),
+in the order the events came in. That Python defines the behaviour. Where
+the C hot path was built (``hot_path``), plain reads of raw-framed
+connections (over TLS or not, nothing queued) take it instead: recv or
 SSL_read, the handler, its send, in a few thousand machine instructions
-(about 15,000 over TLS). Everything else (new connections, PROXY headers,
-handshakes, flushing, framing) is served by ``_serve_event``, in the same
-order the events came in.
+(about 15,000 over TLS), stopping at the first event that needs the rest.
 
 Timeouts (idle, send, TLS handshake) are swept by each loop about four times
 per shortest timeout, so they fire within a quarter of their length late.
@@ -54,8 +55,8 @@ longer than HANDOFF_AFTER plus a monitor tick: a monitor thread watches for
 a call still running after HANDOFF_AFTER, takes its connection out of the
 loop and hands the loop to another thread; a call about to wait on its
 peer (a full send window, a STARTTLS handshake) hands off at once. The
-thread stuck in the call finishes it (``read_loop.serve_handed_off``) and
-gives the connection back, offloaded. Sends in thread mode block while the
+thread stuck in the call finishes it (``IOLoop._carry_on``) and gives the
+connection back, offloaded. Sends in thread mode block while the
 peer's window is full (``send_timeout``), as a connection thread's would.
 """
 
@@ -75,18 +76,21 @@ from . import hot_path
 from .connection import Connection
 from .deadline import poll_until
 from .errors import ConnectionClosed, SendTimeout, TLSError
-from .proxy_protocol import ProxyHeaderError, ProxyHeaderReader
+from .handshake import Handshake
 from .hot_path import OFFLOAD_AFTER, blocked_since_mark, mark, rearm, recv_nowait, wait_for_client
-from .read_loop import (RECV_SIZE, check_proxy_source, read_proxy_header_nowait, reason_for, recv_failed,
-                        serve_handed_off)
+from .close_reasons import reason_for, recv_failed
 
 if TYPE_CHECKING:  # pragma: no cover
     from .services import ConnectionServices
 
 __all__ = ["IOLoop", "LoopConnection", "RawLoopConnection", "ThreadedLoopConnection", "RawThreadedLoopConnection",
-           "CONNECTION_CLASSES", "HIGH_WATER", "HANDOFF_AFTER"]
+           "CONNECTION_CLASSES", "HIGH_WATER", "HANDOFF_AFTER", "RECV_SIZE"]
 
 log = logging.getLogger("netpool.io_loop")
+
+# Receive at most this much per recv: large enough for bulk transfers, small
+# enough that an idle-but-chatty connection does not pin a large buffer.
+RECV_SIZE = 65536
 
 # Bytes queued in user space (beyond what the kernel holds) before a sender
 # has to wait for the peer to read.
@@ -166,9 +170,8 @@ _ONCE = _IN | select.EPOLLONESHOT
 class LoopConnection(Connection):
     """A Connection served by an :class:`IOLoop`: non-blocking socket, queued sends."""
 
-    __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_ssl_session",
-                 "_proxy_reader", "_hs_deadline", "_alarm_due", "_fd", "_offloaded", "_busy", "_quick",
-                 "_proven", "_inline_after", "_away", "_struck", "_stick_skip")
+    __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_alarm_due", "_fd",
+                 "_offloaded", "_busy", "_quick", "_proven", "_inline_after", "_away", "_struck", "_stick_skip")
 
     def __init__(self, *args: Any, loop: "IOLoop", alarm_due: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -177,13 +180,8 @@ class LoopConnection(Connection):
         self._out_deadline = 0.0
         self._framer: Any = None
         self._last_read = 0.0
-        # While _setup is true the connection is not talking yet: its PROXY
-        # header (_proxy_reader) or TLS handshake (_ssl_session, an
-        # SSL.Connection) is being read, before _hs_deadline.
-        self._setup = False
-        self._proxy_reader: Any = None
-        self._ssl_session: Any = None
-        self._hs_deadline = 0.0
+        # Not talking yet: its PROXY header or TLS handshake is being read (a handshake.Handshake).
+        self._setup: Optional[Handshake] = None
         self._alarm_due = alarm_due  # admitting it crossed the alarm threshold: on_alarm runs before on_connect
         self._fd = -1  # the descriptor it is registered under, while the loop holds it
         # Thread mode: its handler calls run on the listener's threads, not on
@@ -490,11 +488,9 @@ class IOLoop:
             self._serve()
         except _HandedOff as handed:
             # Another thread runs the loop now; this one finishes with the
-            # connection whose call held it, then gives it back or keeps it.
+            # connection whose call held it, then gives it back.
             if not handed.done:
-                conn = handed.conn
-                serve_handed_off(conn, self.services, conn._framer, handed.pending, handed.eof, handed.error,
-                                 handed.tls, give_back=self.give_back)
+                self._carry_on(handed)
             return
         except BaseException:
             log.exception("%s: I/O loop %d failed; closing its connections", self.services.config.name, self.index)
@@ -502,18 +498,48 @@ class IOLoop:
             raise
         self._close()
 
+    def _carry_on(self, handed: _HandedOff) -> None:
+        """On the thread whose call outlived HANDOFF_AFTER: run the rest of its connection's calls, then give it back.
+
+        As Go puts a goroutine back on its run queue after a blocking call:
+        what was already framed runs here, in order, and the connection goes
+        back to the loop, offloaded (its later calls run on the handler
+        threads). If the loop is ending, the connection ends here instead.
+        Whatever happens, it goes back or ends exactly once.
+        """
+        conn, tls = handed.conn, handed.tls
+        reason: Optional[str] = None
+        try:
+            if handed.error is not None:
+                raise handed.error
+            handler = self.services.handler
+            for message in handed.pending:
+                if conn.close_reason is not None or conn._tls is not tls:
+                    break
+                handler(message, conn)
+            self._started_tls(conn, tls)
+            if handed.eof:
+                reason = "eof"
+            elif conn.close_reason is not None:
+                reason = "error"
+        except Exception as exc:
+            reason = self._reason(conn, exc)
+        if reason is None and self.give_back(conn):
+            return
+        self.services.connection_ended(conn, reason or "server_stop")
+
     def _serve(self) -> None:
         services = self.services
         handler = services.handler
-        # Raw framing, over TLS or not: reads may take the hot path. Other
+        dispatch = hot_path.active_dispatch()
+        # Raw framing, over TLS or not: reads may take the C hot path. Other
         # framers need the full path for every event, and asking dispatch
         # first would only cost.
-        plain = services.raw_framing
+        plain = services.raw_framing and dispatch is not None
         bufsize = self._bufsize
         conns = self._conns
         poll = hot_path.poller(self._ep)
         serve_event = self._serve_event
-        dispatch = hot_path.active_dispatch()
         # This owner's own call list: after a hand-off the old owner still
         # pops its list when its handler returns, and must find it empty.
         self._calls = calls = []
@@ -531,7 +557,7 @@ class IOLoop:
                 if events and (len(events) > 1 or events[0][0] != wake_fd):
                     self._inline_at = now  # it serves connections of its own (STICK_WAITS)
             if plain:
-                # Plain reads go through hot_path.dispatch; it stops at the
+                # Plain reads go through the C dispatch; it stops at the
                 # first event that needs the full path, served here in turn.
                 i, n = 0, len(events)
                 while i < n:
@@ -559,7 +585,7 @@ class IOLoop:
             if fd == self._wake_fd:
                 self._take_new(now)
             return
-        if conn._setup:
+        if conn._setup is not None:
             self._advance_setup(conn)
             return
         if conn._offloaded or (self._offload_new and not conn._proven and self.handoff):
@@ -597,7 +623,7 @@ class IOLoop:
         self._deliver(conn, data, services.handler, services.raw_framing)
 
     def _finish_dispatched(self, conn: LoopConnection, kind: int, value: Any) -> None:
-        """End a connection as hot_path.dispatch said: its reason, a receive error, or the handler's exception."""
+        """End a connection as the C dispatch said: its reason, a receive error, or the handler's exception."""
         if kind == hot_path.FINISH:
             reason = value
         elif kind == hot_path.RECV_ERROR:
@@ -679,20 +705,28 @@ class IOLoop:
                 if conn.close_reason is not None:
                     self._finish(conn, "error")
                     return
-                if conn._tls is not tls:
-                    # start_tls() ran in the handler: plaintext framed or
-                    # buffered after the request must not pass for TLS data.
-                    conn._framer = self.services.new_framer()
+                if self._started_tls(conn, tls):
                     return
                 # OpenSSL may hold decrypted bytes epoll cannot see.
                 if tls is None or not tls.pending():
                     return
-                data = tls.recv_nowait(RECV_SIZE)
+                data = tls.recv_nowait(self._bufsize)
                 if data is None:
                     return
                 conn.bytes_in += len(data)
         except Exception as exc:
             self._finish(conn, self._reason(conn, exc))
+
+    def _started_tls(self, conn: LoopConnection, tls: Any) -> bool:
+        """Whether start_tls() ran in a handler since ``tls`` was the transport; if so, reset the framer.
+
+        What the framer framed or buffered after the STARTTLS request came in
+        plaintext: it must never pass for data that came over TLS.
+        """
+        if conn._tls is tls:
+            return False
+        conn._framer = self.services.new_framer()
+        return True
 
     def _handle_each(self, conn: LoopConnection, handler: Any, messages: Any, tls: Any,
                      eof: bool = False) -> Optional[list]:
@@ -723,12 +757,16 @@ class IOLoop:
                 self._hold(conn)
             except OSError as exc:
                 self._finish(conn, self._reason(conn, exc))
+                continue
+            if conn._tls is not None and conn._tls.pending():
+                self._hand_to_threads(conn)  # bytes OpenSSL holds raise no event: a thread reads them now
         while self._later:
             conn, reason = self._later.popleft()
             conn._busy = False
             self._finish(conn, reason)
         services = self.services
         context = services.tls_context if services.tls_implicit else None
+        proxy_versions = services.proxy_versions
         raw_framer = services.raw_framer
         while self._pending:
             conn = self._pending.popleft()
@@ -740,17 +778,15 @@ class IOLoop:
                 sock.setblocking(False)  # TCP_NODELAY it has from the listening socket
                 conn._fd = fd
                 self._hold(conn)
-                if services.proxy_versions:
-                    check_proxy_source(conn, services.proxy_trusted)
-                    conn._proxy_reader = ProxyHeaderReader(services.proxy_versions)
-                if context is not None:
-                    from .tls import start_server_session
-
-                    conn._ssl_session = start_server_session(sock, context)
-                conn._setup = conn._proxy_reader is not None or conn._ssl_session is not None
-                conn._hs_deadline = now + services.config.handshake_timeout
-                self._advance_setup(conn)
+                if proxy_versions or context is not None:
+                    conn._setup = Handshake(conn, sock, proxy_versions=proxy_versions,
+                                            proxy_trusted=services.proxy_trusted, tls_context=context,
+                                            deadline=now + services.config.handshake_timeout)
+                    self._advance_setup(conn)
+                else:
+                    self._ready(conn)
             except Exception as exc:
+                conn._setup = None
                 self._finish(conn, self._reason(conn, exc))
 
     def _ready(self, conn: LoopConnection) -> None:
@@ -779,29 +815,25 @@ class IOLoop:
             services.config.on_connect(conn)
 
     def _advance_setup(self, conn: LoopConnection) -> None:
-        """Read the PROXY header, then run the TLS handshake, then let the handler in."""
+        """Take the PROXY header and the TLS handshake as far as they go (handshake.py); then let the handler in."""
+        setup = conn._setup
+        assert setup is not None
         try:
-            if conn._proxy_reader is not None:
-                if not read_proxy_header_nowait(conn, conn._proxy_reader):
-                    return
-                conn._proxy_reader = None
-            session = conn._ssl_session
+            wanted = setup.step()
+            if wanted:
+                self._ep.modify(conn._fd, _IN if wanted == select.POLLIN else select.EPOLLOUT)
+                return
+            conn._setup = None
+            session = setup.session
             if session is not None:
-                from .tls import TLSTransport, handshake_step, negotiated
+                from .tls import TLSTransport, negotiated
 
-                wanted = handshake_step(session)
-                if wanted:
-                    self._ep.modify(conn._sock.fileno(), _IN if wanted == select.POLLIN else select.EPOLLOUT)
-                    return
-                conn._ssl_session = None
                 conn._tls = TLSTransport(conn._sock, session)
                 conn.tls = negotiated(session)
-                self._ep.modify(conn._sock.fileno(), _IN)
-            conn._setup = False
+                self._ep.modify(conn._fd, _IN)
             self._ready(conn)
         except Exception as exc:
-            conn._setup = False
-            conn._ssl_session = conn._proxy_reader = None
+            conn._setup = None
             self._finish(conn, self._reason(conn, exc))
 
     def _writable(self, conn: LoopConnection) -> None:
@@ -823,18 +855,11 @@ class IOLoop:
         for conn in list(self._conns.values()):
             if conn._busy:
                 continue  # a call of its own is running on a thread: not idle, and not sending here
-            if conn._setup:
-                if now >= conn._hs_deadline:
-                    if conn._proxy_reader is not None:
-                        exc: Exception = ProxyHeaderError(
-                            f"no complete PROXY header within {config.handshake_timeout:g}s")
-                    else:
-                        from .tls import handshake_timed_out
-
-                        exc = handshake_timed_out(config.handshake_timeout)
-                    conn._setup = False
-                    conn._ssl_session = conn._proxy_reader = None
-                    self._finish(conn, self._reason(conn, exc))
+            setup = conn._setup
+            if setup is not None:
+                if now >= setup.deadline:
+                    conn._setup = None
+                    self._finish(conn, self._reason(conn, setup.timed_out(config.handshake_timeout)))
                 continue
             if conn._out and now >= conn._out_deadline:
                 conn._request_close("send_timeout", socket.SHUT_RDWR)
@@ -1206,10 +1231,8 @@ class IOLoop:
                 reason = "eof"
             elif conn.close_reason is not None:
                 reason = "error"
-            elif conn._tls is not tls:
-                # start_tls() ran in the handler: what the framer buffered
-                # came in plaintext and must not pass for TLS data.
-                conn._framer = self.services.new_framer()
+            else:
+                self._started_tls(conn, tls)
         if calls:
             conn._quick = 0 if slow else conn._quick + calls
             if not slow:
@@ -1310,7 +1333,7 @@ class IOLoop:
         return False
 
     def _reason(self, conn: LoopConnection, exc: Exception) -> str:
-        """The close reason for ``exc``, logged at most so often (read_loop.reason_for)."""
+        """The close reason for ``exc``, logged at most so often (close_reasons.reason_for)."""
         return reason_for(conn, exc, self.services.fault_logs)
 
 

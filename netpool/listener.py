@@ -32,11 +32,11 @@ from .connection import Connection
 from .framing import RawFramer, framer_factory, with_message_deadline
 from . import hot_path
 from .io_loop import (CONNECTION_CLASSES, IOLoop, LoopConnection, RawLoopConnection, RawThreadedLoopConnection,
-                      ThreadedLoopConnection)
+                      ThreadedLoopConnection, RECV_SIZE)
 from .ratelimit import RateLimitedLog
 from .proxy_protocol import parse_networks
 from .errors import ConnectionClosed, Overloaded, WorkerPoolStopped
-from .read_loop import RECV_SIZE, fault_logs, reason_for
+from .close_reasons import fault_logs, reason_for
 from .workers import WorkerPool
 from .services import ConnectionServices
 from .sockets import open_listening_socket, remove_unix_socket

@@ -1,7 +1,7 @@
 """ConnectionServices: what the read paths need from the listener that owns them, handed over as one object.
 
-The I/O loops (``io_loop``) and a handed-off connection's thread
-(``read_loop``) never see the Listener: they get its settings, the handler
+The I/O loops (``io_loop``, with the threads a blocking handler's calls
+move to) never see the Listener: they get its settings, the handler
 to call, how to frame and secure a connection, the threads to run calls on,
 and two callables back (a connection ended; an alarm is due). The listener
 builds one of these and gives it to each loop, as Ranch gives an acceptor
@@ -39,7 +39,7 @@ class ConnectionServices:
     proxy_trusted: tuple[Any, ...]
     """Networks allowed to send PROXY headers."""
     fault_logs: Any
-    """Rate-limited logs per close reason (``read_loop.fault_logs``)."""
+    """Rate-limited logs per close reason (``close_reasons.fault_logs``)."""
     threads: ConnectionThreads
     """Reusable threads for loops, handler threads and handed-off calls."""
     connection_ended: Callable[[Any, str], None]

@@ -23,11 +23,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "netpool"
 
 # module -> other modules' private names it uses today.
 KNOWN_PRIVATE: dict[str, frozenset[str]] = {
-    "hot_path": frozenset({"_call_was_slow", "_gen", "_handed_off", "_last_read", "_offload_new", "_offloaded",
-                           "_proven", "_setup", "_sock", "_tls"}),
     "io_loop": frozenset({"_force_close", "_request_close", "_send_lock", "_sock", "_tls"}),
     "listener": frozenset({"_finish", "_force_close", "_lane", "_request_close"}),
-    "read_loop": frozenset({"_framer", "_sock", "_tls"}),
 }
 
 def _private(name: str) -> bool:
