@@ -13,9 +13,10 @@
  *       plaintext connection: recv, count, run the handler. Returns the
  *       index of the first event the loop must serve in Python, or
  *       (index, kind, value) when that event's connection must finish.
- *   send_bytes (a method of LoopConnection, installed by hot_path)
+ *   send and send_bytes (methods of LoopConnection, installed by hot_path)
  *       one non-blocking send() when nobody else is sending and nothing is
- *       queued; anything else goes to the Python method it replaces.
+ *       queued; anything else goes to the Python method it replaces. send
+ *       frames the message with the connection's encode first (none: raw).
  *
  * Both serve TLS connections too, once configure_tls() has been given
  * OpenSSL's entry points as pyOpenSSL links them: SSL_read and SSL_write are
@@ -50,7 +51,7 @@
 /* Slot offsets in LoopConnection instances (configure()). */
 static Py_ssize_t off_fd, off_setup, off_tls, off_close_reason, off_last_read, off_bytes_in, off_bytes_out,
     off_wr_closed, off_out, off_send_lock, off_offloaded, off_proven, off_busy, off_quick,
-    off_inline_after, off_stick_skip;
+    off_inline_after, off_stick_skip, off_encode;
 /* Thread mode: an inline handler call longer than this (seconds, wall clock)
  * is reported to loop._call_was_slow (hot_path.OFFLOAD_AFTER). */
 static double offload_after = 1e9, offload_long = 1e9;
@@ -129,19 +130,21 @@ static PyObject *configure(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     Py_ssize_t fd, setup, tls, close_reason, last_read, bytes_in, bytes_out, wr_closed, out, send_lock, offloaded,
-        proven, busy, quick, inline_after, stick_skip;
+        proven, busy, quick, inline_after, stick_skip, encode;
     if (slot_offset(cls, "_fd", &fd) || slot_offset(cls, "_setup", &setup) || slot_offset(cls, "_tls", &tls) ||
         slot_offset(cls, "close_reason", &close_reason) || slot_offset(cls, "_last_read", &last_read) ||
         slot_offset(cls, "bytes_in", &bytes_in) || slot_offset(cls, "bytes_out", &bytes_out) ||
         slot_offset(cls, "_wr_closed", &wr_closed) || slot_offset(cls, "_out", &out) ||
         slot_offset(cls, "_send_lock", &send_lock) || slot_offset(cls, "_offloaded", &offloaded) ||
         slot_offset(cls, "_proven", &proven) || slot_offset(cls, "_busy", &busy) || slot_offset(cls, "_quick", &quick) ||
-        slot_offset(cls, "_inline_after", &inline_after) || slot_offset(cls, "_stick_skip", &stick_skip))
+        slot_offset(cls, "_inline_after", &inline_after) || slot_offset(cls, "_stick_skip", &stick_skip) ||
+        slot_offset(cls, "_encode", &encode))
         return NULL;
     off_fd = fd, off_setup = setup, off_tls = tls, off_close_reason = close_reason, off_last_read = last_read;
     off_bytes_in = bytes_in, off_bytes_out = bytes_out, off_wr_closed = wr_closed, off_out = out;
     off_send_lock = send_lock, off_offloaded = offloaded, off_proven = proven;
     off_busy = busy, off_quick = quick, off_inline_after = inline_after, off_stick_skip = stick_skip;
+    off_encode = encode;
     conn_type = (PyTypeObject *)Py_NewRef(cls);
     Py_RETURN_NONE;
 }
@@ -741,17 +744,44 @@ static PyObject *send_bytes(PyObject *self, PyObject *data) {
     return r;
 }
 
+/* Connection.send: the framer's encode (None with raw framing, where a
+ * message is its bytes), then send_bytes; no Python frame in between. */
+static PyObject *send_message(PyObject *self, PyObject *message) {
+    PyObject *encode = SLOT(self, off_encode);
+    if (encode == NULL || encode == Py_None) return send_bytes(self, message);
+    PyObject *data = PyObject_CallOneArg(encode, message);
+    if (data == NULL) return NULL;
+    PyObject *r = send_bytes(self, data);
+    Py_DECREF(data);
+    return r;
+}
+
 static PyMethodDef send_bytes_def = {
     "send_bytes", (PyCFunction)send_bytes, METH_O,
     "Send bytes as they are, bypassing the framer (same guarantees as send()).",
 };
 
-static PyObject *send_method(PyObject *mod, PyObject *cls) {
+static PyMethodDef send_def = {
+    "send", (PyCFunction)send_message, METH_O,
+    "Send one message, framed by the listener's framer; whole or not at all.",
+};
+
+static PyObject *send_methods(PyObject *mod, PyObject *cls) {
     if (conn_type == NULL || !PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, conn_type)) {
-        PyErr_SetString(PyExc_TypeError, "send_method() takes the class given to configure(), after it");
+        PyErr_SetString(PyExc_TypeError, "send_methods() takes the class given to configure(), after it");
         return NULL;
     }
-    return PyDescr_NewMethod((PyTypeObject *)cls, &send_bytes_def);
+    PyObject *send = PyDescr_NewMethod((PyTypeObject *)cls, &send_def);
+    if (send == NULL) return NULL;
+    PyObject *bytes = PyDescr_NewMethod((PyTypeObject *)cls, &send_bytes_def);
+    if (bytes == NULL) {
+        Py_DECREF(send);
+        return NULL;
+    }
+    PyObject *r = PyTuple_Pack(2, send, bytes);
+    Py_DECREF(send);
+    Py_DECREF(bytes);
+    return r;
 }
 
 /* epoll_wait(epfd, timeout) -> [(fd, events), ...], as select.epoll.poll
@@ -1170,7 +1200,7 @@ static PyMethodDef methods[] = {
      "Look up the LoopConnection slot offsets and take OFFLOAD_AFTER; call once."},
     {"dispatch", (PyCFunction)(void (*)(void))dispatch, METH_FASTCALL,
      "Serve the plain reads in events[start:]; see netpool.hot_path."},
-    {"send_method", send_method, METH_O, "A send_bytes method descriptor for the given connection class."},
+    {"send_methods", send_methods, METH_O, "(send, send_bytes) method descriptors for the given connection class."},
     {"configure_tls", (PyCFunction)(void (*)(void))configure_tls, METH_FASTCALL,
      "Give the C path OpenSSL's entry points, so it serves TLS sessions too; call once."},
     {"tls_configured", tls_configured, METH_NOARGS, "Whether configure_tls() has been called."},

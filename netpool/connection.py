@@ -9,8 +9,11 @@ owner out of ``recv`` at once. The owner then closes the descriptor and
 reports to the listener exactly once. This is why a descriptor number is
 never closed under a thread still using it, and why the counter stays exact.
 
-The read path lives outside this class: ``io_loop`` (both I/O modes, and
-the threads a blocking handler's calls move to) drives the same Connection API.
+This module holds what every connection has: the handler's API and the
+exactly-once closing. The one class the listener builds is
+``io_loop.LoopConnection``, which adds how the I/O mode sends and the loop's
+bookkeeping; ``io_loop`` (both I/O modes, and the threads a blocking
+handler's calls move to) is the read path.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .tls_config import TLSInfo
 if TYPE_CHECKING:  # pragma: no cover
     from .tls import TLSTransport
 
-__all__ = ["Connection", "RawConnection", "QuitQueue"]
+__all__ = ["Connection", "QuitQueue"]
 
 _ids = itertools.count(1)
 
@@ -179,21 +182,7 @@ class Connection:
 
     def send_bytes(self, data: bytes) -> None:
         """Send bytes as they are, bypassing the framer (same guarantees as :meth:`send`)."""
-        with self._send_lock:
-            if self._wr_closed:
-                raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
-            if self._tls is not None:
-                self._send_tls(data)
-            else:
-                try:  # _send_plain, inlined: this is every echo's path
-                    sent = self._sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    self._send_failed(exc)
-                if sent != len(data):
-                    self._send_rest(data, sent)
-            self.bytes_out += len(data)
+        raise NotImplementedError  # io_loop.LoopConnection's, per I/O mode
 
     def close(self) -> None:
         """Close the connection; safe to call from any thread, any number of times.
@@ -398,10 +387,3 @@ class Connection:
         finally:
             lock.release()
         return reason, counted
-
-
-class RawConnection(Connection):
-    """With raw framing a message is its bytes: ``send`` skips the framer step."""
-
-    __slots__ = ()
-    send = Connection.send_bytes

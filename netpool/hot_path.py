@@ -77,30 +77,26 @@ except ImportError:  # not compiled: the Python versions serve
 
 # The C dispatch while the C version is in use, else None (the loop serves every event itself).
 _active: Optional[Callable[..., Outcome]] = None
-_base: Optional[type] = None
-_installed: tuple[type, ...] = ()
+_conn_class: Optional[type] = None
+_python_sends: tuple[Any, Any] = (None, None)
 
 
-def install(base: type, classes: tuple[type, ...], recv_size: int) -> None:
-    """Use the C ``send_bytes`` on ``classes`` (``base`` and its subclasses), unless told not to.
+def install(conn_class: type, recv_size: int) -> None:
+    """Use the C ``send`` and ``send_bytes`` on ``conn_class`` (io_loop.LoopConnection), unless told not to.
 
-    Each class that defines ``send_bytes`` keeps its Python version as
-    ``_send_bytes_py``, which the C one falls back on for what it does not
-    do itself (TLS, a queue to append to, a busy send lock, non-bytes).
-    Classes with ``_raw_send = True`` have ``send`` follow ``send_bytes``.
-    ``recv_size`` is the largest read the callers make. Called by every
-    listener as it is made (nothing is installed by an import); only the
-    first call does anything.
+    The class's own Python methods are kept here to switch back to; the C
+    ``send_bytes`` falls back on the class's ``_send_bytes_py`` for what it
+    does not do itself (a TLS session only Python drives, a queue to join, a
+    busy send lock, non-bytes). ``recv_size`` is the largest read the
+    callers make. Called by every listener as it is made (nothing is
+    installed by an import); only the first call does anything.
     """
-    global _base, _installed
-    if _base is not None or _speedups is None or recv_size > _speedups.RECV_MAX:
+    global _conn_class, _python_sends
+    if _conn_class is not None or _speedups is None or recv_size > _speedups.RECV_MAX:
         return  # installed already, not built, or a stale build reading shorter chunks
-    _speedups.configure(base, OFFLOAD_AFTER, OFFLOAD_LONG)
-    _base, _installed = base, classes
-    for cls in classes:
-        own = cls.__dict__.get("send_bytes")
-        if own is not None and "_send_bytes_py" not in cls.__dict__:
-            cls._send_bytes_py = own
+    _speedups.configure(conn_class, OFFLOAD_AFTER, OFFLOAD_LONG)
+    _conn_class = conn_class
+    _python_sends = conn_class.__dict__["send"], conn_class.__dict__["send_bytes"]
     use_speedups(not os.environ.get("NETPOOL_PURE_PYTHON"))
 
 
@@ -111,17 +107,13 @@ def use_speedups(on: bool) -> bool:
     tests run both versions this way.
     """
     global _active, _recv_active
-    on = on and _speedups is not None and _base is not None
+    on = on and _speedups is not None and _conn_class is not None
     _active = _speedups.dispatch if on else None  # type: ignore[union-attr]
     _recv_active = _speedups.recv_nowait if on else _recv_nowait  # type: ignore[union-attr]
-    c_send = _speedups.send_method(_base) if on else None  # type: ignore[union-attr]
-    for cls in _installed:
-        py_send = cls.__dict__.get("_send_bytes_py")
-        if py_send is not None:
-            cls.send_bytes = c_send if on else py_send
-    for cls in _installed:
-        if cls.__dict__.get("_raw_send"):
-            cls.send = cls.send_bytes
+    if _conn_class is not None:
+        send, send_bytes = _speedups.send_methods(_conn_class) if on else _python_sends  # type: ignore[union-attr]
+        _conn_class.send = send
+        _conn_class.send_bytes = send_bytes
     return on
 
 

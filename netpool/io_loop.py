@@ -83,8 +83,7 @@ from .close_reasons import reason_for, recv_failed
 if TYPE_CHECKING:  # pragma: no cover
     from .services import ConnectionServices
 
-__all__ = ["IOLoop", "LoopConnection", "RawLoopConnection", "ThreadedLoopConnection", "RawThreadedLoopConnection",
-           "CONNECTION_CLASSES", "HIGH_WATER", "HANDOFF_AFTER", "RECV_SIZE"]
+__all__ = ["IOLoop", "LoopConnection", "HIGH_WATER", "HANDOFF_AFTER", "RECV_SIZE"]
 
 log = logging.getLogger("netpool.io_loop")
 
@@ -168,7 +167,17 @@ _ONCE = _IN | select.EPOLLONESHOT
 
 
 class LoopConnection(Connection):
-    """A Connection served by an :class:`IOLoop`: non-blocking socket, queued sends."""
+    """The Connection an :class:`IOLoop` serves, the one class the listener builds: non-blocking socket, the loop's bookkeeping.
+
+    The I/O modes differ in what a send does with bytes the kernel cannot
+    take at once, and that is the loop's policy (``IOLoop.handoff``): events
+    mode queues them, flushed when the socket turns writable (the loop
+    thread never waits for a peer); thread mode waits for the peer, up to
+    ``send_timeout``, on whatever thread sends, as a connection thread's
+    send would, and first hands the loop to another thread when that is the
+    loop thread (``_about_to_wait``). Framed or raw is the ``encode`` it was
+    given (None: a message is its bytes).
+    """
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_alarm_due", "_fd",
                  "_offloaded", "_busy", "_quick", "_proven", "_inline_after", "_away", "_struck", "_stick_skip")
@@ -198,6 +207,8 @@ class LoopConnection(Connection):
         self._struck = 0.0  # when a slow call of this (proven) connection was last let pass
         self._stick_skip = 0  # chances left before a handler thread waits on it again (STICK_SKIP)
 
+    send = Connection.send  # the C hot path replaces both (hot_path.install)
+
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
             if self._wr_closed:
@@ -220,8 +231,20 @@ class LoopConnection(Connection):
             else:
                 self._send_later(data, sent)
 
+    _send_bytes_py = send_bytes  # what the C send_bytes falls back on
+
     def _send_later(self, data: bytes, sent: int) -> None:
-        """Queue what the kernel did not take (lock held); the loop flushes it when the socket turns writable."""
+        """What the kernel (or, for TLS, SSL_write) did not take at once (lock held): wait for it, or queue it."""
+        if self._loop.handoff:
+            # Thread mode: wait for the peer on this thread. Only the C send
+            # comes here with TLS.
+            if self._tls is None:
+                self._send_rest(data, sent)
+            else:
+                self._send_tls(memoryview(data)[sent:])
+            self.bytes_out += len(data)
+            return
+        # Events mode: the loop flushes the queue when the socket turns writable.
         self.bytes_out += len(data)  # counted once queued: it goes out or the connection dies
         out = self._out
         if out:
@@ -279,6 +302,16 @@ class LoopConnection(Connection):
         self._out = None
         return True
 
+    def _about_to_wait(self) -> None:
+        # Thread mode: a wait on the peer is coming (a full window, a
+        # STARTTLS handshake). When this runs inside the loop's current call,
+        # hand the loop off now instead of holding it until the monitor's
+        # next tick, as Go's entersyscallblock does.
+        loop = self._loop
+        calls = loop._calls
+        if loop.handoff and calls and calls[-1] is self and loop.thread is threading.current_thread():
+            loop._hand_off(loop._gen, by_monitor=False)
+
     def _drain_to(self, limit: int) -> None:
         """Wait (lock held) until at most ``limit`` bytes are queued, or time out."""
         poller = select.poll()
@@ -291,52 +324,6 @@ class LoopConnection(Connection):
                 raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
             if not poll_until(poller, deadline):
                 raise self._send_timed_out()
-
-
-class RawLoopConnection(LoopConnection):
-    """With raw framing a message is its bytes: ``send`` skips the framer step."""
-
-    __slots__ = ()
-    send = LoopConnection.send_bytes
-    _raw_send = True  # hot_path keeps send the same as send_bytes
-
-
-class ThreadedLoopConnection(LoopConnection):
-    """Thread mode's connection: read by a loop, but ``send`` waits for a slow peer as a thread's would.
-
-    Nothing is queued in user space: a send the kernel cannot take at once
-    waits (up to ``send_timeout``) on whatever thread calls it; on the loop
-    thread the loop is first handed to another thread (``_about_to_wait``).
-    """
-
-    __slots__ = ()
-    send = Connection.send
-    send_bytes = Connection.send_bytes
-
-    def _send_later(self, data: bytes, sent: int) -> None:
-        # What the kernel (or, for TLS, SSL_write) did not take at once: wait
-        # for the peer (lock held). Only the C send comes here with TLS.
-        if self._tls is None:
-            self._send_rest(data, sent)
-        else:
-            self._send_tls(memoryview(data)[sent:])
-        self.bytes_out += len(data)
-
-    def _about_to_wait(self) -> None:
-        # A wait on the peer is coming (a full window, a STARTTLS handshake):
-        # when this runs inside the loop's current call, hand the loop off now
-        # instead of holding it until the monitor's next tick, as Go's
-        # entersyscallblock does.
-        loop = self._loop
-        calls = loop._calls
-        if calls and calls[-1] is self and loop.thread is threading.current_thread():
-            loop._hand_off(loop._gen, by_monitor=False)
-
-
-class RawThreadedLoopConnection(ThreadedLoopConnection):
-    __slots__ = ()
-    send = Connection.send_bytes
-    _raw_send = True
 
 
 class _HandedOff(BaseException):
@@ -1297,7 +1284,7 @@ class IOLoop:
         """Take the stuck call's connection out of the loop and start the loop's next owner.
 
         Run by the monitor, or by the loop thread itself just before it waits
-        on a peer (ThreadedLoopConnection._about_to_wait).
+        on a peer (LoopConnection._about_to_wait).
         """
         with self._takeover_lock:
             if self._stopping or self._gen != gen:
@@ -1335,7 +1322,3 @@ class IOLoop:
     def _reason(self, conn: LoopConnection, exc: Exception) -> str:
         """The close reason for ``exc``, logged at most so often (close_reasons.reason_for)."""
         return reason_for(conn, exc, self.services.fault_logs)
-
-
-# The connection classes whose sends the C hot path takes over (see hot_path.install).
-CONNECTION_CLASSES = (LoopConnection, RawLoopConnection, ThreadedLoopConnection, RawThreadedLoopConnection)

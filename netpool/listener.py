@@ -31,8 +31,7 @@ from .conn_threads import ConnectionThreads
 from .connection import Connection
 from .framing import RawFramer, framer_factory, with_message_deadline
 from . import hot_path
-from .io_loop import (CONNECTION_CLASSES, IOLoop, LoopConnection, RawLoopConnection, RawThreadedLoopConnection,
-                      ThreadedLoopConnection, RECV_SIZE)
+from .io_loop import RECV_SIZE, IOLoop, LoopConnection
 from .ratelimit import RateLimitedLog
 from .proxy_protocol import parse_networks
 from .errors import ConnectionClosed, Overloaded, WorkerPoolStopped
@@ -71,14 +70,14 @@ FORCE_CLOSE_WAIT = 1.0
 
 
 def install_hot_path(*, tls: bool = False) -> None:
-    """Put the C hot path (where it was built) in place: for the loop connection classes, and for TLS sessions.
+    """Put the C hot path (where it was built) in place: for the loops' connections, and for TLS sessions.
 
     Every Listener calls this as it is made, so importing netpool installs
     nothing; after the first time (the first TLS listener, for TLS) it
     changes nothing. NETPOOL_PURE_PYTHON=1 in the environment keeps the
     Python versions.
     """
-    hot_path.install(LoopConnection, CONNECTION_CLASSES, RECV_SIZE)
+    hot_path.install(LoopConnection, RECV_SIZE)
     if tls and not hot_path.tls_speedups_ready():
         from . import tls as tls_module
 
@@ -207,10 +206,6 @@ class Listener:
         # Both modes read through event loops; in thread mode handlers may
         # block, and a loop held up by one moves to another thread.
         self._loops = [IOLoop(services, i, handoff=config.io == "threads") for i in range(config.io_threads)]
-        if config.io == "threads":
-            self._connection_class = RawThreadedLoopConnection if self._raw_framing else ThreadedLoopConnection
-        else:
-            self._connection_class = RawLoopConnection if self._raw_framing else LoopConnection
         # One descriptor held in reserve: when accept() fails with EMFILE it
         # is freed so the pending client can be accepted and closed at once
         # instead of hanging in the backlog (Twisted's reserved descriptor).
@@ -494,7 +489,7 @@ class Listener:
         peer = peer if peer else self.config.unix
         loop = self._loops[self._next_loop % len(self._loops)]
         self._next_loop += 1
-        conn = self._connection_class(client, peer, listener=self, acceptor=acceptor, encode=self._encode,
+        conn = LoopConnection(client, peer, listener=self, acceptor=acceptor, encode=self._encode,
                                       send_timeout=self.config.send_timeout, release=self._admission.release,
                                       loop=loop, alarm_due=alarm_due)
         with self._lock:
