@@ -88,7 +88,6 @@ class Connection:
         "proxy",
         "bytes_in",
         "bytes_out",
-        "_lane",
         "_sock",
         "_tls",
         "_encode",
@@ -127,7 +126,6 @@ class Connection:
         # Application bytes received and sent (after TLS), for metrics.
         self.bytes_in = 0
         self.bytes_out = 0
-        self._lane: Any = None  # the worker-pool lane running this connection's handler calls
         self._sock = sock
         self._tls: Optional["TLSTransport"] = None
         self._encode = encode
@@ -184,12 +182,21 @@ class Connection:
         """Send bytes as they are, bypassing the framer (same guarantees as :meth:`send`)."""
         raise NotImplementedError  # io_loop.LoopConnection's, per I/O mode
 
-    def close(self) -> None:
-        """Close the connection; safe to call from any thread, any number of times.
+    def close(self, reason: str = "closed", *, graceful: bool = False) -> None:
+        """Close the connection; safe to call from any thread, any number of times (the first reason wins).
 
-        Data already given to ``send`` is still delivered before the FIN.
+        ``reason`` is what ``close_reason``, ``on_close`` and the listener's
+        closed-by-reason counters show: ``closed`` unless you name your own
+        (``kicked``, say). By default the connection stops at once: reads
+        end, a send waiting for the peer is aborted, and data ``send`` has
+        already taken is still delivered before the FIN. With
+        ``graceful=True`` only reads stop: a handler running now may still
+        send its replies, and the connection ends once it returns (what a
+        ``quit`` and a listener's stop do).
         """
-        self._request_close("closed", socket.SHUT_RDWR)
+        if not isinstance(reason, str) or not reason:
+            raise TypeError(f"close(): the reason must be a non-empty str, not {reason!r}")
+        self._request_close(reason, socket.SHUT_RD if graceful else socket.SHUT_RDWR)
 
     def start_tls(self) -> TLSInfo:
         """Upgrade this plain connection to TLS in place (STARTTLS), and return what was negotiated.
@@ -220,7 +227,7 @@ class Connection:
         return self.tls
 
     def _handshake(self, context: Any, timeout: float) -> None:
-        from .tls import TLSTransport, negotiated, server_handshake  # pyOpenSSL only when TLS is used
+        from .tls import server_handshake  # pyOpenSSL only when TLS is used
 
         self._about_to_wait()  # a handshake is round trips with the peer
 
@@ -229,6 +236,12 @@ class Connection:
         except TLSHandshakeError as exc:
             self._request_close(exc.reason, socket.SHUT_RDWR)
             raise
+        self._use_tls(ssl_conn)
+
+    def _use_tls(self, ssl_conn: Any) -> None:
+        """Carry the connection over ``ssl_conn``, a finished handshake's session (implicit TLS or STARTTLS)."""
+        from .tls import TLSTransport, negotiated
+
         self._tls = TLSTransport(self._sock, ssl_conn)
         self.tls = negotiated(ssl_conn)
 
@@ -347,43 +360,3 @@ class Connection:
             except OSError:
                 pass  # already shut down or reset by the peer: the owner wakes anyway
         return first
-
-    def _force_close(self) -> None:
-        """Stop waiting politely: abort reads and sends now (listener stop past its grace)."""
-        self._request_close("server_stop", socket.SHUT_RDWR)
-
-    def _finish(self, reason: str) -> Optional[tuple[str, bool]]:
-        """Owner only: close the descriptor, once.
-
-        Returns the final reason and whether the connection still held a slot
-        (the caller gives it back after ``on_close``), or None if the
-        connection had already finished.
-        """
-        with self._state_lock:
-            if self._finished:
-                return None
-            self._finished = True
-            self._wr_closed = True
-            if self.close_reason is None:
-                self.close_reason = reason
-            reason = self.close_reason
-            counted, self._counted = self._counted, False
-        sock = self._sock
-        if self._tls is not None and reason not in ("reset", "tls_error"):
-            self._tls.notify_close()  # close_notify, without waiting for the peer's
-        # Nobody may be inside send() when the descriptor goes. A sender
-        # holding the lock may be waiting for the peer: shutdown() wakes it,
-        # and it lets go. With the lock free, close() alone does (one system
-        # call fewer per connection).
-        lock = self._send_lock
-        if not lock.acquire(blocking=False):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            lock.acquire()
-        try:
-            sock.close()
-        finally:
-            lock.release()
-        return reason, counted

@@ -63,6 +63,7 @@ peer's window is full (``send_timeout``), as a connection thread's would.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import select
@@ -185,6 +186,8 @@ class LoopConnection(Connection):
     def __init__(self, *args: Any, loop: "IOLoop", alarm_due: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._loop = loop
+        self._sock.setblocking(False)  # TCP_NODELAY it has from the listening socket
+        self._fd = self._sock.fileno()  # what the loop's epoll and table know it by
         self._out: Optional[bytearray] = None
         self._out_deadline = 0.0
         self._framer: Any = None
@@ -192,7 +195,6 @@ class LoopConnection(Connection):
         # Not talking yet: its PROXY header or TLS handshake is being read (a handshake.Handshake).
         self._setup: Optional[Handshake] = None
         self._alarm_due = alarm_due  # admitting it crossed the alarm threshold: on_alarm runs before on_connect
-        self._fd = -1  # the descriptor it is registered under, while the loop holds it
         # Thread mode: its handler calls run on the listener's threads, not on
         # the loop (_offloaded); one is running or queued there now (_busy),
         # and so many in a row were quick (_quick).
@@ -301,6 +303,86 @@ class LoopConnection(Connection):
             return False
         self._out = None
         return True
+
+    def _start_setup(self, services: "ConnectionServices", deadline: float) -> None:
+        """Begin the PROXY header and TLS handshake the listener asks of it (handshake.Handshake), if any."""
+        context = services.tls_context if services.tls_implicit else None
+        if services.proxy_versions or context is not None:
+            self._setup = Handshake(self, self._sock, proxy_versions=services.proxy_versions,
+                                    proxy_trusted=services.proxy_trusted, tls_context=context, deadline=deadline)
+
+    def _setup_step(self) -> int:
+        """Take the set-up as far as the bytes that came allow: 0 once it can talk, else the poll event to wait for."""
+        setup = self._setup
+        assert setup is not None
+        try:
+            wanted = setup.step()
+        except BaseException:
+            self._setup = None
+            raise
+        if wanted:
+            return wanted
+        self._setup = None
+        if setup.session is not None:
+            self._use_tls(setup.session)
+        return 0
+
+    def _flush_last(self) -> None:
+        """Last chance for queued replies (a handler that sent, then closed), unless a sender is at it."""
+        if self._out and self._send_lock.acquire(blocking=False):
+            try:
+                self._flush()
+            except ConnectionClosed:
+                pass
+            finally:
+                self._send_lock.release()
+
+    def _flush_writable(self) -> bool:
+        """The socket turned writable: send what is queued; True once nothing is (a sender at it: False)."""
+        if not self._send_lock.acquire(blocking=False):
+            return False  # a sender holding the lock is flushing already; never wait for it here
+        try:
+            return self._flush()
+        except ConnectionClosed:
+            return False  # the reason is recorded; the read side ends it
+        finally:
+            self._send_lock.release()
+
+    def _finish(self, reason: str) -> Optional[tuple[str, bool]]:
+        """The owner's last step (its loop's, or the thread the loop left it to): close the descriptor, once.
+
+        Returns the final reason and whether the connection still held a slot
+        (the caller gives it back after ``on_close``), or None if the
+        connection had already finished.
+        """
+        with self._state_lock:
+            if self._finished:
+                return None
+            self._finished = True
+            self._wr_closed = True
+            if self.close_reason is None:
+                self.close_reason = reason
+            reason = self.close_reason
+            counted, self._counted = self._counted, False
+        sock = self._sock
+        if self._tls is not None and reason not in ("reset", "tls_error"):
+            self._tls.notify_close()  # close_notify, without waiting for the peer's
+        # Nobody may be inside send() when the descriptor goes. A sender
+        # holding the lock may be waiting for the peer: shutdown() wakes it,
+        # and it lets go. With the lock free, close() alone does (one system
+        # call fewer per connection).
+        lock = self._send_lock
+        if not lock.acquire(blocking=False):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            lock.acquire()
+        try:
+            sock.close()
+        finally:
+            lock.release()
+        return reason, counted
 
     def _about_to_wait(self) -> None:
         # Thread mode: a wait on the peer is coming (a full window, a
@@ -462,7 +544,7 @@ class IOLoop:
 
     def watch_writable(self, conn: LoopConnection, on: bool) -> None:
         try:
-            self._ep.modify(conn._sock.fileno(), _IN_OUT if on else _IN)
+            self._ep.modify(conn._fd, _IN_OUT if on else _IN)
         except (OSError, ValueError):
             pass  # closing: the loop finishes it anyway
 
@@ -513,7 +595,7 @@ class IOLoop:
             reason = self._reason(conn, exc)
         if reason is None and self.give_back(conn):
             return
-        self.services.connection_ended(conn, reason or "server_stop")
+        self._wind_up(conn, reason or "server_stop")
 
     def _serve(self) -> None:
         services = self.services
@@ -586,24 +668,22 @@ class IOLoop:
             if not ev & READ_EVENTS:
                 return
         if conn.close_reason is not None:
-            self._finish(conn, "error")
+            self._end(conn, "error")
             return
         tls = conn._tls
         services = self.services
         try:
             if tls is None:
-                data = conn._sock.recv(self._bufsize)
+                data = recv_nowait(conn._fd, self._bufsize)
             else:
                 data = tls.recv_nowait(self._bufsize)
-                if data is None:
-                    return
-        except BlockingIOError:
-            return
+            if data is None:
+                return
         except OSError as exc:
             self._finish_dispatched(conn, hot_path.RECV_ERROR, exc)
             return
         except TLSError as exc:
-            self._finish(conn, self._reason(conn, exc))
+            self._end(conn, self._reason(conn, exc))
             return
         conn._last_read = now
         conn.bytes_in += len(data)
@@ -617,7 +697,7 @@ class IOLoop:
             reason = recv_failed(conn, value)
         else:
             reason = self._reason(conn, value)
-        self._finish(conn, reason)
+        self._end(conn, reason)
 
     def _close(self) -> None:
         """The loop has ended (stopped, or failed): finish what it still holds, release its descriptors."""
@@ -626,10 +706,10 @@ class IOLoop:
         while self._later:  # calls over, left for the loop: finished below with the rest
             self._later.popleft()[0]._busy = False
         for conn in list(self._conns.values()):
-            conn._force_close()
+            conn.close("server_stop")
             if conn._away and not self._claim(conn) or conn._busy and not conn._away:
                 continue  # its call is running on a thread, which finishes it (_calls_done)
-            self._finish(conn, "server_stop")
+            self._end(conn, "server_stop")
         self._ep.close()
         if self._offload_ep is not None:
             with self._offload_lock:
@@ -687,10 +767,10 @@ class IOLoop:
                     self._move_out_with_job(conn, left, tls, eof, False)  # a call blocked: the rest on a thread
                     return
                 if eof:
-                    self._finish(conn, "eof")
+                    self._end(conn, "eof")
                     return
                 if conn.close_reason is not None:
-                    self._finish(conn, "error")
+                    self._end(conn, "error")
                     return
                 if self._started_tls(conn, tls):
                     return
@@ -702,7 +782,7 @@ class IOLoop:
                     return
                 conn.bytes_in += len(data)
         except Exception as exc:
-            self._finish(conn, self._reason(conn, exc))
+            self._end(conn, self._reason(conn, exc))
 
     def _started_tls(self, conn: LoopConnection, tls: Any) -> bool:
         """Whether start_tls() ran in a handler since ``tls`` was the transport; if so, reset the framer.
@@ -743,38 +823,31 @@ class IOLoop:
             try:
                 self._hold(conn)
             except OSError as exc:
-                self._finish(conn, self._reason(conn, exc))
+                self._end(conn, self._reason(conn, exc))
                 continue
             if conn._tls is not None and conn._tls.pending():
                 self._hand_to_threads(conn)  # bytes OpenSSL holds raise no event: a thread reads them now
         while self._later:
             conn, reason = self._later.popleft()
             conn._busy = False
-            self._finish(conn, reason)
+            self._end(conn, reason)
         services = self.services
-        context = services.tls_context if services.tls_implicit else None
-        proxy_versions = services.proxy_versions
         raw_framer = services.raw_framer
+        handshake_timeout = services.config.handshake_timeout
         while self._pending:
             conn = self._pending.popleft()
-            sock = conn._sock
-            fd = sock.fileno()
             conn._last_read = now
             conn._framer = raw_framer or services.new_framer()
             try:
-                sock.setblocking(False)  # TCP_NODELAY it has from the listening socket
-                conn._fd = fd
                 self._hold(conn)
-                if proxy_versions or context is not None:
-                    conn._setup = Handshake(conn, sock, proxy_versions=proxy_versions,
-                                            proxy_trusted=services.proxy_trusted, tls_context=context,
-                                            deadline=now + services.config.handshake_timeout)
+                conn._start_setup(services, now + handshake_timeout)
+                if conn._setup is not None:
                     self._advance_setup(conn)
                 else:
                     self._ready(conn)
             except Exception as exc:
                 conn._setup = None
-                self._finish(conn, self._reason(conn, exc))
+                self._end(conn, self._reason(conn, exc))
 
     def _ready(self, conn: LoopConnection) -> None:
         """The connection can talk: alarm, on_connect (on this loop thread or offloaded, never an acceptor)."""
@@ -792,7 +865,7 @@ class IOLoop:
         if hook:
             self._user_call(conn, self._connected, conn, tls=conn._tls)
         if conn.close_reason is not None:
-            self._finish(conn, "error")
+            self._end(conn, "error")
 
     def _connected(self, conn: LoopConnection) -> None:
         services = self.services
@@ -803,37 +876,20 @@ class IOLoop:
 
     def _advance_setup(self, conn: LoopConnection) -> None:
         """Take the PROXY header and the TLS handshake as far as they go (handshake.py); then let the handler in."""
-        setup = conn._setup
-        assert setup is not None
         try:
-            wanted = setup.step()
+            wanted = conn._setup_step()
             if wanted:
                 self._ep.modify(conn._fd, _IN if wanted == select.POLLIN else select.EPOLLOUT)
                 return
-            conn._setup = None
-            session = setup.session
-            if session is not None:
-                from .tls import TLSTransport, negotiated
-
-                conn._tls = TLSTransport(conn._sock, session)
-                conn.tls = negotiated(session)
-                self._ep.modify(conn._fd, _IN)
+            if conn._tls is not None:
+                self._ep.modify(conn._fd, _IN)  # the handshake may have left it waiting to write
             self._ready(conn)
         except Exception as exc:
-            conn._setup = None
-            self._finish(conn, self._reason(conn, exc))
+            self._end(conn, self._reason(conn, exc))
 
     def _writable(self, conn: LoopConnection) -> None:
-        # A sender holding the lock is flushing already; never wait for it here.
-        if not conn._send_lock.acquire(blocking=False):
-            return
-        try:
-            if conn._flush():
-                self.watch_writable(conn, False)
-        except ConnectionClosed:
-            pass  # the reason is recorded; the read side finishes it
-        finally:
-            conn._send_lock.release()
+        if conn._flush_writable():
+            self.watch_writable(conn, False)
 
     def _sweep(self, now: float) -> None:
         """Idle, send and handshake deadlines: checked a few times per shortest timeout."""
@@ -846,30 +902,39 @@ class IOLoop:
             if setup is not None:
                 if now >= setup.deadline:
                     conn._setup = None
-                    self._finish(conn, self._reason(conn, setup.timed_out(config.handshake_timeout)))
+                    self._end(conn, self._reason(conn, setup.timed_out(config.handshake_timeout)))
                 continue
             if conn._out and now >= conn._out_deadline:
-                conn._request_close("send_timeout", socket.SHUT_RDWR)
-                self._finish(conn, "send_timeout")
+                conn.close("send_timeout")
+                self._end(conn, "send_timeout")
             elif idle and now - conn._last_read >= idle:
                 if conn._away and not self._claim(conn):
                     continue  # a handler thread has just taken it: not idle
-                self._finish(conn, "idle_timeout")
+                self._end(conn, "idle_timeout")
 
-    def _finish(self, conn: LoopConnection, reason: str) -> None:
-        if conn._out and conn._send_lock.acquire(blocking=False):
-            # Last chance for queued replies (a handler that sent, then closed).
-            try:
-                conn._flush()
-            except ConnectionClosed:
-                pass
-            finally:
-                conn._send_lock.release()
+    def _end(self, conn: LoopConnection, reason: str) -> None:
+        """End a connection this loop holds (loop thread): its queue flushed, out of the loop, then wound up."""
+        conn._flush_last()
         self._forget(conn)
         if self._stopping:  # no hand-off any more: the loop is closing
-            self.services.connection_ended(conn, reason)
+            self._wind_up(conn, reason)
         else:
-            self._user_call(conn, self.services.connection_ended, conn, reason, done=True)
+            self._user_call(conn, self._wind_up, conn, reason, done=True)
+
+    def _wind_up(self, conn: LoopConnection, reason: str) -> None:
+        """The way every connection ends, once out of its loop (any thread): close it, then report it.
+
+        The descriptor is closed once the connection's queued worker calls
+        are over (``workers=N``; at once without), since they may still
+        send; then the listener runs ``on_close``, counts it and gives its
+        slot back (``services.connection_closed``), exactly once.
+        """
+        self.services.after_queued_calls(conn, reason, functools.partial(self._close_and_report, conn, reason))
+
+    def _close_and_report(self, conn: LoopConnection, reason: str) -> None:
+        result = conn._finish(reason)
+        if result is not None:
+            self.services.connection_closed(conn, *result)
 
     def _hold(self, conn: LoopConnection) -> None:
         """Have this loop read ``conn`` (new, given back, or kept after a refused hand-off)."""
@@ -960,7 +1025,7 @@ class IOLoop:
             self._offload_ep.register(fd, _ONCE if armed else select.EPOLLONESHOT)
         except OSError as exc:
             conn._away = False
-            self._finish(conn, self._reason(conn, exc))
+            self._end(conn, self._reason(conn, exc))
             return
         self._ensure_handler()
 
@@ -1253,7 +1318,7 @@ class IOLoop:
                     conn._busy = False  # being closed: the loop finishes it
                 return
         # The loop has ended (it left this connection to us because it was busy).
-        self.services.connection_ended(conn, reason or "server_stop")
+        self._wind_up(conn, reason or "server_stop")
 
     # -- thread mode: the monitor and the hand-off ---------------------------------
 

@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .acceptor import AcceptGate, Acceptor
 from .admission import Admission
@@ -193,6 +193,7 @@ class Listener:
         self._acceptors = [Acceptor(gate, i, name=config.name, nice=config.acceptor_nice)
                            for i in range(config.acceptors)]
         self.workers: Optional[WorkerPool] = None
+        self._lanes: dict[int, Any] = {}  # connection id -> the worker lane running its handler calls, in order
         self._handler = config.handler
         if config.workers:
             self.workers = WorkerPool(config.workers, name=config.name)
@@ -202,7 +203,8 @@ class Listener:
             config=config, handler=self._handler, raw_framing=self._raw_framing, raw_framer=self._raw_framer,
             framer_factory=self._framer_factory, tls_context=self._tls_context, tls_implicit=self._tls_implicit,
             proxy_versions=self._proxy_versions, proxy_trusted=self._proxy_trusted, fault_logs=self._fault_logs,
-            threads=self._conn_threads, connection_ended=self._connection_ended, fire_alarm=self._fire_alarm)
+            threads=self._conn_threads, after_queued_calls=self._after_queued_calls,
+            connection_closed=self._connection_closed, fire_alarm=self._fire_alarm)
         # Both modes read through event loops; in thread mode handlers may
         # block, and a loop held up by one moves to another thread.
         self._loops = [IOLoop(services, i, handoff=config.io == "threads") for i in range(config.io_threads)]
@@ -303,12 +305,12 @@ class Listener:
 
         deadline = time.monotonic() + grace
         for conn in self.connections():
-            conn._request_close("server_stop", socket.SHUT_RD)
+            conn.close("server_stop", graceful=True)
         if not self._wait_drained(deadline):
             stuck = self.connections()
             log.warning("%d connection(s) still open after the %gs grace; forcing them closed", len(stuck), grace)
             for conn in stuck:
-                conn._force_close()
+                conn.close("server_stop")
             self._wait_drained(time.monotonic() + FORCE_CLOSE_WAIT)
         for loop in self._loops:
             loop.stop()
@@ -589,10 +591,10 @@ class Listener:
 
     def _dispatch(self, message: bytes, conn: Connection) -> None:
         """With workers: queue the handler call on the connection's lane (its order is kept)."""
-        lane = conn._lane
+        lane = self._lanes.get(conn.id)
         if lane is None:
             assert self.workers is not None
-            lane = conn._lane = self.workers.lane(
+            lane = self._lanes[conn.id] = self.workers.lane(
                 max_pending=self.config.worker_queue, name=str(conn.id),
                 on_error=lambda exc, _fn, _args: self._handler_failed(conn, exc))
         try:
@@ -601,7 +603,7 @@ class Listener:
             lane.submit(self.config.handler, message, conn,
                         timeout=self.config.send_timeout if self.config.io == "threads" else 0)
         except Overloaded as exc:
-            conn._request_close("overloaded", socket.SHUT_RDWR)
+            conn.close("overloaded")
             raise ConnectionClosed(f"connection {conn.id}: {exc}") from None
         except WorkerPoolStopped:
             raise ConnectionClosed(f"connection {conn.id}: the worker pool is stopped") from None
@@ -609,23 +611,20 @@ class Listener:
     def _handler_failed(self, conn: Connection, exc: BaseException) -> None:
         if isinstance(exc, Exception):
             reason = reason_for(conn, exc, self._fault_logs)
-            conn._request_close(reason if reason != "error" else "handler_error", socket.SHUT_RDWR)
+            conn.close(reason if reason != "error" else "handler_error")
 
-    def _connection_ended(self, conn: Connection, reason: str) -> None:
-        """A read path is done with ``conn``: finish it once its queued handler calls have run."""
-        lane = conn._lane
+    def _after_queued_calls(self, conn: Connection, reason: str, then: Callable[[], None]) -> None:
+        """Run ``then`` (which closes ``conn``) once its queued worker calls are over; see ConnectionServices."""
+        lane = self._lanes.pop(conn.id, None)  # the read path is done with it: no call is queued after this
         if lane is None:
-            self._connection_finished(conn, reason)
+            then()
             return
         if reason != "eof":
             lane.close()  # the connection is failing: drop what it had queued
-        lane.call_when_idle(lambda: self._connection_finished(conn, reason))
+        lane.call_when_idle(then)
 
-    def _connection_finished(self, conn: Connection, reason: str) -> None:
-        result = conn._finish(reason)
-        if result is None:
-            return
-        reason, counted = result
+    def _connection_closed(self, conn: Connection, reason: str, counted: bool) -> None:
+        """``on_close``, the counters, the slot: once per connection, after its descriptor is closed."""
         if self.config.on_close is not None:
             try:
                 self.config.on_close(conn, reason)

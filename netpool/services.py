@@ -3,7 +3,8 @@
 The I/O loops (``io_loop``, with the threads a blocking handler's calls
 move to) never see the Listener: they get its settings, the handler
 to call, how to frame and secure a connection, the threads to run calls on,
-and two callables back (a connection ended; an alarm is due). The listener
+and three callables back (run this after a connection's queued calls; a
+connection closed; an alarm is due). The listener
 builds one of these and gives it to each loop, as Ranch gives an acceptor
 its socket and its connection supervisor.
 """
@@ -42,8 +43,17 @@ class ConnectionServices:
     """Rate-limited logs per close reason (``close_reasons.fault_logs``)."""
     threads: ConnectionThreads
     """Reusable threads for loops, handler threads and handed-off calls."""
-    connection_ended: Callable[[Any, str], None]
-    """``connection_ended(conn, reason)``: once per connection, after its descriptor is closed."""
+    after_queued_calls: Callable[[Any, str, Callable[[], None]], None]
+    """``after_queued_calls(conn, reason, then)``: run ``then`` once the connection's queued worker calls are over.
+
+    At once without workers. A connection ending for any reason but ``eof``
+    drops the calls it still had queued first.
+    """
+    connection_closed: Callable[[Any, str, bool], None]
+    """``connection_closed(conn, reason, counted)``: once per connection, after its descriptor is closed.
+
+    ``on_close``, the counters, and the slot given back if ``counted``.
+    """
     fire_alarm: Callable[[], None]
     """Run the listener's alarm hook (due when the connection was admitted)."""
 

@@ -50,6 +50,61 @@ def test_handler_close_sends_pending_reply_then_fin():
         assert closed_reasons(listener, 1) == {"closed": 1}
 
 
+def test_close_with_a_reason_of_its_own_is_what_on_close_and_the_counters_see():
+    """close("kicked") ends the connection at once, and the reason it gave is its close reason everywhere."""
+    seen: queue.Queue = queue.Queue()
+
+    def handler(message, conn):
+        if message == b"flood":
+            conn.close("kicked")
+            conn.close("closed")  # the first reason wins
+        else:
+            conn.send(message)
+
+    with serving(handler=handler, framing="line", on_close=lambda conn, reason: seen.put(reason)) as listener:
+        with connect(listener) as other, connect(listener) as sock:
+            sock.sendall(b"flood\n")
+            assert recv_until_closed(sock) == b""
+            assert seen.get(timeout=5) == "kicked"
+            other.sendall(b"still here\n")
+            assert recv_exactly(other, 11) == b"still here\n"
+            assert closed_reasons(listener, 1) == {"kicked": 1}
+
+
+def test_graceful_close_lets_the_running_handler_send_its_replies_first():
+    """close(reason, graceful=True) stops reading only: replies sent after it still arrive, then the FIN."""
+
+    def handler(message, conn):
+        conn.close("done", graceful=True)
+        conn.send(b"reply one")
+        conn.send(b"reply two")
+
+    with serving(handler=handler, framing="line") as listener, connect(listener) as sock:
+        sock.sendall(b"last request\n")
+        assert recv_until_closed(sock) == b"reply one\nreply two\n"
+        assert closed_reasons(listener, 1) == {"done": 1}
+
+
+def test_close_refuses_a_reason_that_is_not_a_name():
+    result: queue.Queue = queue.Queue()
+
+    def handler(message, conn):
+        for bad in ("", None, 3):
+            try:
+                conn.close(bad)
+            except TypeError as exc:
+                result.put(str(exc))
+        conn.send(b"open")
+
+    with serving(handler=handler) as listener, connect(listener) as sock:
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 4) == b"open"
+        assert [result.get(timeout=5) for _ in range(3)] == [
+            "close(): the reason must be a non-empty str, not ''",
+            "close(): the reason must be a non-empty str, not None",
+            "close(): the reason must be a non-empty str, not 3"]
+
+
 def test_send_after_close_raises_connection_closed():
     result: queue.Queue = queue.Queue()
 

@@ -23,8 +23,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "netpool"
 
 # module -> other modules' private names it uses today.
 KNOWN_PRIVATE: dict[str, frozenset[str]] = {
-    "io_loop": frozenset({"_force_close", "_request_close", "_send_lock", "_sock", "_tls"}),
-    "listener": frozenset({"_finish", "_force_close", "_lane", "_request_close"}),
+    "io_loop": frozenset({"_tls"}),
 }
 
 def _private(name: str) -> bool:
