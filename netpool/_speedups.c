@@ -56,6 +56,8 @@ static Py_ssize_t off_fd, off_setup, off_tls, off_close_reason, off_last_read, o
  * is reported to loop._call_was_slow (hot_path.OFFLOAD_AFTER). */
 static double offload_after = 1e9, offload_long = 1e9;
 static PyTypeObject *conn_type;  /* LoopConnection */
+static PyTypeObject *plain_type; /* transport.PlainTransport: a connection's transport is this or a TLSTransport */
+#define IS_PLAIN(transport) (Py_TYPE(transport) == plain_type)
 static PyTypeObject *lock_type;  /* _thread.lock */
 static PyObject *lock_acquire, *lock_release; /* _thread.lock's own methods (descriptors) */
 static PyObject *str_gen, *str_handed_off, *str_error, *str_eof, *str_send_later, *str_send_bytes_py,
@@ -91,7 +93,7 @@ static PyTypeObject *tls_type;
 static Py_ssize_t off_tls_ptr, off_tls_lock, off_tls_closing, off_tls_notified;
 static PyObject *tls_error_type;
 static PyObject *str_tls, *str_tls_send_failed;
-static PyObject *kw_error_tls; /* ("error", "tls") for loop._handed_off(conn, error=exc, tls=tls) */
+static PyObject *kw_error_tls; /* ("error", "transport") for loop._handed_off(conn, error=exc, transport=tls) */
 
 /* SSL_get_error's codes (stable across OpenSSL versions). */
 enum { E_NONE = 0, E_SSL = 1, E_WANT_READ = 2, E_WANT_WRITE = 3, E_SYSCALL = 5, E_ZERO_RETURN = 6 };
@@ -111,12 +113,13 @@ static int slot_offset(PyObject *cls, const char *name, Py_ssize_t *off) {
 }
 
 static PyObject *configure(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyType_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "configure() takes the LoopConnection class, OFFLOAD_AFTER and OFFLOAD_LONG");
+    if (nargs != 4 || !PyType_Check(args[0]) || !PyType_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure() takes the LoopConnection and PlainTransport classes, OFFLOAD_AFTER and OFFLOAD_LONG");
         return NULL;
     }
     PyObject *cls = args[0];
-    double after = PyFloat_AsDouble(args[1]), long_ = PyFloat_AsDouble(args[2]);
+    double after = PyFloat_AsDouble(args[2]), long_ = PyFloat_AsDouble(args[3]);
     if (PyErr_Occurred()) return NULL;
     if (!(after >= 0) || !(long_ >= 0)) {
         PyErr_SetString(PyExc_ValueError, "configure(): OFFLOAD_AFTER and OFFLOAD_LONG must be >= 0");
@@ -131,7 +134,7 @@ static PyObject *configure(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     }
     Py_ssize_t fd, setup, tls, close_reason, last_read, bytes_in, bytes_out, wr_closed, out, send_lock, offloaded,
         proven, busy, quick, inline_after, stick_skip, encode;
-    if (slot_offset(cls, "_fd", &fd) || slot_offset(cls, "_setup", &setup) || slot_offset(cls, "_tls", &tls) ||
+    if (slot_offset(cls, "_fd", &fd) || slot_offset(cls, "_setup", &setup) || slot_offset(cls, "transport", &tls) ||
         slot_offset(cls, "close_reason", &close_reason) || slot_offset(cls, "_last_read", &last_read) ||
         slot_offset(cls, "bytes_in", &bytes_in) || slot_offset(cls, "bytes_out", &bytes_out) ||
         slot_offset(cls, "_wr_closed", &wr_closed) || slot_offset(cls, "_out", &out) ||
@@ -145,6 +148,7 @@ static PyObject *configure(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     off_send_lock = send_lock, off_offloaded = offloaded, off_proven = proven;
     off_busy = busy, off_quick = quick, off_inline_after = inline_after, off_stick_skip = stick_skip;
     off_encode = encode;
+    plain_type = (PyTypeObject *)Py_NewRef(args[1]);
     conn_type = (PyTypeObject *)Py_NewRef(cls);
     Py_RETURN_NONE;
 }
@@ -224,7 +228,7 @@ static PyObject *take_exception(void) {
     return value;
 }
 
-/* The monitor took this call's connection: raise loop._handed_off(conn, error=exc, tls=tls). */
+/* The monitor took this call's connection: raise loop._handed_off(conn, error=exc, transport=tls). */
 static PyObject *raise_handed_off(PyObject *loop, PyObject *conn, PyObject *exc, PyObject *tls) {
     PyObject *args[4] = {loop, conn, exc ? exc : Py_None, tls};
     PyObject *handed = PyObject_VectorcallMethod(str_handed_off, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
@@ -411,7 +415,7 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         PyObject *tls = SLOT(conn, off_tls); /* borrowed; held across the handler below */
         void *ssl = NULL;
         Py_ssize_t got;
-        if (tls == Py_None) {
+        if (IS_PLAIN(tls)) {
             int fd = slot_fd(conn);
             if (fd < 0) goto slow;
             do {
@@ -514,7 +518,7 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         }
         int closing = SLOT(conn, off_close_reason) != Py_None;
         int more = 0;
-        if (!closing && tls != Py_None && SLOT(conn, off_tls) == tls) {
+        if (!closing && !IS_PLAIN(tls) && SLOT(conn, off_tls) == tls) {
             /* OpenSSL may hold decrypted bytes epoll cannot see: read this event again. */
             more = tls_has_pending(tls, ssl);
         }
@@ -700,7 +704,7 @@ static PyObject *send_bytes(PyObject *self, PyObject *data) {
     if (!PyBytes_CheckExact(data)) return send_slow(self, data);
     PyObject *lock = SLOT(self, off_send_lock);
     PyObject *tls = SLOT(self, off_tls);
-    if (lock == NULL || Py_TYPE(lock) != lock_type || (tls != Py_None && tls_session(tls) == NULL))
+    if (lock == NULL || Py_TYPE(lock) != lock_type || (!IS_PLAIN(tls) && tls_session(tls) == NULL))
         return send_slow(self, data); /* a TLS session only Python can drive: no need to try the lock */
     Py_INCREF(lock); /* _send_later runs Python code: keep the lock we took alive */
     int got = try_lock(lock);
@@ -711,17 +715,17 @@ static PyObject *send_bytes(PyObject *self, PyObject *data) {
     PyObject *r = NULL;
     PyObject *out = SLOT(self, off_out);
     tls = SLOT(self, off_tls); /* again, under the lock start_tls() holds */
-    void *ssl = tls == Py_None ? NULL : tls_session(tls);
-    int fd = tls == Py_None ? slot_fd(self) : 0;
+    void *ssl = IS_PLAIN(tls) ? NULL : tls_session(tls);
+    int fd = IS_PLAIN(tls) ? slot_fd(self) : 0;
     if (SLOT(self, off_wr_closed) != Py_False || out == NULL ||
         (out != Py_None && (!PyByteArray_CheckExact(out) || PyByteArray_GET_SIZE(out) > 0)) || fd < 0 ||
-        (tls != Py_None && ssl == NULL)) {
+        (!IS_PLAIN(tls) && ssl == NULL)) {
         /* Closed, or a queue to join: the Python method decides. */
         if (unlock(lock) == 0) r = send_slow(self, data);
         Py_DECREF(lock);
         return r;
     }
-    if (tls == Py_None) {
+    if (IS_PLAIN(tls)) {
         r = send_plain(self, data, fd);
     } else {
         Py_INCREF(tls);
@@ -1130,7 +1134,7 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
             goto out;
         }
         Py_DECREF(res);
-        if (SLOT(conn, off_close_reason) != Py_None || SLOT(conn, off_tls) != Py_None) {
+        if (SLOT(conn, off_close_reason) != Py_None || !IS_PLAIN(SLOT(conn, off_tls))) {
             kind = REST; /* closing, or start_tls() ran: the Python path knows what follows */
             goto out;
         }
@@ -1237,7 +1241,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     lock_direct = check_lock_layout(allocate_lock);
     Py_DECREF(allocate_lock);
     if (lock_direct < 0) return NULL;
-    str_tls = PyUnicode_InternFromString("tls");
+    str_tls = PyUnicode_InternFromString("transport");
     str_tls_send_failed = PyUnicode_InternFromString("_tls_send_failed");
     kw_error_tls = str_tls ? PyTuple_Pack(2, str_error, str_tls) : NULL;
     one = PyLong_FromLong(1);

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import itertools
 import queue
-import select
 import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .deadline import poll_until
 from .errors import ConnectionClosed, SendTimeout, TLSError, TLSHandshakeError
 from .tls_config import TLSInfo
+from .transport import PlainTransport
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tls import TLSTransport
@@ -73,6 +72,9 @@ class Connection:
     - ``proxied_by``: the balancer's address when a PROXY header named the
       real client (then ``peer`` is the client's); None otherwise.
     - ``proxy``: the whole PROXY header (TLVs included), or None.
+    - ``transport``: the byte stream under it (``transport.PlainTransport``, or
+      ``tls.TLSTransport`` once TLS is on); ``transport.socket`` for socket
+      options, never for reading or writing.
     """
 
     __slots__ = (
@@ -88,8 +90,7 @@ class Connection:
         "proxy",
         "bytes_in",
         "bytes_out",
-        "_sock",
-        "_tls",
+        "transport",
         "_encode",
         "_send_lock",
         "_state_lock",
@@ -126,8 +127,7 @@ class Connection:
         # Application bytes received and sent (after TLS), for metrics.
         self.bytes_in = 0
         self.bytes_out = 0
-        self._sock = sock
-        self._tls: Optional["TLSTransport"] = None
+        self.transport: "PlainTransport | TLSTransport" = PlainTransport(sock)
         self._encode = encode
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -217,7 +217,7 @@ class Connection:
                 "start_tls() needs a certificate: give the listener ssl options "
                 "(certfile/keyfile, mode='starttls')"
             )
-        if self._tls is not None:
+        if self.transport.is_tls:
             raise TLSError(f"connection {self.id} is already using TLS")
         with self._send_lock:
             if self.close_reason is not None:
@@ -232,7 +232,7 @@ class Connection:
         self._about_to_wait()  # a handshake is round trips with the peer
 
         try:
-            ssl_conn = server_handshake(self._sock, context, timeout)
+            ssl_conn = server_handshake(self.transport.socket, context, timeout)
         except TLSHandshakeError as exc:
             self._request_close(exc.reason, socket.SHUT_RDWR)
             raise
@@ -242,7 +242,7 @@ class Connection:
         """Carry the connection over ``ssl_conn``, a finished handshake's session (implicit TLS or STARTTLS)."""
         from .tls import TLSTransport, negotiated
 
-        self._tls = TLSTransport(self._sock, ssl_conn)
+        self.transport = TLSTransport(self.transport.socket, ssl_conn)
         self.tls = negotiated(ssl_conn)
 
     def uncount(self) -> None:
@@ -266,48 +266,22 @@ class Connection:
         return self._counted
 
     def fileno(self) -> int:
-        return self._sock.fileno()
+        return self.transport.socket.fileno()
 
     # -- sending, slow path --------------------------------------------------
 
     def _about_to_wait(self) -> None:
         """Called before waiting on the peer; thread mode's loop connections hand their loop off here."""
 
-    def _send_plain(self, data: Any) -> int:
-        """One send() on the plain socket: bytes taken, 0 when it would block; closes and raises on errors."""
-        try:
-            return self._sock.send(data)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            self._send_failed(exc)
-            raise  # unreachable: _send_failed raises
+    def _send_rest(self, data: "bytes | memoryview") -> None:
+        """Wait for the peer to take ``data`` (send lock held): at most send_timeout in all, then close and raise.
 
-    def _send_rest(self, data: bytes, sent: int) -> None:
-        # The peer's window is full. Wait for it at most send_timeout in all:
-        # a peer that reads one byte now and then cannot hold us forever.
-        # poll() + a non-blocking send, so this works whether the socket is
-        # blocking (a handed-off connection's thread) or not (a loop's connection).
+        A peer that reads one byte now and then cannot hold the sender
+        longer. Thread mode's loop hands itself off first (``_about_to_wait``).
+        """
         self._about_to_wait()
-        view = memoryview(data)
-        deadline = time.monotonic() + self._send_timeout
-        sock = self._sock
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)
-        while sent < len(view):
-            if not poll_until(poller, deadline):
-                raise self._send_timed_out()
-            try:
-                sent += sock.send(view[sent:], socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                self._send_failed(exc)
-
-    def _send_tls(self, data: "bytes | memoryview") -> None:
-        assert self._tls is not None
         try:
-            self._tls.sendall(data, time.monotonic() + self._send_timeout)
+            self.transport.sendall(data, time.monotonic() + self._send_timeout)
         except TimeoutError:
             raise self._send_timed_out() from None
         except TLSError as exc:
@@ -350,13 +324,9 @@ class Connection:
                 self._wr_closed = True
             finished = self._finished
         if not finished:
-            tls = self._tls
-            if tls is not None:
-                tls.closing = True
-                if how == socket.SHUT_RDWR:
-                    tls.notify_close()
+            self.transport.told_to_close(how == socket.SHUT_RDWR)
             try:
-                self._sock.shutdown(how)
+                self.transport.socket.shutdown(how)
             except OSError:
                 pass  # already shut down or reset by the peer: the owner wakes anyway
         return first

@@ -45,6 +45,7 @@ import time
 from typing import Any, Callable, Optional, Union
 
 from .errors import TLSError
+from .transport import PlainTransport
 
 __all__ = ["install", "install_tls", "blocked_since_mark", "use_speedups", "speedups_active", "tls_speedups_ready",
            "FINISH", "RECV_ERROR", "HANDLER_ERROR", "TLS_ERROR"]
@@ -94,7 +95,7 @@ def install(conn_class: type, recv_size: int) -> None:
     global _conn_class, _python_sends
     if _conn_class is not None or _speedups is None or recv_size > _speedups.RECV_MAX:
         return  # installed already, not built, or a stale build reading shorter chunks
-    _speedups.configure(conn_class, OFFLOAD_AFTER, OFFLOAD_LONG)
+    _speedups.configure(conn_class, PlainTransport, OFFLOAD_AFTER, OFFLOAD_LONG)
     _conn_class = conn_class
     _python_sends = conn_class.__dict__["send"], conn_class.__dict__["send_bytes"]
     use_speedups(not os.environ.get("NETPOOL_PURE_PYTHON"))

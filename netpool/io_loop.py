@@ -186,8 +186,9 @@ class LoopConnection(Connection):
     def __init__(self, *args: Any, loop: "IOLoop", alarm_due: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._loop = loop
-        self._sock.setblocking(False)  # TCP_NODELAY it has from the listening socket
-        self._fd = self._sock.fileno()  # what the loop's epoll and table know it by
+        sock = self.transport.socket
+        sock.setblocking(False)  # TCP_NODELAY it has from the listening socket
+        self._fd = sock.fileno()  # what the loop's epoll and table know it by
         self._out: Optional[bytearray] = None
         self._out_deadline = 0.0
         self._framer: Any = None
@@ -218,16 +219,8 @@ class LoopConnection(Connection):
             if self._out:
                 self._send_later(data, 0)  # keep order behind what is already queued
                 return
-            # The hot path: one send() the kernel takes whole.
-            if self._tls is None:
-                try:  # _send_plain, inlined
-                    sent = self._sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    self._send_failed(exc)
-            else:
-                sent = self._send_now(memoryview(data))
+            # The common case: one send the kernel takes whole.
+            sent = self._send_now(data)
             if sent == len(data):
                 self.bytes_out += len(data)
             else:
@@ -238,12 +231,8 @@ class LoopConnection(Connection):
     def _send_later(self, data: bytes, sent: int) -> None:
         """What the kernel (or, for TLS, SSL_write) did not take at once (lock held): wait for it, or queue it."""
         if self._loop.handoff:
-            # Thread mode: wait for the peer on this thread. Only the C send
-            # comes here with TLS.
-            if self._tls is None:
-                self._send_rest(data, sent)
-            else:
-                self._send_tls(memoryview(data)[sent:])
+            # Thread mode: wait for the peer on this thread.
+            self._send_rest(memoryview(data)[sent:])
             self.bytes_out += len(data)
             return
         # Events mode: the loop flushes the queue when the socket turns writable.
@@ -268,12 +257,10 @@ class LoopConnection(Connection):
                     "unread; closed (send_overflow: an event-loop handler cannot wait for it)"
                 )
 
-    def _send_now(self, view: memoryview) -> int:
+    def _send_now(self, data: "bytes | memoryview") -> int:
         """Send what the kernel takes now; 0 if nothing. Closes the connection on an error."""
-        if self._tls is None:
-            return self._send_plain(view)
         try:
-            return self._tls.send_nowait(view)
+            return self.transport.send_nowait(data)
         except TLSError as exc:
             self._tls_send_failed(exc)
             raise  # unreachable: _tls_send_failed raises
@@ -308,7 +295,7 @@ class LoopConnection(Connection):
         """Begin the PROXY header and TLS handshake the listener asks of it (handshake.Handshake), if any."""
         context = services.tls_context if services.tls_implicit else None
         if services.proxy_versions or context is not None:
-            self._setup = Handshake(self, self._sock, proxy_versions=services.proxy_versions,
+            self._setup = Handshake(self, self.transport.socket, proxy_versions=services.proxy_versions,
                                     proxy_trusted=services.proxy_trusted, tls_context=context, deadline=deadline)
 
     def _setup_step(self) -> int:
@@ -364,9 +351,9 @@ class LoopConnection(Connection):
                 self.close_reason = reason
             reason = self.close_reason
             counted, self._counted = self._counted, False
-        sock = self._sock
-        if self._tls is not None and reason not in ("reset", "tls_error"):
-            self._tls.notify_close()  # close_notify, without waiting for the peer's
+        sock = self.transport.socket
+        if reason not in ("reset", "tls_error"):
+            self.transport.told_to_close(True)  # TLS: close_notify, without waiting for the peer's
         # Nobody may be inside send() when the descriptor goes. A sender
         # holding the lock may be waiting for the peer: shutdown() wakes it,
         # and it lets go. With the lock free, close() alone does (one system
@@ -397,7 +384,7 @@ class LoopConnection(Connection):
     def _drain_to(self, limit: int) -> None:
         """Wait (lock held) until at most ``limit`` bytes are queued, or time out."""
         poller = select.poll()
-        poller.register(self._sock, select.POLLOUT)
+        poller.register(self.transport.socket, select.POLLOUT)
         deadline = time.monotonic() + self._send_timeout
         while self._out and len(self._out) > limit:
             if self._flush():
@@ -418,13 +405,13 @@ class _HandedOff(BaseException):
     """
 
     def __init__(self, conn: LoopConnection, *, error: Optional[Exception] = None, pending: Any = (),
-                 eof: bool = False, tls: Any = None, done: bool = False) -> None:
+                 eof: bool = False, transport: Any = None, done: bool = False) -> None:
         super().__init__(conn.id)
         self.conn = conn
         self.error = error
         self.pending = pending
         self.eof = eof
-        self.tls = tls
+        self.transport = transport
         self.done = done
 
 
@@ -576,17 +563,17 @@ class IOLoop:
         threads). If the loop is ending, the connection ends here instead.
         Whatever happens, it goes back or ends exactly once.
         """
-        conn, tls = handed.conn, handed.tls
+        conn, transport = handed.conn, handed.transport
         reason: Optional[str] = None
         try:
             if handed.error is not None:
                 raise handed.error
             handler = self.services.handler
             for message in handed.pending:
-                if conn.close_reason is not None or conn._tls is not tls:
+                if conn.close_reason is not None or conn.transport is not transport:
                     break
                 handler(message, conn)
-            self._started_tls(conn, tls)
+            self._started_tls(conn, transport)
             if handed.eof:
                 reason = "eof"
             elif conn.close_reason is not None:
@@ -670,13 +657,10 @@ class IOLoop:
         if conn.close_reason is not None:
             self._end(conn, "error")
             return
-        tls = conn._tls
+        transport = conn.transport
         services = self.services
         try:
-            if tls is None:
-                data = recv_nowait(conn._fd, self._bufsize)
-            else:
-                data = tls.recv_nowait(self._bufsize)
+            data = transport.recv_nowait(self._bufsize)
             if data is None:
                 return
         except OSError as exc:
@@ -757,14 +741,14 @@ class IOLoop:
 
     def _deliver(self, conn: LoopConnection, data: bytes, handler: Any, raw: bool) -> None:
         """Frame ``data`` (and whatever TLS still holds) and run the handler on each message."""
-        tls = conn._tls
+        transport = conn.transport
         try:
             while True:
                 eof = not data
                 messages = conn._framer.eof() if eof else (data,) if raw else conn._framer.feed(data)
-                left = self._handle_each(conn, handler, messages, tls, eof=eof)
+                left = self._handle_each(conn, handler, messages, transport, eof=eof)
                 if left is not None and conn.close_reason is None:
-                    self._move_out_with_job(conn, left, tls, eof, False)  # a call blocked: the rest on a thread
+                    self._move_out_with_job(conn, left, transport, eof, False)  # a call blocked: the rest on a thread
                     return
                 if eof:
                     self._end(conn, "eof")
@@ -772,30 +756,30 @@ class IOLoop:
                 if conn.close_reason is not None:
                     self._end(conn, "error")
                     return
-                if self._started_tls(conn, tls):
+                if self._started_tls(conn, transport):
                     return
                 # OpenSSL may hold decrypted bytes epoll cannot see.
-                if tls is None or not tls.pending():
+                if not transport.is_tls or not transport.pending():
                     return
-                data = tls.recv_nowait(self._bufsize)
+                data = transport.recv_nowait(self._bufsize)
                 if data is None:
                     return
                 conn.bytes_in += len(data)
         except Exception as exc:
             self._end(conn, self._reason(conn, exc))
 
-    def _started_tls(self, conn: LoopConnection, tls: Any) -> bool:
-        """Whether start_tls() ran in a handler since ``tls`` was the transport; if so, reset the framer.
+    def _started_tls(self, conn: LoopConnection, transport: Any) -> bool:
+        """Whether start_tls() ran in a handler since ``transport`` was the transport; if so, reset the framer.
 
         What the framer framed or buffered after the STARTTLS request came in
         plaintext: it must never pass for data that came over TLS.
         """
-        if conn._tls is tls:
+        if conn.transport is transport:
             return False
         conn._framer = self.services.new_framer()
         return True
 
-    def _handle_each(self, conn: LoopConnection, handler: Any, messages: Any, tls: Any,
+    def _handle_each(self, conn: LoopConnection, handler: Any, messages: Any, transport: Any,
                      eof: bool = False) -> Optional[list]:
         """The handler on each message in order, until the connection closes or turns to TLS.
 
@@ -805,8 +789,8 @@ class IOLoop:
         rest = iter(messages)
         for message in rest:
             # If this call is handed off, its thread takes the rest along.
-            self._user_call(conn, handler, message, conn, pending=rest, eof=eof, tls=tls)
-            if conn.close_reason is not None or conn._tls is not tls:
+            self._user_call(conn, handler, message, conn, pending=rest, eof=eof, transport=transport)
+            if conn.close_reason is not None or conn.transport is not transport:
                 break
             if conn._offloaded:
                 return list(rest)
@@ -825,7 +809,7 @@ class IOLoop:
             except OSError as exc:
                 self._end(conn, self._reason(conn, exc))
                 continue
-            if conn._tls is not None and conn._tls.pending():
+            if conn.transport.is_tls and conn.transport.pending():
                 self._hand_to_threads(conn)  # bytes OpenSSL holds raise no event: a thread reads them now
         while self._later:
             conn, reason = self._later.popleft()
@@ -858,12 +842,12 @@ class IOLoop:
         if conn._offloaded:
             if hook:
                 # Not read until on_connect is over, as on a connection thread.
-                self._move_out_with_job(conn, (), conn._tls, False, True)
+                self._move_out_with_job(conn, (), conn.transport, False, True)
             else:
                 self._hand_to_threads(conn)
             return
         if hook:
-            self._user_call(conn, self._connected, conn, tls=conn._tls)
+            self._user_call(conn, self._connected, conn, transport=conn.transport)
         if conn.close_reason is not None:
             self._end(conn, "error")
 
@@ -881,7 +865,7 @@ class IOLoop:
             if wanted:
                 self._ep.modify(conn._fd, _IN if wanted == select.POLLIN else select.EPOLLOUT)
                 return
-            if conn._tls is not None:
+            if conn.transport.is_tls:
                 self._ep.modify(conn._fd, _IN)  # the handshake may have left it waiting to write
             self._ready(conn)
         except Exception as exc:
@@ -1003,9 +987,9 @@ class IOLoop:
         Decrypted bytes waiting inside OpenSSL raise no event, so a connection
         holding some is not armed to wait for one: a thread reads them now.
         """
-        tls = conn._tls
-        if tls is not None and tls.pending():
-            self._move_out_with_job(conn, (), tls, False, False)
+        transport = conn.transport
+        if transport.is_tls and transport.pending():
+            self._move_out_with_job(conn, (), transport, False, False)
         else:
             self._move_out(conn, armed=True)
 
@@ -1029,7 +1013,7 @@ class IOLoop:
             return
         self._ensure_handler()
 
-    def _move_out_with_job(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
+    def _move_out_with_job(self, conn: LoopConnection, messages: Any, transport: Any, eof: bool, connected: bool) -> None:
         """Move ``conn`` to the handler threads with work already in hand (loop thread only).
 
         The rest of a chunk whose call blocked, an on_connect, or bytes that
@@ -1039,7 +1023,7 @@ class IOLoop:
         conn._busy = True  # claimed: it is still the loop's alone
         self._move_out(conn, armed=False)
         if conn._away:
-            self._submit(conn, messages, tls, eof, connected)
+            self._submit(conn, messages, transport, eof, connected)
 
     def _claim(self, conn: LoopConnection) -> bool:
         """Take an offloaded connection for a job, unless someone already has (see above)."""
@@ -1113,13 +1097,13 @@ class IOLoop:
                 self._start_handler()
             conn = self._conns.get(events[0][0])
             if conn is not None and conn._away and self._claim(conn):
-                if fast is not None and conn._tls is None:
+                if fast is not None and not conn.transport.is_tls:
                     turn = fast(self, conn, handler, epfd, bufsize, READ_AHEAD, _ONCE, STICK, self._stick_waits(),
                                 STICK_SKIP)
                     if turn is not None:
                         self._end_turn(conn, *turn)
                 else:
-                    self._run_calls(conn, (), conn._tls, False, False)
+                    self._run_calls(conn, (), conn.transport, False, False)
             with lock:
                 self._idle_handlers += 1
                 self._turn_ended = time.monotonic()
@@ -1173,16 +1157,16 @@ class IOLoop:
             os.close(self._offload_wake)
             self._offload_wake = -1
 
-    def _submit(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
+    def _submit(self, conn: LoopConnection, messages: Any, transport: Any, eof: bool, connected: bool) -> None:
         """Run a claimed connection's calls on a thread (on_connect, or messages framed on the loop)."""
         try:
-            self.services.threads.submit(self._run_calls, conn, messages, tls, eof, connected)
+            self.services.threads.submit(self._run_calls, conn, messages, transport, eof, connected)
         except RuntimeError as exc:  # no thread can be started (a system limit, or stopping)
             log.error("%s: I/O loop %d cannot start a thread for connection %d (%s); running its call "
                       "on the loop", self.services.config.name, self.index, conn.id, exc)
-            self._run_calls(conn, messages, tls, eof, connected)
+            self._run_calls(conn, messages, transport, eof, connected)
 
-    def _run_calls(self, conn: LoopConnection, messages: Any, tls: Any, eof: bool, connected: bool) -> None:
+    def _run_calls(self, conn: LoopConnection, messages: Any, transport: Any, eof: bool, connected: bool) -> None:
         """On a thread: a claimed connection's hook or handler calls, in order; then arm it again.
 
         Like a connection thread, it reads on once its calls are over: a
@@ -1214,7 +1198,7 @@ class IOLoop:
             most = self._stick_waits()
             while True:
                 for message in messages:
-                    if conn.close_reason is not None or conn._tls is not tls:
+                    if conn.close_reason is not None or conn.transport is not transport:
                         break  # closing, or start_tls() ran: plaintext framed after the request is dropped
                     started = perf_counter()
                     handler(message, conn)
@@ -1222,11 +1206,11 @@ class IOLoop:
                     if took > OFFLOAD_AFTER and not slow:
                         slow = blocked_since_mark(took)
                 calls += len(messages)
-                if eof or conn.close_reason is not None or conn._tls is not tls or reads > READ_AHEAD or (
+                if eof or conn.close_reason is not None or conn.transport is not transport or reads > READ_AHEAD or (
                         reads and threads.queued) or (not slow and conn._quick + calls >= conn._inline_after):
                     break  # the last: quick long enough to go back to the loop (_calls_done)
                 reads += 1
-                if calls and waits < most and (tls is None or not tls.pending()) and self._may_stick(conn):
+                if calls and waits < most and (not transport.is_tls or not transport.pending()) and self._may_stick(conn):
                     # As the C turn does: wait for this client's next message,
                     # but not past another connection's event finding no thread.
                     client = wait_for_client(conn._fd, self._offload_ep.fileno(), STICK)
@@ -1238,10 +1222,10 @@ class IOLoop:
                     if not slow:  # once one call was slow the turn is judged: no need to measure more
                         mark()
                 try:
-                    if tls is None:
+                    if transport.is_tls:
+                        data = transport.recv_nowait(self._bufsize)
+                    else:  # in C this recv keeps the GIL, which a busy handler thread would wait to get back
                         data = recv_nowait(conn._fd, self._bufsize)
-                    else:
-                        data = tls.recv_nowait(self._bufsize)
                 except OSError as exc:
                     reason = recv_failed(conn, exc)
                     break
@@ -1255,7 +1239,7 @@ class IOLoop:
                     messages, eof = conn._framer.eof(), True
         except Exception as exc:
             reason = self._reason(conn, exc)
-        self._calls_done(conn, reason, eof, tls, slow, calls)
+        self._calls_done(conn, reason, eof, transport, slow, calls)
 
     def _stick_waits(self) -> int:
         """How many times this turn may wait on its client: fewer while the loop has connections of its own."""
@@ -1275,7 +1259,7 @@ class IOLoop:
             return False
         return self._idle_handlers > 0
 
-    def _calls_done(self, conn: LoopConnection, reason: Optional[str], eof: bool, tls: Any, slow: bool,
+    def _calls_done(self, conn: LoopConnection, reason: Optional[str], eof: bool, transport: Any, slow: bool,
                     calls: int) -> None:
         """On the thread that ran them: arm the connection again, bring it back inline, or have it finished."""
         if reason is None:
@@ -1284,7 +1268,7 @@ class IOLoop:
             elif conn.close_reason is not None:
                 reason = "error"
             else:
-                self._started_tls(conn, tls)
+                self._started_tls(conn, transport)
         if calls:
             conn._quick = 0 if slow else conn._quick + calls
             if not slow:
@@ -1292,9 +1276,9 @@ class IOLoop:
                 # call was a one-off: a cold cache, a collection): connections
                 # without a quick call of their own stay on the loop again.
                 self._offload_new = False
-        if reason is None and conn._tls is not None and conn._tls.pending():
+        if reason is None and conn.transport.is_tls and conn.transport.pending():
             # OpenSSL holds decrypted bytes epoll cannot see: read them on.
-            self._submit(conn, (), conn._tls, False, False)
+            self._submit(conn, (), conn.transport, False, False)
             return
         with self._takeover_lock:
             self.threaded_calls += calls

@@ -175,12 +175,6 @@ def _ssl_reason(exc: Exception) -> str:
 # -- waiting ------------------------------------------------------------------
 
 
-def _wait(poller: "select.poll", timeout: Optional[float]) -> bool:
-    """Wait for the registered event; False when the timeout passed first."""
-    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-    return bool(poller.poll(ms))
-
-
 def _poller(sock: socket.socket, events: int) -> "select.poll":
     poller = select.poll()
     poller.register(sock, events)
@@ -278,12 +272,14 @@ def _session_reused(ssl_conn: SSL.Connection) -> bool:
 
 
 class TLSTransport:
-    """recv/send over one SSL connection, safe for one reader plus many senders."""
+    """recv/send over one SSL connection, safe for one reader plus many senders (see transport.PlainTransport)."""
 
-    __slots__ = ("_sock", "_ssl", "_ssl_ptr", "_lock", "_read_poll", "_write_poll", "_notified", "closing")
+    __slots__ = ("socket", "_ssl", "_ssl_ptr", "_lock", "_read_poll", "_write_poll", "_notified", "closing")
+
+    is_tls = True
 
     def __init__(self, sock: socket.socket, ssl_conn: SSL.Connection) -> None:
-        self._sock = sock
+        self.socket = sock
         self._ssl = ssl_conn
         # The session's SSL pointer, for the C hot path (0: Python only).
         # The object stays alive with _ssl.
@@ -300,25 +296,10 @@ class TLSTransport:
         self._notified = False
         self.closing = False
 
-    def recv(self, size: int, timeout: Optional[float]) -> bytes:
-        """Read decrypted bytes, waiting up to ``timeout``; b"" at end of stream.
-
-        Raises BlockingIOError when nothing arrived for ``timeout`` seconds
-        (the idle timeout), ConnectionResetError on a reset and TLSError on a
-        protocol error.
-        """
-        while True:
-            data, wanted = self._recv_once(size)
-            if data is not None:
-                return data
-            poller = self._read_poll if wanted == select.POLLIN else self._writable()
-            if not _wait(poller, timeout):
-                raise BlockingIOError(errno.EAGAIN, "idle timeout")
-
     def recv_nowait(self, size: int) -> Optional[bytes]:
         """Read what is decrypted and ready: bytes, b"" at end of stream, None when it must wait.
 
-        For the event loop. Raises like :meth:`recv`.
+        Raises ConnectionResetError on a reset and TLSError on a protocol error.
         """
         return self._recv_once(size)[0]
 
@@ -388,6 +369,12 @@ class TLSTransport:
             except SSL.Error as exc:
                 raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
 
+    def told_to_close(self, abort: bool) -> None:
+        """The connection is closing: the reader stops (``closing``); ``abort``: close_notify now."""
+        self.closing = True
+        if abort:
+            self.notify_close()
+
     def notify_close(self) -> None:
         """Send close_notify once, without waiting for the peer's (never blocks)."""
         with self._lock:
@@ -401,7 +388,7 @@ class TLSTransport:
 
     def _writable(self) -> "select.poll":
         if self._write_poll is None:
-            self._write_poll = _poller(self._sock, select.POLLOUT)
+            self._write_poll = _poller(self.socket, select.POLLOUT)
         return self._write_poll
 
 

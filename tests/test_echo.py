@@ -108,7 +108,7 @@ def test_ipv6_loopback():
             assert recv_exactly(sock, 3) == b"six"
             conn = wait_for(listener.connections)[0]
             assert conn.peer[0] == "::1"
-            assert conn._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), "Nagle is off over IPv6 too"
+            assert conn.transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), "Nagle is off over IPv6 too"
 
 
 def test_accepted_connections_have_nagle_off():
@@ -117,7 +117,7 @@ def test_accepted_connections_have_nagle_off():
         sock.sendall(b"x")
         assert recv_exactly(sock, 1) == b"x"
         conn = wait_for(listener.connections)[0]
-        assert conn._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert conn.transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 def test_unix_socket_with_mode_and_cleanup(tmp_path):

@@ -1,10 +1,8 @@
 """The package's layering, read from its own source: which modules import which, and whose private names they use.
 
-Dependencies point one way: no import circle. The core is being rebuilt so
-that no module reaches into another's underscore names either; until that
-is done, the private names in use today are listed below, and the test
-fails when a new one appears, and also when a listed one is gone, so that
-the list shrinks with the code and never holds stale entries.
+Dependencies point one way: no import circle. And no module reaches into
+another's underscore names: each part gets what it needs handed to it (a
+settings object, a callable) or uses a public name.
 
 A "private name" here is ``obj._name`` (read or set; or
 ``getattr(obj, "_name")``, or ``from .mod import _name``) in module M, where
@@ -20,11 +18,6 @@ import pathlib
 from collections import defaultdict
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "netpool"
-
-# module -> other modules' private names it uses today.
-KNOWN_PRIVATE: dict[str, frozenset[str]] = {
-    "io_loop": frozenset({"_tls"}),
-}
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
@@ -144,7 +137,7 @@ def test_no_import_circle() -> None:
     assert not circles, f"modules importing each other in a circle: {sorted(map(sorted, circles))}"
 
 
-def test_no_new_private_names_across_modules() -> None:
+def test_no_module_uses_another_modules_private_names() -> None:
     trees = _modules()
     owners: dict[str, set[str]] = defaultdict(set)
     for name, tree in trees.items():
@@ -159,12 +152,8 @@ def test_no_new_private_names_across_modules() -> None:
         uses = {used for used in _private_uses(tree) | _imports(tree, set())[1] if owners.get(used, {name}) - {name}}
         if uses:
             found[name] = uses
-    new = {m: sorted(names - KNOWN_PRIVATE.get(m, frozenset())) for m, names in found.items()}
-    new = {m: names for m, names in new.items() if names}
-    assert not new, f"modules using other modules' private names (hand them a public name or a callable): {new}"
-    gone = {m: sorted(known - found.get(m, set())) for m, known in KNOWN_PRIVATE.items()}
-    gone = {m: names for m, names in gone.items() if names}
-    assert not gone, f"no longer used, take them out of KNOWN_PRIVATE in this file: {gone}"
+    found = {m: sorted(names) for m, names in found.items()}
+    assert not found, f"modules using other modules' private names (hand them a public name or a callable): {found}"
 
 
 def test_library_does_not_import_examples() -> None:
