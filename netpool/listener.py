@@ -21,7 +21,6 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from .acceptor import AcceptGate, Acceptor
@@ -34,8 +33,10 @@ from . import hot_path
 from .io_loop import RECV_SIZE, IOLoop, LoopConnection
 from .ratelimit import RateLimitedLog
 from .proxy_protocol import parse_networks
-from .errors import ConnectionClosed, Overloaded, WorkerPoolStopped
-from .close_reasons import fault_logs, reason_for
+from .close_reasons import fault_logs
+from .listener_info import ERROR_REASONS, ListenerInfo
+from .spare_descriptor import SpareDescriptor
+from .worker_dispatch import WorkerDispatch
 from .workers import WorkerPool
 from .services import ConnectionServices
 from .sockets import open_listening_socket, remove_unix_socket
@@ -43,26 +44,6 @@ from .sockets import open_listening_socket, remove_unix_socket
 __all__ = ["Listener", "ListenerInfo", "start_listener", "install_hot_path", "ERROR_REASONS"]
 
 log = logging.getLogger("netpool.listener")
-
-# Close reasons that mean something went wrong (as opposed to a client that
-# left, a quit or a stop); summed as ``info().errors``.
-ERROR_REASONS = frozenset(
-    {
-        "error",
-        "handler_error",
-        "send_error",
-        "send_timeout",
-        "send_overflow",
-        "message_too_large",
-        "message_timeout",
-        "framing_error",
-        "tls_error",
-        "tls_handshake_timeout",
-        "proxy_header_invalid",
-        "proxy_untrusted",
-        "overloaded",
-    }
-)
 
 # After the grace period, force-closed connections get this long to finish
 # their cleanup before stop() gives up joining their threads.
@@ -82,55 +63,6 @@ def install_hot_path(*, tls: bool = False) -> None:
         from . import tls as tls_module
 
         tls_module.use_c_path(hot_path.install_tls(*tls_module.c_path_parts()))
-
-
-@dataclass(frozen=True)
-class ListenerInfo:
-    """A consistent snapshot of a listener's counters (Ranch's ``ranch:info``)."""
-
-    name: str
-    state: str
-    address: str
-    live: int
-    """Connections counted against max_connections."""
-    open: int
-    """All open connections, including those taken out of the count (``uncount``)."""
-    max_connections: int
-    ceiling: int
-    """The most "grow" may raise max_connections to (from the open-file limit)."""
-    accepted: int
-    """Every socket accept() returned: admitted + refused."""
-    admitted: int
-    refused: int
-    closed: int
-    errors: int
-    grown: int
-    refused_by_reason: Mapping[str, int] = field(default_factory=dict)
-    closed_by_reason: Mapping[str, int] = field(default_factory=dict)
-    bytes_in: int = 0
-    """Application bytes received (after TLS) by all connections, closed and open."""
-    bytes_out: int = 0
-    accepted_by_acceptor: tuple[int, ...] = ()
-    """What each acceptor's accept() returned; clients dropped through the spare descriptor are not in it."""
-    handoffs: int = 0
-    """Thread mode: handler or hook calls still running on the loop after HANDOFF_AFTER, whose loop moved on."""
-    offloads: int = 0
-    """Thread mode: connections whose calls moved off their loop because one held it up (OFFLOAD_AFTER)."""
-    threaded_calls: int = 0
-    """Thread mode: handler and hook calls run on the listener's threads for offloaded connections."""
-
-    def summary(self) -> str:
-        """One line for logs: accepted, refused, closed by reason."""
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.closed_by_reason.items()))
-        refused = ", ".join(f"{k} {v}" for k, v in sorted(self.refused_by_reason.items()))
-        return (
-            f"accepted {self.accepted}, refused {self.refused}"
-            + (f" ({refused})" if refused else "")
-            + f", closed {self.closed}"
-            + (f" ({reasons})" if reasons else "")
-            + f", live {self.live}"
-            + (f", handed off {self.handoffs}" if self.handoffs else "")
-        )
 
 
 class Listener:
@@ -192,28 +124,24 @@ class Listener:
                           wait_for_slot=config.overflow == "wait")
         self._acceptors = [Acceptor(gate, i, name=config.name, nice=config.acceptor_nice)
                            for i in range(config.acceptors)]
+        self._fault_logs = fault_logs()
         self.workers: Optional[WorkerPool] = None
-        self._lanes: dict[int, Any] = {}  # connection id -> the worker lane running its handler calls, in order
-        self._handler = config.handler
+        handler, after_queued_calls = config.handler, _at_once
         if config.workers:
             self.workers = WorkerPool(config.workers, name=config.name)
-            self._handler = self._dispatch
-        self._fault_logs = fault_logs()
+            dispatch = WorkerDispatch(self.workers, config, self._fault_logs)
+            handler, after_queued_calls = dispatch.handle, dispatch.after_queued_calls
         services = ConnectionServices(
-            config=config, handler=self._handler, raw_framing=self._raw_framing, raw_framer=self._raw_framer,
+            config=config, handler=handler, raw_framing=self._raw_framing, raw_framer=self._raw_framer,
             framer_factory=self._framer_factory, tls_context=self._tls_context, tls_implicit=self._tls_implicit,
             proxy_versions=self._proxy_versions, proxy_trusted=self._proxy_trusted, fault_logs=self._fault_logs,
-            threads=self._conn_threads, after_queued_calls=self._after_queued_calls,
+            threads=self._conn_threads, after_queued_calls=after_queued_calls,
             connection_closed=self._connection_closed, fire_alarm=self._fire_alarm)
         # Both modes read through event loops; in thread mode handlers may
         # block, and a loop held up by one moves to another thread.
         self._loops = [IOLoop(services, i, handoff=config.io == "threads") for i in range(config.io_threads)]
-        # One descriptor held in reserve: when accept() fails with EMFILE it
-        # is freed so the pending client can be accepted and closed at once
-        # instead of hanging in the backlog (Twisted's reserved descriptor).
         self._next_loop = 0
-        self._spare: Optional[int] = None
-        self._spare_lock = threading.Lock()
+        self._spare = SpareDescriptor()  # for clients pending when descriptors run out (_out_of_descriptors)
         # Set while one acceptor drains pending clients through the spare: no
         # acceptor may enter accept() meanwhile (see _out_of_descriptors).
         self._draining = False
@@ -237,7 +165,7 @@ class Listener:
             if self._state != "new":
                 raise RuntimeError(f"listener {self.config.name} was already started")
             self._open_socket()
-            self._spare = _open_spare()
+            self._spare.open()
             self._state = "running"
         self._started_at = time.monotonic()
         for loop in self._loops:
@@ -321,10 +249,7 @@ class Listener:
             if not loop.join(FORCE_CLOSE_WAIT):
                 log.warning("I/O loop %d of %s still running user code after stop", loop.index, self.config.name)
 
-        with self._spare_lock:
-            if self._spare is not None:
-                os.close(self._spare)
-                self._spare = None
+        self._spare.close()
         with self._gate:
             self._state = "stopped"
             self._gate.notify_all()
@@ -546,37 +471,13 @@ class Listener:
         drained = 0
         try:
             if idle:
-                drained = self._drain_pending(sock)
+                # refused: counted before it is closed
+                drained = self._spare.drain(sock, self.config.backlog, lambda c: self._refuse(c, "no_descriptors"))
         finally:
             with self._gate:
                 self._draining = False
                 self._gate.notify_all()
         return drained
-
-    def _drain_pending(self, sock: socket.socket) -> int:
-        with self._spare_lock:
-            if self._spare is None:
-                self._spare = _open_spare()
-                if self._spare is None:
-                    return 0
-            os.close(self._spare)
-            self._spare = None
-            drained = 0
-            # Nobody else is in accept(): non-blocking is safe, and the loop
-            # ends as soon as the backlog is empty (bounded by its size).
-            sock.setblocking(False)
-            try:
-                while drained < self.config.backlog:
-                    try:
-                        client, _ = sock.accept()
-                    except OSError:  # BlockingIOError: none left
-                        break
-                    self._refuse(client, "no_descriptors")  # counted before it is closed
-                    drained += 1
-            finally:
-                sock.setblocking(True)
-                self._spare = _open_spare()
-            return drained
 
     # -- called on the threads serving connections -----------------------------
 
@@ -588,40 +489,6 @@ class Listener:
             callback(self, self._admission.live)
         except Exception:
             log.exception("%s: on_alarm callback raised", self.config.name)
-
-    def _dispatch(self, message: bytes, conn: Connection) -> None:
-        """With workers: queue the handler call on the connection's lane (its order is kept)."""
-        lane = self._lanes.get(conn.id)
-        if lane is None:
-            assert self.workers is not None
-            lane = self._lanes[conn.id] = self.workers.lane(
-                max_pending=self.config.worker_queue, name=str(conn.id),
-                on_error=lambda exc, _fn, _args: self._handler_failed(conn, exc))
-        try:
-            # Threads: a full lane holds the reader (TCP then slows the peer).
-            # Events: the loop must never wait, so a full lane closes the connection.
-            lane.submit(self.config.handler, message, conn,
-                        timeout=self.config.send_timeout if self.config.io == "threads" else 0)
-        except Overloaded as exc:
-            conn.close("overloaded")
-            raise ConnectionClosed(f"connection {conn.id}: {exc}") from None
-        except WorkerPoolStopped:
-            raise ConnectionClosed(f"connection {conn.id}: the worker pool is stopped") from None
-
-    def _handler_failed(self, conn: Connection, exc: BaseException) -> None:
-        if isinstance(exc, Exception):
-            reason = reason_for(conn, exc, self._fault_logs)
-            conn.close(reason if reason != "error" else "handler_error")
-
-    def _after_queued_calls(self, conn: Connection, reason: str, then: Callable[[], None]) -> None:
-        """Run ``then`` (which closes ``conn``) once its queued worker calls are over; see ConnectionServices."""
-        lane = self._lanes.pop(conn.id, None)  # the read path is done with it: no call is queued after this
-        if lane is None:
-            then()
-            return
-        if reason != "eof":
-            lane.close()  # the connection is failing: drop what it had queued
-        lane.call_when_idle(then)
 
     def _connection_closed(self, conn: Connection, reason: str, counted: bool) -> None:
         """``on_close``, the counters, the slot: once per connection, after its descriptor is closed."""
@@ -641,11 +508,9 @@ class Listener:
             self._admission.release()
 
 
-def _open_spare() -> Optional[int]:
-    try:
-        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
+def _at_once(conn: Connection, reason: str, then: Callable[[], None]) -> None:
+    """Without workers no call is ever queued: a connection closes as soon as its read path ends."""
+    then()
 
 
 def start_listener(config: ListenerConfig | Mapping[str, Any]) -> Listener:

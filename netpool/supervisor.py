@@ -29,7 +29,7 @@ from typing import Any, Optional
 from .config import ListenerConfig, format_address
 from .errors import ListenError
 from .foreground import STOP_SIGNALS, StopRequested, run_until_signal
-from .listener import ListenerInfo
+from .listener_info import ListenerInfo
 from .sockets import bind_error_message
 
 __all__ = ["serve_processes"]
