@@ -53,7 +53,7 @@ static Py_ssize_t off_fd, off_setup, off_tls, off_close_reason, off_last_read, o
     off_wr_closed, off_out, off_send_lock, off_offloaded, off_proven, off_busy, off_quick,
     off_inline_after, off_stick_skip, off_encode;
 /* Thread mode: an inline handler call longer than this (seconds, wall clock)
- * is reported to loop._call_was_slow (hot_path.OFFLOAD_AFTER). */
+ * is reported to loop.call_was_slow (hot_path.OFFLOAD_AFTER). */
 static double offload_after = 1e9, offload_long = 1e9;
 static PyTypeObject *conn_type;  /* LoopConnection */
 static PyTypeObject *plain_type; /* transport.PlainTransport: a connection's transport is this or a TLSTransport */
@@ -93,7 +93,7 @@ static PyTypeObject *tls_type;
 static Py_ssize_t off_tls_ptr, off_tls_lock, off_tls_closing, off_tls_notified;
 static PyObject *tls_error_type;
 static PyObject *str_tls, *str_tls_send_failed;
-static PyObject *kw_error_tls; /* ("error", "transport") for loop._handed_off(conn, error=exc, transport=tls) */
+static PyObject *kw_error_tls; /* ("error", "transport") for loop.handed_off(conn, error=exc, transport=tls) */
 
 /* SSL_get_error's codes (stable across OpenSSL versions). */
 enum { E_NONE = 0, E_SSL = 1, E_WANT_READ = 2, E_WANT_WRITE = 3, E_SYSCALL = 5, E_ZERO_RETURN = 6 };
@@ -228,7 +228,7 @@ static PyObject *take_exception(void) {
     return value;
 }
 
-/* The monitor took this call's connection: raise loop._handed_off(conn, error=exc, transport=tls). */
+/* The monitor took this call's connection: raise loop.handed_off(conn, error=exc, transport=tls). */
 static PyObject *raise_handed_off(PyObject *loop, PyObject *conn, PyObject *exc, PyObject *tls) {
     PyObject *args[4] = {loop, conn, exc ? exc : Py_None, tls};
     PyObject *handed = PyObject_VectorcallMethod(str_handed_off, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
@@ -402,7 +402,7 @@ static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
             goto slow;
         /* Thread mode: an offloaded connection's calls run on threads, which read it too; the
          * full path moves it to them. So does it one with no quick call of its own yet while
-         * the handler is known to block (loop._offload_new). */
+         * the handler is known to block (loop.offload_new). */
         if (SLOT(conn, off_offloaded) != Py_False) goto slow;
         if (calls != Py_None && SLOT(conn, off_proven) == Py_False) {
             PyObject *prior = PyObject_GetAttr(loop, str_offload_new);
@@ -936,7 +936,7 @@ static PyObject *rearm(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
-/* Thread mode's test of whether a slow call blocked (io_loop._call_was_slow):
+/* Thread mode's test of whether a slow call blocked (io_loop.call_was_slow):
  * mark() notes this thread's CPU time and voluntary context switches (one
  * getrusage, once per batch of events); since_mark() gives the time the
  * thread spent off the CPU since then (wall minus CPU) and how often it gave
@@ -984,7 +984,7 @@ static PyObject *since_mark(PyObject *mod, PyObject *unused) {
     return Py_BuildValue("(dl)", off_cpu, gave_up);
 }
 
-/* serve_offloaded(loop, conn, handler, epfd, bufsize, read_ahead, events, stick, stick_waits,
+/* serve_offloaded(loop, crew, conn, handler, epfd, bufsize, read_ahead, events, stick, stick_waits,
  * stick_skip): a handler thread's turn with a claimed, plain, raw-framed offloaded connection
  * (io_loop._run_calls in C): read, run the handler on each read (timed), read on up to
  * read_ahead times (waiting up to stick seconds for the client, stick_waits times at most, when
@@ -1008,14 +1008,14 @@ static int set_int_slot(PyObject *conn, Py_ssize_t off, Py_ssize_t v) {
  * the connection sits out after a wait that timed out (each call here counts one of its
  * conn._stick_skip chances down), and only
  * while another handler thread is there for the other connections' events
- * (loop._idle_handlers), so that none of them waits for this one. 1 yes, 0 no, -1 on an
- * error. */
-static int may_stick(PyObject *loop, PyObject *conn) {
+ * (crew.idle: handler_threads.HandlerThreads), so that none of them waits for this one. 1 yes,
+ * 0 no, -1 on an error. */
+static int may_stick(PyObject *crew, PyObject *conn) {
     PyObject *skip = SLOT(conn, off_stick_skip);
     if (skip == NULL || !PyLong_CheckExact(skip)) return 0;
     Py_ssize_t left = PyLong_AsSsize_t(skip);
     if (left > 0) return set_int_slot(conn, off_stick_skip, left - 1) < 0 ? -1 : 0;
-    PyObject *idle = PyObject_GetAttr(loop, str_idle_handlers);
+    PyObject *idle = PyObject_GetAttr(crew, str_idle_handlers);
     if (idle == NULL) return -1;
     int yes = PyLong_Check(idle) && Py_SIZE(idle) > 0; /* a positive int */
     Py_DECREF(idle);
@@ -1023,16 +1023,16 @@ static int may_stick(PyObject *loop, PyObject *conn) {
 }
 
 static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "serve_offloaded() takes 10 arguments");
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "serve_offloaded() takes 11 arguments");
         return NULL;
     }
-    PyObject *loop = args[0], *conn = args[1], *handler = args[2];
-    long epfd = PyLong_AsLong(args[3]);
-    Py_ssize_t bufsize = PyLong_AsSsize_t(args[4]), read_ahead = PyLong_AsSsize_t(args[5]);
-    unsigned long events = PyLong_AsUnsignedLong(args[6]);
-    double stick = PyFloat_AsDouble(args[7]);
-    Py_ssize_t stick_waits = PyLong_AsSsize_t(args[8]), stick_skip = PyLong_AsSsize_t(args[9]);
+    PyObject *loop = args[0], *crew = args[1], *conn = args[2], *handler = args[3];
+    long epfd = PyLong_AsLong(args[4]);
+    Py_ssize_t bufsize = PyLong_AsSsize_t(args[5]), read_ahead = PyLong_AsSsize_t(args[6]);
+    unsigned long events = PyLong_AsUnsignedLong(args[7]);
+    double stick = PyFloat_AsDouble(args[8]);
+    Py_ssize_t stick_waits = PyLong_AsSsize_t(args[9]), stick_skip = PyLong_AsSsize_t(args[10]);
     if (PyErr_Occurred()) return NULL;
     struct timespec stick_ts = {.tv_sec = (time_t)stick, .tv_nsec = (long)((stick - (double)(time_t)stick) * 1e9)};
     if (conn_type == NULL || !is_conn(conn) || epfd < 0 || epfd > INT_MAX || bufsize < 1 || bufsize > RECV_MAX ||
@@ -1052,7 +1052,7 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
     Py_ssize_t waits = 0;
     /* What this thread did with the CPU since the turn began or its last wait for the client: a
      * call longer than offload_after counts as slow only if it gave the CPU up for that long (it
-     * slept or waited) or ran on it for offload_long, as io_loop._call_was_slow judges inline
+     * slept or waited) or ran on it for offload_long, as io_loop.call_was_slow judges inline
      * calls; one the scheduler merely preempted does not restart the quick streak. */
     struct usage since;
     if (read_usage(&since) < 0) goto fail;
@@ -1064,7 +1064,7 @@ static PyObject *serve_offloaded(PyObject *mod, PyObject *const *args, Py_ssize_
     for (Py_ssize_t reads = 0; reads <= read_ahead; reads++) {
         if (calls >= back_after && !slow) break; /* quick long enough: back to the loop (Python path) */
         if (calls && waits < stick_waits && stick > 0) {
-            int want = may_stick(loop, conn);
+            int want = may_stick(crew, conn);
             if (want < 0) goto fail;
             if (want) {
                 /* Wait here for this client's next message, as its own thread would: one
@@ -1222,18 +1222,18 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     if (lock_type == NULL || allocate_lock == NULL) return NULL;
     lock_acquire = PyObject_GetAttrString((PyObject *)lock_type, "acquire");
     lock_release = PyObject_GetAttrString((PyObject *)lock_type, "release");
-    str_gen = PyUnicode_InternFromString("_gen");
-    str_handed_off = PyUnicode_InternFromString("_handed_off");
+    str_gen = PyUnicode_InternFromString("call_count");
+    str_handed_off = PyUnicode_InternFromString("handed_off");
     str_error = PyUnicode_InternFromString("error");
     str_eof = PyUnicode_InternFromString("eof");
     str_send_later = PyUnicode_InternFromString("_send_later");
     str_send_bytes_py = PyUnicode_InternFromString("_send_bytes_py");
     str_send_failed = PyUnicode_InternFromString("_send_failed");
-    str_call_was_slow = PyUnicode_InternFromString("_call_was_slow");
-    str_offload_new = PyUnicode_InternFromString("_offload_new");
-    str_stopping = PyUnicode_InternFromString("_stopping");
+    str_call_was_slow = PyUnicode_InternFromString("call_was_slow");
+    str_offload_new = PyUnicode_InternFromString("offload_new");
+    str_stopping = PyUnicode_InternFromString("stopping");
     str_threaded_calls = PyUnicode_InternFromString("threaded_calls");
-    str_idle_handlers = PyUnicode_InternFromString("_idle_handlers");
+    str_idle_handlers = PyUnicode_InternFromString("idle");
     if (!lock_acquire || !lock_release || !str_gen || !str_handed_off || !str_error || !str_eof ||
         !str_send_later || !str_send_bytes_py || !str_send_failed || !str_call_was_slow || !str_offload_new || !str_stopping ||
         !str_threaded_calls || !str_idle_handlers)

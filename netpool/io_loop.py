@@ -37,13 +37,11 @@ Every inline call is timed. One slower than OFFLOAD_AFTER (50 µs) whose
 thread gave the CPU up for that long (it slept or waited), or one that ran
 on the CPU for OFFLOAD_LONG (250 µs, a hash computed without the GIL, say), has its
 connection *offloaded*: it moves from the loop's epoll to a second, one-shot
-epoll that the listener's handler threads wait on, one event each. The
+epoll that the loop's handler threads wait on, one event each
+(``handler_threads``: only as many threads as calls run at once). The
 thread that takes a connection's event reads it, runs its calls in order,
 reads on while data is there (as a connection thread would), then arms it
-again, so a message costs one thread wake-up and the threads are only as
-many as calls run at once: sixteen at first, one more whenever an event is
-taken with none left waiting while the process leaves CPU idle, and one
-more whenever all have been stuck for HANDLERS_STUCK. After INLINE_AFTER
+again (``IOLoop._run_calls``), so a message costs one thread wake-up. After INLINE_AFTER
 quick calls in a row the connection comes back inline. While the latest
 timed call says the handler blocks, connections without a quick call of
 their own are offloaded at their first event, so many connections blocking
@@ -78,7 +76,8 @@ from .connection import Connection
 from .deadline import poll_until
 from .errors import ConnectionClosed, SendTimeout, TLSError
 from .handshake import Handshake
-from .hot_path import OFFLOAD_AFTER, blocked_since_mark, mark, rearm, recv_nowait, wait_for_client
+from .handler_threads import ARMED, HANDLER_THREADS, HandlerThreads
+from .hot_path import OFFLOAD_AFTER, blocked_since_mark, mark, recv_nowait, wait_for_client
 from .close_reasons import reason_for, recv_failed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,32 +138,9 @@ LOOP_QUIET = 0.01
 # A connection with quick calls behind it is offloaded at its second slow
 # call within this many seconds (one alone may be a wait for the GIL).
 SECOND_STRIKE = 0.1
-# Threads that run offloaded connections' calls, per listener (shared by its
-# loops); past that, offloaded connections wait for a running one.
-HANDLER_THREADS = 1024
-# A handler thread with nothing to do for this long leaves (but the last).
-HANDLER_KEEPALIVE = 10.0
-# Handler threads are added while the process used less than CPU_BUSY of a
-# core over the last CPU_WINDOW seconds (the interpreter runs Python on one
-# core at a time), and always up to MIN_HANDLERS, or up to one per connection
-# while a loop has at most FEW_CONNECTIONS: then each busy client keeps a
-# thread waiting on it (STICK), as on a thread per connection, which costs
-# less CPU per message than taking turns on fewer threads.
-MIN_HANDLERS = 16
-FEW_CONNECTIONS = 64
-CPU_BUSY = 0.85
-CPU_WINDOW = 0.01
-# Every handler thread busy and none done with a turn for this long: the
-# monitor starts one more (they are blocked, not short of CPU).
-HANDLERS_STUCK = 0.01
-
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _IN_OUT = _IN | select.EPOLLOUT
-# An offloaded connection is read once per event, then disarmed until its
-# calls are over: like a connection thread, the loop never reads ahead of the
-# handler (backpressure through TCP, and STARTTLS has the socket to itself).
-_ONCE = _IN | select.EPOLLONESHOT
 
 
 class LoopConnection(Connection):
@@ -203,7 +179,7 @@ class LoopConnection(Connection):
         self._busy = False
         self._quick = 0
         # A call of its own ran inline and was quick: it stays on the loop
-        # whatever other connections' calls do (see IOLoop._offload_new).
+        # whatever other connections' calls do (see IOLoop.offload_new).
         self._proven = False
         self._inline_after = INLINE_AFTER  # quick calls on threads before it comes back (grows if it flaps)
         self._away = False  # registered with the handler threads' epoll, not the loop's
@@ -379,7 +355,7 @@ class LoopConnection(Connection):
         loop = self._loop
         calls = loop._calls
         if loop.handoff and calls and calls[-1] is self and loop.thread is threading.current_thread():
-            loop._hand_off(loop._gen, by_monitor=False)
+            loop._hand_off(loop.call_count, by_monitor=False)
 
     def _drain_to(self, limit: int) -> None:
         """Wait (lock held) until at most ``limit`` bytes are queued, or time out."""
@@ -416,7 +392,12 @@ class _HandedOff(BaseException):
 
 
 class IOLoop:
-    """One loop thread: epoll over the connections it owns, handlers inline."""
+    """One loop thread: epoll over the connections it owns, handlers inline.
+
+    ``call_count``, ``offload_new``, ``stopping``, ``threaded_calls``,
+    ``handed_off()`` and ``call_was_slow()`` are public because the C hot
+    path (``hot_path``) uses them, as the Python here does.
+    """
 
     def __init__(self, services: "ConnectionServices", index: int, *, handoff: bool = False) -> None:
         self.services = services
@@ -428,7 +409,7 @@ class IOLoop:
         # popping first. list.append/pop are atomic, so exactly one wins.
         # Each owner brings a new list (see _serve).
         self._calls: list[LoopConnection] = []
-        self._gen = 0
+        self.call_count = 0
         self._takeover_lock = threading.Lock()
         self.handoffs = 0
         self.offloads = 0  # connections moved to threads because a call held the loop up
@@ -436,10 +417,10 @@ class IOLoop:
         # Whether connections with no quick inline call of their own yet
         # (not _proven: new ones, or ones that have not spoken) go to threads
         # at once: the latest call timed was slow on the loop (set by
-        # _call_was_slow), not quick on a thread (cleared by _calls_done).
+        # call_was_slow), not quick on a thread (cleared by _calls_done).
         # So when many connections block at once, only the first call holds
         # the loop up, not one per connection.
-        self._offload_new = False
+        self.offload_new = False
         self._monitor: Optional[threading.Thread] = None
         self._ep = select.epoll()
         self._conns: dict[int, LoopConnection] = {}
@@ -451,26 +432,22 @@ class IOLoop:
         # finish, with the reason given (a handler thread leaves that to the
         # loop, which owns its table of connections and the on_close call).
         self._later: collections.deque[tuple[LoopConnection, str]] = collections.deque()
-        # Thread mode: offloaded connections' epoll and the threads that wait
-        # on it (see "offloaded connections" below); an eventfd wakes them all
-        # at stop.
-        self._offload_ep = select.epoll() if handoff else None
-        self._offload_wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if handoff else -1
+        # Thread mode: the threads that serve offloaded connections, and the
+        # one-shot epoll they wait on (see "offloaded connections" below).
+        self._crew: Optional[HandlerThreads] = None
         if handoff:
-            self._offload_ep.register(self._offload_wake, select.EPOLLIN)
-        self._offload_lock = threading.Lock()
-        self._handlers = 0
-        self._idle_handlers = 0
-        self._max_handlers = max(1, HANDLER_THREADS // services.config.io_threads)
-        self._closed = False
-        self._cpu_at, self._cpu_used, self._cpu_room = time.monotonic(), time.process_time(), True
-        self._turn_ended = time.monotonic()  # when a handler thread last finished a turn
+            self._crew = HandlerThreads(
+                services.threads, most=max(1, HANDLER_THREADS // services.config.io_threads),
+                name=f"{services.config.name}: I/O loop {index}", take_turn=self._take_turn,
+                connections=self._conns.__len__)
+        # Plain reads of raw-framed connections: a handler thread's whole turn in C.
+        self._fast_turn = hot_path.offloaded_server() if services.raw_framing else None
         self._inline_at = 0.0  # when the loop last had an event of a connection of its own (STICK_WAITS)
         # An eventfd wakes the loop for new connections and for stop; epoll
         # watches it like any socket.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, select.EPOLLIN)
-        self._stopping = False
+        self.stopping = False
         config = services.config
         timeouts = [t for t in (config.idle_timeout, config.send_timeout, config.handshake_timeout) if t]
         self._sweep_every = max(0.01, min(1.0, min(timeouts) / 4))
@@ -493,8 +470,7 @@ class IOLoop:
     @property
     def idle_handler_threads(self) -> int:
         """Thread mode: handler threads waiting for offloaded connections' events (none of them busy)."""
-        with self._offload_lock:
-            return self._idle_handlers
+        return self._crew.waiting() if self._crew is not None else 0
 
     def join(self, timeout: float) -> bool:
         """Wait for the loop's own threads (not handed-off connection threads); True if they ended."""
@@ -514,7 +490,7 @@ class IOLoop:
     def give_back(self, conn: LoopConnection) -> bool:
         """A handed-off connection's thread is done blocking: the loop reads it again. False if the loop is ending."""
         with self._takeover_lock:
-            if self._stopping or self._wake_fd < 0:
+            if self.stopping or self._wake_fd < 0:
                 return False
             self._returned.append(conn)
             os.eventfd_write(self._wake_fd, 1)
@@ -522,12 +498,11 @@ class IOLoop:
 
     def stop(self) -> None:
         with self._takeover_lock:
-            self._stopping = True
+            self.stopping = True
             if self._wake_fd >= 0:  # not yet closed by a loop that ended
                 os.eventfd_write(self._wake_fd, 1)
-        with self._offload_lock:
-            if self._offload_wake >= 0:  # idle handler threads leave at once
-                os.eventfd_write(self._offload_wake, 1)
+        if self._crew is not None:
+            self._crew.stop()  # idle handler threads leave at once
 
     def watch_writable(self, conn: LoopConnection, on: bool) -> None:
         try:
@@ -605,11 +580,11 @@ class IOLoop:
             self._take_new(time.monotonic())
         handoff = self.handoff
         wake_fd = self._wake_fd
-        while not (self._stopping and not conns and not self._pending and not self._returned and not self._later):
+        while not (self.stopping and not conns and not self._pending and not self._returned and not self._later):
             events = poll(self._sweep_every)
             now = time.monotonic()
             if handoff:
-                mark()  # what a slow call in this batch did with the CPU (_call_was_slow)
+                mark()  # what a slow call in this batch did with the CPU (call_was_slow)
                 if events and (len(events) > 1 or events[0][0] != wake_fd):
                     self._inline_at = now  # it serves connections of its own (STICK_WAITS)
             if plain:
@@ -644,7 +619,7 @@ class IOLoop:
         if conn._setup is not None:
             self._advance_setup(conn)
             return
-        if conn._offloaded or (self._offload_new and not conn._proven and self.handoff):
+        if conn._offloaded or (self.offload_new and not conn._proven and self.handoff):
             if not conn._away and not conn._busy:
                 # Its calls run on threads: from now on they read it too.
                 conn._offloaded = True
@@ -686,7 +661,7 @@ class IOLoop:
     def _close(self) -> None:
         """The loop has ended (stopped, or failed): finish what it still holds, release its descriptors."""
         with self._takeover_lock:
-            self._stopping = True  # no hand-off from here on, and threads finish their own connections
+            self.stopping = True  # no hand-off from here on, and threads finish their own connections
         while self._later:  # calls over, left for the loop: finished below with the rest
             self._later.popleft()[0]._busy = False
         for conn in list(self._conns.values()):
@@ -695,21 +670,15 @@ class IOLoop:
                 continue  # its call is running on a thread, which finishes it (_calls_done)
             self._end(conn, "server_stop")
         self._ep.close()
-        if self._offload_ep is not None:
-            with self._offload_lock:
-                self._closed = True
-                # Under the lock: the last handler thread to leave may close
-                # the eventfd (_close_offload_ep) the moment _closed is set.
-                if self._offload_wake >= 0:
-                    os.eventfd_write(self._offload_wake, 1)  # every handler thread wakes and leaves
-            self._close_offload_ep()
+        if self._crew is not None:
+            self._crew.close()  # every handler thread wakes and leaves; the last releases its epoll
         with self._takeover_lock:
             os.close(self._wake_fd)
             self._wake_fd = -1
 
     def _user_call(self, conn: LoopConnection, fn: Any, *args: Any, **handed: Any) -> None:
         """Run user code (a handler, a hook) for ``conn``; raises _HandedOff if it outlived the loop's patience."""
-        self._gen += 1
+        self.call_count += 1
         calls = self._calls
         calls.append(conn)
         started = perf_counter()
@@ -719,20 +688,20 @@ class IOLoop:
             try:
                 calls.pop()
             except IndexError:
-                raise self._handed_off(conn, error=exc, **handed) from None
+                raise self.handed_off(conn, error=exc, **handed) from None
             raise
         try:
             calls.pop()
         except IndexError:
-            raise self._handed_off(conn, **handed) from None
+            raise self.handed_off(conn, **handed) from None
         took = perf_counter() - started
         if took > OFFLOAD_AFTER:
             if self.handoff:
-                self._call_was_slow(conn, took)
+                self.call_was_slow(conn, took)
         elif not conn._proven:
             conn._proven = True
 
-    def _handed_off(self, conn: LoopConnection, **handed: Any) -> _HandedOff:
+    def handed_off(self, conn: LoopConnection, **handed: Any) -> _HandedOff:
         # The monitor popped our call: wait until it has taken the connection
         # out of the loop and started the next owner, then leave the loop.
         with self._takeover_lock:
@@ -836,7 +805,7 @@ class IOLoop:
     def _ready(self, conn: LoopConnection) -> None:
         """The connection can talk: alarm, on_connect (on this loop thread or offloaded, never an acceptor)."""
         services = self.services
-        if self._offload_new and not conn._offloaded:
+        if self.offload_new and not conn._offloaded:
             conn._offloaded = True  # the handler blocks: start where its calls will run
         hook = conn._alarm_due or services.config.on_connect is not None
         if conn._offloaded:
@@ -900,7 +869,7 @@ class IOLoop:
         """End a connection this loop holds (loop thread): its queue flushed, out of the loop, then wound up."""
         conn._flush_last()
         self._forget(conn)
-        if self._stopping:  # no hand-off any more: the loop is closing
+        if self.stopping:  # no hand-off any more: the loop is closing
             self._wind_up(conn, reason)
         else:
             self._user_call(conn, self._wind_up, conn, reason, done=True)
@@ -933,7 +902,7 @@ class IOLoop:
             try:
                 if conn._away:
                     conn._away = False
-                    self._offload_ep.unregister(fd)
+                    self._crew.unregister(fd)
                 else:
                     self._ep.unregister(fd)
             except (OSError, ValueError):
@@ -941,17 +910,17 @@ class IOLoop:
 
     # -- thread mode: offloaded connections -----------------------------------------
     #
-    # An offloaded connection is registered in _offload_ep (one-shot) instead
-    # of the loop's epoll (_away). Handler threads (_serve_offloaded) wait on
-    # it, one event each: the thread that takes a connection's event reads it,
-    # runs its calls, reads on, and arms it again. A message thus costs one
-    # thread wake-up, as on a thread per connection, while the threads are
-    # only as many as calls run at once. Whoever takes an offloaded
+    # An offloaded connection is registered in the handler threads' one-shot
+    # epoll (_crew) instead of the loop's (_away). They wait on it, one event
+    # each: the thread that takes a connection's event runs its turn here
+    # (_take_turn: reads it, runs its calls, reads on, and arms it again). A
+    # message thus costs one thread wake-up, as on a thread per connection,
+    # while the threads are only as many as calls run at once. Whoever takes an offloaded
     # connection (a handler thread, the sweep, the loop's close) claims it
     # first (_claim): a one-shot event can be taken by a thread just as the
     # loop decides to finish the connection.
 
-    def _call_was_slow(self, conn: LoopConnection, took: float) -> None:
+    def call_was_slow(self, conn: LoopConnection, took: float) -> None:
         """An inline call held the loop past OFFLOAD_AFTER: this connection's calls go to threads.
 
         Called on the loop thread right after the call (by ``_user_call`` or
@@ -976,7 +945,7 @@ class IOLoop:
             # It blocks now and then: it proves itself longer before it comes
             # back (up to 16 times longer).
             conn._inline_after = min(conn._inline_after * 2, INLINE_AFTER * 16)
-        self._offload_new = True
+        self.offload_new = True
         conn._offloaded = True
         conn._quick = 0
         self.offloads += 1
@@ -1006,12 +975,12 @@ class IOLoop:
             pass
         conn._away = True
         try:
-            self._offload_ep.register(fd, _ONCE if armed else select.EPOLLONESHOT)
+            self._crew.register(fd, armed=armed)
         except OSError as exc:
             conn._away = False
             self._end(conn, self._reason(conn, exc))
             return
-        self._ensure_handler()
+        self._crew.ensure()
 
     def _move_out_with_job(self, conn: LoopConnection, messages: Any, transport: Any, eof: bool, connected: bool) -> None:
         """Move ``conn`` to the handler threads with work already in hand (loop thread only).
@@ -1033,111 +1002,23 @@ class IOLoop:
             conn._busy = True
             return True
 
-    def _ensure_handler(self) -> None:
-        """Make sure some handler thread is waiting for offloaded connections' events.
+    def _take_turn(self, fd: int) -> None:
+        """On a handler thread that took ``fd``'s event: serve that offloaded connection, unless it is taken."""
+        conn = self._conns.get(fd)
+        if conn is None or not conn._away or not self._claim(conn):
+            return
+        transport = conn.transport
+        fast = self._fast_turn
+        if fast is not None and not transport.is_tls:
+            crew = self._crew
+            turn = fast(self, crew, conn, self.services.handler, crew.fileno(), self._bufsize, READ_AHEAD, ARMED,
+                        STICK, self._stick_waits(), STICK_SKIP)
+            if turn is not None:
+                self._end_turn(conn, transport, *turn)
+        else:
+            self._run_calls(conn, (), transport, False, False)
 
-        The first time, MIN_HANDLERS start at once: connections offloaded
-        together (many clients blocking at the same moment) then find a
-        thread each, instead of waiting for threads started one by one.
-        """
-        with self._offload_lock:
-            if self._idle_handlers or self._handlers >= self._max_handlers or self._stopping:
-                return
-            start = max(1, min(MIN_HANDLERS, self._max_handlers) - self._handlers)
-            self._handlers += start
-            self._idle_handlers += start
-        for _ in range(start):
-            self._start_handler()
-
-    def _start_handler(self) -> None:
-        try:
-            self.services.threads.submit(self._serve_offloaded, urgent=True)
-        except RuntimeError as exc:  # no thread can be started (a system limit, or stopping)
-            with self._offload_lock:
-                self._handlers -= 1
-                self._idle_handlers -= 1
-            if not self._stopping:
-                log.error("%s: I/O loop %d cannot start a handler thread (%s); offloaded connections "
-                          "wait for the ones running", self.services.config.name, self.index, exc)
-
-    def _serve_offloaded(self) -> None:
-        """A handler thread: take offloaded connections' events one at a time and run their calls.
-
-        It counts as idle while it waits; when it takes an event and no other
-        is idle, it starts one more (up to ``_max_handlers``), so the next
-        event never waits for a call to end. Past HANDLER_KEEPALIVE with
-        nothing to do it leaves, unless it is the last one waiting.
-        """
-        poll = self._offload_ep.poll
-        lock = self._offload_lock
-        services = self.services
-        # Plain reads of raw-framed connections: a whole turn in C.
-        fast = hot_path.offloaded_server() if services.raw_framing else None
-        handler, epfd, bufsize = services.handler, self._offload_ep.fileno(), self._bufsize
-        while True:
-            try:
-                events = poll(HANDLER_KEEPALIVE, 1)
-            except (OSError, ValueError):  # closed: the loop has ended
-                events = None
-            with lock:
-                if events is None or self._stopping or (not events and self._idle_handlers > 1):
-                    self._idle_handlers -= 1
-                    self._handlers -= 1
-                    last = not self._handlers
-                    break
-                if not events:
-                    continue
-                self._idle_handlers -= 1
-                more = not self._idle_handlers and self._handlers < self._max_handlers and (
-                    self._handlers < MIN_HANDLERS or len(self._conns) <= FEW_CONNECTIONS or self._cpu_has_room())
-                if more:
-                    self._handlers += 1
-                    self._idle_handlers += 1
-            if more:
-                self._start_handler()
-            conn = self._conns.get(events[0][0])
-            if conn is not None and conn._away and self._claim(conn):
-                if fast is not None and not conn.transport.is_tls:
-                    turn = fast(self, conn, handler, epfd, bufsize, READ_AHEAD, _ONCE, STICK, self._stick_waits(),
-                                STICK_SKIP)
-                    if turn is not None:
-                        self._end_turn(conn, *turn)
-                else:
-                    self._run_calls(conn, (), conn.transport, False, False)
-            with lock:
-                self._idle_handlers += 1
-                self._turn_ended = time.monotonic()
-        if last and self._stopping:
-            self._close_offload_ep()
-
-    def _unstick_handlers(self) -> None:
-        with self._offload_lock:
-            if (self._idle_handlers or self._handlers >= self._max_handlers or self._stopping
-                    or time.monotonic() - self._turn_ended < HANDLERS_STUCK):
-                return
-            self._handlers += 1
-            self._idle_handlers += 1
-            self._turn_ended = time.monotonic()  # one more per HANDLERS_STUCK at most
-        self._start_handler()
-
-    def _cpu_has_room(self) -> bool:
-        """Whether the process left the CPU idle lately (lock held): then another handler thread helps.
-
-        Events waiting with no handler thread free mean either that all are
-        blocked (another thread helps) or that the interpreter is the limit
-        (another thread only lengthens the queue for the GIL: with 1,000
-        threads a message cost twice as much CPU as with 64). The process's
-        CPU time over the last CPU_WINDOW tells which.
-        """
-        now = time.monotonic()
-        if now - self._cpu_at < CPU_WINDOW:
-            return self._cpu_room
-        used = time.process_time()
-        self._cpu_room = (used - self._cpu_used) / (now - self._cpu_at) < CPU_BUSY
-        self._cpu_at, self._cpu_used = now, used
-        return self._cpu_room
-
-    def _end_turn(self, conn: LoopConnection, kind: int, value: Any, calls: int, slow: bool) -> None:
+    def _end_turn(self, conn: LoopConnection, transport: Any, kind: int, value: Any, calls: int, slow: bool) -> None:
         """What the C turn (hot_path.offloaded_server) left to Python: finish the connection, or the rest."""
         reason: Optional[str] = None
         if kind == hot_path.FINISH:
@@ -1146,16 +1027,7 @@ class IOLoop:
             reason = recv_failed(conn, value)
         elif kind == hot_path.HANDLER_ERROR:
             reason = self._reason(conn, value)
-        self._calls_done(conn, reason, reason == "eof", None, slow, calls)
-
-    def _close_offload_ep(self) -> None:
-        """Release the handler threads' epoll once the loop has ended and the last of them has left."""
-        with self._offload_lock:
-            if self._offload_wake < 0 or self._handlers or not self._closed:
-                return
-            self._offload_ep.close()
-            os.close(self._offload_wake)
-            self._offload_wake = -1
+        self._calls_done(conn, reason, reason == "eof", transport, slow, calls)
 
     def _submit(self, conn: LoopConnection, messages: Any, transport: Any, eof: bool, connected: bool) -> None:
         """Run a claimed connection's calls on a thread (on_connect, or messages framed on the loop)."""
@@ -1213,7 +1085,7 @@ class IOLoop:
                 if calls and waits < most and (not transport.is_tls or not transport.pending()) and self._may_stick(conn):
                     # As the C turn does: wait for this client's next message,
                     # but not past another connection's event finding no thread.
-                    client = wait_for_client(conn._fd, self._offload_ep.fileno(), STICK)
+                    client = wait_for_client(conn._fd, self._crew.fileno(), STICK)
                     if not client:
                         if client is None:
                             conn._stick_skip = STICK_SKIP  # its client is slower than that
@@ -1257,7 +1129,7 @@ class IOLoop:
         if conn._stick_skip:
             conn._stick_skip -= 1
             return False
-        return self._idle_handlers > 0
+        return self._crew.idle > 0
 
     def _calls_done(self, conn: LoopConnection, reason: Optional[str], eof: bool, transport: Any, slow: bool,
                     calls: int) -> None:
@@ -1275,14 +1147,14 @@ class IOLoop:
                 # The latest evidence says the handler does not block (a slow
                 # call was a one-off: a cold cache, a collection): connections
                 # without a quick call of their own stay on the loop again.
-                self._offload_new = False
+                self.offload_new = False
         if reason is None and conn.transport.is_tls and conn.transport.pending():
             # OpenSSL holds decrypted bytes epoll cannot see: read them on.
             self._submit(conn, (), conn.transport, False, False)
             return
         with self._takeover_lock:
             self.threaded_calls += calls
-            if not self._stopping:
+            if not self.stopping:
                 if reason is not None:
                     self._later.append((conn, reason))  # busy until the loop finishes it
                     os.eventfd_write(self._wake_fd, 1)
@@ -1291,13 +1163,13 @@ class IOLoop:
                 try:
                     if conn._quick >= conn._inline_after:
                         # Back to the loop: quick calls cost less there.
-                        self._offload_ep.unregister(fd)
+                        self._crew.unregister(fd)
                         conn._away = conn._offloaded = conn._busy = False
                         conn._proven = True
                         self._ep.register(fd, _IN)
                     else:
                         conn._busy = False
-                        rearm(self._offload_ep, fd, _ONCE)
+                        self._crew.rearm(fd)
                 except (OSError, ValueError):
                     conn._busy = False  # being closed: the loop finishes it
                 return
@@ -1316,11 +1188,10 @@ class IOLoop:
         """
         last = -1
         tick = HANDOFF_AFTER
-        while not self._stopping:
+        while not self.stopping:
             time.sleep(tick)  # one system call; Event.wait would run a Condition's Python per tick
-            if self._handlers and not self._idle_handlers:
-                self._unstick_handlers()
-            gen = self._gen
+            self._crew.unstick()
+            gen = self.call_count
             if gen != last:
                 last, tick = gen, HANDOFF_AFTER
             elif self._calls:
@@ -1336,7 +1207,7 @@ class IOLoop:
         on a peer (LoopConnection._about_to_wait).
         """
         with self._takeover_lock:
-            if self._stopping or self._gen != gen:
+            if self.stopping or self.call_count != gen:
                 return False
             try:
                 conn = self._calls.pop()
@@ -1361,7 +1232,7 @@ class IOLoop:
             # Its calls run on threads from now on (it comes back to this loop
             # for reading when this one is over), and so do new connections'.
             conn._offloaded = True
-            self._offload_new = True
+            self.offload_new = True
             self.offloads += 1
         if started:
             return True
