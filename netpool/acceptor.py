@@ -48,6 +48,8 @@ class AcceptGate:
     reserved=...)`` takes an accepted client over. ``stopping`` is set when
     the listener stops (back-off waits end early). With ``wait_for_slot``
     (overflow="wait") a slot of ``admission`` is reserved before each accept.
+    Accepted sockets are made of ``client_class`` (a ``socket.socket``
+    subclass: the listener's is ``transport.PlainTransport``).
     """
 
     enter: Callable[[], Optional[socket.socket]]
@@ -58,6 +60,7 @@ class AcceptGate:
     stopping: threading.Event
     admission: Admission
     wait_for_slot: bool
+    client_class: type = socket.socket
 
 
 class Acceptor:
@@ -77,6 +80,7 @@ class Acceptor:
         admission = gate.admission
         wait_for_slot = gate.wait_for_slot
         enter, leave, admit = gate.enter, gate.leave, gate.admit  # per connection: bound once
+        client_class = gate.client_class
         backoff = MIN_BACKOFF
         listening: Optional[socket.socket] = None
         kind: tuple[int, int, int] = (0, 0, 0)
@@ -101,7 +105,7 @@ class Acceptor:
                 # socket.accept() without its per-call property lookups.
                 fd, peer = sock._accept()
                 try:
-                    client = socket.socket(*kind, fileno=fd)
+                    client = client_class(*kind, fileno=fd)
                 except OSError:
                     os.close(fd)  # not yet owned by a socket object: close it here or it leaks
                     raise

@@ -1,19 +1,20 @@
 """Connection: what a handler holds for one client.
 
-A Connection owns one accepted socket. Exactly one thread, its *owner* (the
-I/O loop serving it, or the thread a blocking call was handed off to), ever
-closes the descriptor; every other path (``close()`` from a
-handler or another thread, ``quit.put()``, the listener stopping, a send that
-timed out) only records a reason and shuts the socket down, which wakes the
-owner out of ``recv`` at once. The owner then closes the descriptor and
-reports to the listener exactly once. This is why a descriptor number is
-never closed under a thread still using it, and why the counter stays exact.
+A Connection owns one accepted socket, under its transport (plain, or TLS
+once a handshake is over: ``transport``). Exactly one thread, its *owner*
+(the I/O loop serving it, or the thread its calls were left to), ever
+closes the descriptor; every other path (``close()`` from a handler or
+another thread, ``quit.put()``, the listener stopping, a send that timed
+out) only records a reason and shuts the socket down, which wakes the
+owner at once. The owner then closes the descriptor and the listener hears
+of it exactly once. This is why a descriptor number is never closed under a
+thread still using it, and why the counter stays exact.
 
-This module holds what every connection has: the handler's API and the
-exactly-once closing. The one class the listener builds is
-``io_loop.LoopConnection``, which adds how the I/O mode sends and the loop's
-bookkeeping; ``io_loop`` (both I/O modes, and the threads a blocking
-handler's calls move to) is the read path.
+This module holds what every connection has: the handler's API, the
+transport and the close requests. The one class the listener builds is
+``io_loop.LoopConnection``: it adds how the I/O mode sends (queue or wait),
+the owner's last step (``_finish``) and the loop's bookkeeping, which stay
+with the loop that keeps them.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Connection:
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: PlainTransport,
         peer: Any,
         *,
         listener: Any = None,
@@ -127,7 +128,7 @@ class Connection:
         # Application bytes received and sent (after TLS), for metrics.
         self.bytes_in = 0
         self.bytes_out = 0
-        self.transport: "PlainTransport | TLSTransport" = PlainTransport(sock)
+        self.transport: "PlainTransport | TLSTransport" = sock  # an accepted socket is its own plain transport
         self._encode = encode
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -281,7 +282,7 @@ class Connection:
         """
         self._about_to_wait()
         try:
-            self.transport.sendall(data, time.monotonic() + self._send_timeout)
+            self.transport.send_until(data, time.monotonic() + self._send_timeout)
         except TimeoutError:
             raise self._send_timed_out() from None
         except TLSError as exc:
@@ -308,7 +309,7 @@ class Connection:
             reason = self.close_reason
         raise ConnectionClosed(f"connection {self.id} is closed ({reason}): {exc}") from exc
 
-    # -- closing (owner side and requests) ----------------------------------
+    # -- close requests (from any thread) -------------------------------------
 
     def _request_close(self, reason: str, how: int) -> bool:
         """Record why the connection closes (first reason wins) and wake its owner.

@@ -138,6 +138,7 @@ LOOP_QUIET = 0.01
 # A connection with quick calls behind it is offloaded at its second slow
 # call within this many seconds (one alone may be a wait for the GIL).
 SECOND_STRIKE = 0.1
+_EPOLLOUT = select.EPOLLOUT
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _IN_OUT = _IN | select.EPOLLOUT
@@ -196,7 +197,14 @@ class LoopConnection(Connection):
                 self._send_later(data, 0)  # keep order behind what is already queued
                 return
             # The common case: one send the kernel takes whole.
-            sent = self._send_now(data)
+            try:
+                sent = self.transport.send_nowait(data)
+            except BlockingIOError:
+                sent = 0
+            except TLSError as exc:
+                self._tls_send_failed(exc)
+            except OSError as exc:
+                self._send_failed(exc)
             if sent == len(data):
                 self.bytes_out += len(data)
             else:
@@ -237,6 +245,8 @@ class LoopConnection(Connection):
         """Send what the kernel takes now; 0 if nothing. Closes the connection on an error."""
         try:
             return self.transport.send_nowait(data)
+        except BlockingIOError:
+            return 0
         except TLSError as exc:
             self._tls_send_failed(exc)
             raise  # unreachable: _tls_send_failed raises
@@ -451,6 +461,8 @@ class IOLoop:
         config = services.config
         timeouts = [t for t in (config.idle_timeout, config.send_timeout, config.handshake_timeout) if t]
         self._sweep_every = max(0.01, min(1.0, min(timeouts) / 4))
+        self._handler = services.handler
+        self._raw = services.raw_framing
         # With raw framing a read is a message: no larger than a message may be.
         self._bufsize = min(RECV_SIZE, config.max_message_size) if services.raw_framing else RECV_SIZE
         self.thread = threading.Thread(target=self.run, name=f"netpool-io-{config.name}-{index}", daemon=True)
@@ -625,7 +637,7 @@ class IOLoop:
                 conn._offloaded = True
                 self._hand_to_threads(conn)
             return
-        if ev & select.EPOLLOUT:
+        if ev & _EPOLLOUT:
             self._writable(conn)
             if not ev & READ_EVENTS:
                 return
@@ -633,11 +645,10 @@ class IOLoop:
             self._end(conn, "error")
             return
         transport = conn.transport
-        services = self.services
         try:
             data = transport.recv_nowait(self._bufsize)
-            if data is None:
-                return
+        except BlockingIOError:
+            return
         except OSError as exc:
             self._finish_dispatched(conn, hot_path.RECV_ERROR, exc)
             return
@@ -645,8 +656,43 @@ class IOLoop:
             self._end(conn, self._reason(conn, exc))
             return
         conn._last_read = now
-        conn.bytes_in += len(data)
-        self._deliver(conn, data, services.handler, services.raw_framing)
+        handler = self._handler
+        framer = conn._framer
+        try:
+            while True:  # more than once only while OpenSSL holds decrypted bytes epoll cannot see
+                conn.bytes_in += len(data)
+                eof = not data
+                # With raw framing the chunk is the message: no framer call.
+                messages = framer.eof() if eof else None if self._raw else framer.feed(data)
+                if self.handoff:
+                    left = self._handle_each(conn, handler, (data,) if messages is None else messages, transport, eof)
+                    if left is not None and conn.close_reason is None:
+                        self._move_out_with_job(conn, left, transport, eof, False)  # a call blocked: the rest on a thread
+                        return
+                elif messages is None:  # events mode: nothing to time, nothing to hand off
+                    handler(data, conn)
+                else:
+                    for message in messages:
+                        handler(message, conn)
+                        if conn.close_reason is not None or conn.transport is not transport:
+                            break
+                if eof:
+                    self._end(conn, "eof")
+                    return
+                if conn.close_reason is not None:
+                    self._end(conn, "error")
+                    return
+                if conn.transport is not transport:
+                    self._started_tls(conn, transport)
+                    return
+                if not transport.is_tls or not transport.pending():
+                    return
+                try:
+                    data = transport.recv_nowait(self._bufsize)
+                except BlockingIOError:
+                    return
+        except Exception as exc:
+            self._end(conn, self._reason(conn, exc))
 
     def _finish_dispatched(self, conn: LoopConnection, kind: int, value: Any) -> None:
         """End a connection as the C dispatch said: its reason, a receive error, or the handler's exception."""
@@ -708,35 +754,6 @@ class IOLoop:
             pass
         return _HandedOff(conn, **handed)
 
-    def _deliver(self, conn: LoopConnection, data: bytes, handler: Any, raw: bool) -> None:
-        """Frame ``data`` (and whatever TLS still holds) and run the handler on each message."""
-        transport = conn.transport
-        try:
-            while True:
-                eof = not data
-                messages = conn._framer.eof() if eof else (data,) if raw else conn._framer.feed(data)
-                left = self._handle_each(conn, handler, messages, transport, eof=eof)
-                if left is not None and conn.close_reason is None:
-                    self._move_out_with_job(conn, left, transport, eof, False)  # a call blocked: the rest on a thread
-                    return
-                if eof:
-                    self._end(conn, "eof")
-                    return
-                if conn.close_reason is not None:
-                    self._end(conn, "error")
-                    return
-                if self._started_tls(conn, transport):
-                    return
-                # OpenSSL may hold decrypted bytes epoll cannot see.
-                if not transport.is_tls or not transport.pending():
-                    return
-                data = transport.recv_nowait(self._bufsize)
-                if data is None:
-                    return
-                conn.bytes_in += len(data)
-        except Exception as exc:
-            self._end(conn, self._reason(conn, exc))
-
     def _started_tls(self, conn: LoopConnection, transport: Any) -> bool:
         """Whether start_tls() ran in a handler since ``transport`` was the transport; if so, reset the framer.
 
@@ -750,7 +767,7 @@ class IOLoop:
 
     def _handle_each(self, conn: LoopConnection, handler: Any, messages: Any, transport: Any,
                      eof: bool = False) -> Optional[list]:
-        """The handler on each message in order, until the connection closes or turns to TLS.
+        """Thread mode: the handler on each message in order, timed, until the connection closes or turns to TLS.
 
         Returns the messages left when a call turned out to block (the
         connection is offloaded: the rest go to a thread), else None.
@@ -928,7 +945,7 @@ class IOLoop:
         until a call on a thread turns out quick (``_calls_done``): a handler
         that blocked on one connection is likely to block on the next. The
         connection moves to the threads at its next event (``_serve_event``),
-        or with the rest of its messages (``_deliver``).
+        or with the rest of its messages (``_serve_event``).
         """
         if not blocked_since_mark(took):  # since the loop's mark, once per batch of events
             return  # a short collection, or preempted: it did not wait on anything
@@ -1098,6 +1115,8 @@ class IOLoop:
                         data = transport.recv_nowait(self._bufsize)
                     else:  # in C this recv keeps the GIL, which a busy handler thread would wait to get back
                         data = recv_nowait(conn._fd, self._bufsize)
+                except BlockingIOError:
+                    data = None
                 except OSError as exc:
                     reason = recv_failed(conn, exc)
                     break

@@ -40,6 +40,7 @@ from .worker_dispatch import WorkerDispatch
 from .workers import WorkerPool
 from .services import ConnectionServices
 from .sockets import open_listening_socket, remove_unix_socket
+from .transport import PlainTransport
 
 __all__ = ["Listener", "ListenerInfo", "start_listener", "install_hot_path", "ERROR_REASONS"]
 
@@ -121,7 +122,7 @@ class Listener:
         gate = AcceptGate(enter=self._enter_accept, leave=self._leave_accept, accepting_on=self._accepting_on,
                           out_of_descriptors=self._out_of_descriptors, admit=self._admit,
                           stopping=self._stop_event, admission=self._admission,
-                          wait_for_slot=config.overflow == "wait")
+                          wait_for_slot=config.overflow == "wait", client_class=PlainTransport)
         self._acceptors = [Acceptor(gate, i, name=config.name, nice=config.acceptor_nice)
                            for i in range(config.acceptors)]
         self._fault_logs = fault_logs()

@@ -296,12 +296,15 @@ class TLSTransport:
         self._notified = False
         self.closing = False
 
-    def recv_nowait(self, size: int) -> Optional[bytes]:
-        """Read what is decrypted and ready: bytes, b"" at end of stream, None when it must wait.
+    def recv_nowait(self, size: int) -> bytes:
+        """Read what is decrypted and ready: bytes, b"" at end of stream; BlockingIOError when it must wait.
 
         Raises ConnectionResetError on a reset and TLSError on a protocol error.
         """
-        return self._recv_once(size)[0]
+        data = self._recv_once(size)[0]
+        if data is None:
+            raise BlockingIOError(errno.EAGAIN, "TLS record not complete")
+        return data
 
     def _recv_once(self, size: int) -> tuple[Optional[bytes], int]:
         """One SSL_read: (bytes or b"" at the end, 0), or (None, the poll event to wait for)."""
@@ -332,15 +335,19 @@ class TLSTransport:
         with self._lock:
             return self._ssl.pending()
 
-    def send_nowait(self, data: memoryview) -> int:
-        """Encrypt and send what the socket takes now; 0 when it must wait.
+    def send_nowait(self, data: "bytes | memoryview") -> int:
+        """Encrypt and send what the socket takes now; BlockingIOError when it must wait.
 
-        After a 0 the same bytes must be offered again (OpenSSL's rule for
-        retried writes). Raises ConnectionResetError, BrokenPipeError or TLSError.
+        After a BlockingIOError the same bytes must be offered again
+        (OpenSSL's rule for retried writes). Raises ConnectionResetError,
+        BrokenPipeError or TLSError.
         """
-        return self._send_once(data)[0]
+        sent = self._send_once(data)[0]
+        if not sent:
+            raise BlockingIOError(errno.EAGAIN, "TLS session cannot write now")
+        return sent
 
-    def sendall(self, data: bytes, deadline: float) -> None:
+    def send_until(self, data: "bytes | memoryview", deadline: float) -> None:
         """Encrypt and send all of ``data`` by ``deadline`` (monotonic) or raise TimeoutError."""
         view = memoryview(data)
         while view:

@@ -8,60 +8,54 @@ finishes (trio's SocketStream and SSLStream, one interface). Both have:
 - ``socket``: the connected socket (for socket options; never read or
   write it directly: the transport's state would no longer match);
 - ``is_tls``: False here, True for TLS;
-- ``recv_nowait(size)``: bytes, b"" at the end of the stream, or None when
-  nothing can be read without waiting;
-- ``send_nowait(data)``: how many bytes were taken now (0 if none);
-- ``sendall(data, deadline)``: everything by ``deadline`` (monotonic), or
-  TimeoutError;
+- ``recv_nowait(size)``: bytes (b"" at the end of the stream), or
+  BlockingIOError when nothing can be read without waiting;
+- ``send_nowait(data)``: how many bytes were taken now, or BlockingIOError
+  when none could be;
+- ``send_until(data, deadline)``: all of it by ``deadline`` (monotonic),
+  or TimeoutError;
 - ``pending()``: bytes already read and decoded that epoll cannot see (0 here);
 - ``told_to_close(abort)``: the connection is closing; ``abort``: at once.
 
-The sockets an I/O loop serves are non-blocking: reads and sends never
-wait here except in ``sendall``, which polls.
+A plain stream needs no state of its own, so PlainTransport *is* the socket
+(the acceptor makes accepted sockets of this class): its reads and sends are
+the socket's own, without a Python call in between, and a connection costs
+no extra object. The I/O loop's sockets are non-blocking: nothing here waits
+except ``send_until``, which polls.
 """
 
 from __future__ import annotations
 
 import select
 import socket
-from typing import Optional
 
 from .deadline import poll_until
 
 __all__ = ["PlainTransport"]
 
 
-class PlainTransport:
-    """A plain TCP (or UNIX) stream socket, as a transport."""
+class PlainTransport(socket.socket):
+    """An accepted plain TCP (or UNIX) stream socket, which is its own transport."""
 
-    __slots__ = ("socket",)
+    __slots__ = ()
     is_tls = False
+    recv_nowait = socket.socket.recv
+    send_nowait = socket.socket.send
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.socket = sock
+    @property
+    def socket(self) -> "PlainTransport":
+        return self
 
-    def recv_nowait(self, size: int) -> Optional[bytes]:
-        try:
-            return self.socket.recv(size)
-        except BlockingIOError:
-            return None
-
-    def send_nowait(self, data: "bytes | memoryview") -> int:
-        try:
-            return self.socket.send(data, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return 0
-
-    def sendall(self, data: "bytes | memoryview", deadline: float) -> None:
+    def send_until(self, data: "bytes | memoryview", deadline: float) -> None:
         # poll() + a non-blocking send: a peer that reads one byte now and
         # then cannot stretch the wait past the deadline.
         view = memoryview(data)
         sent = 0
         poller = select.poll()
-        poller.register(self.socket, select.POLLOUT)
+        poller.register(self, select.POLLOUT)
         while sent < len(view):
             try:
-                sent += self.socket.send(view[sent:], socket.MSG_DONTWAIT)
+                sent += self.send(view[sent:], socket.MSG_DONTWAIT)
                 continue
             except BlockingIOError:
                 pass

@@ -389,7 +389,7 @@ def test_the_c_version_serves_tls_without_the_python_transport(version, pki, mon
     from netpool.tls import TLSTransport
 
     used: list[str] = []
-    for name in ("recv_nowait", "send_nowait", "sendall", "pending"):
+    for name in ("recv_nowait", "send_nowait", "send_until", "pending"):
         original = getattr(TLSTransport, name)
         monkeypatch.setattr(TLSTransport, name, lambda self, *a, _n=name, _f=original: used.append(_n) or _f(self, *a))
     wire = Wire("tls", pki)
