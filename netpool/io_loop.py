@@ -20,7 +20,7 @@ handler that blocks (sleeps, long computation) holds up every connection of
 its loop: such handlers belong in thread mode (below) or on a worker pool
 (``workers=N``).
 
-Every event is served by ``_serve_event`` (recv, framer, handler; new
+Every event is served by ``_serve_events`` (recv, framer, handler; new
 connections, their PROXY header and TLS handshake (``handshake``), flushing),
 in the order the events came in. That Python defines the behaviour. Where
 the C hot path was built (``hot_path``), plain reads of raw-framed
@@ -582,7 +582,7 @@ class IOLoop:
         bufsize = self._bufsize
         conns = self._conns
         poll = hot_path.poller(self._ep)
-        serve_event = self._serve_event
+        serve_events = self._serve_events
         # This owner's own call list: after a hand-off the old owner still
         # pops its list when its handler returns, and must find it empty.
         self._calls = calls = []
@@ -608,91 +608,101 @@ class IOLoop:
                     if r.__class__ is int:
                         if r >= n:
                             break
-                        serve_event(*events[r], now)
+                        serve_events((events[r],), now)
                         i = r + 1
                     else:
                         i, kind, value = r
                         self._finish_dispatched(conns[events[i][0]], kind, value)
                         i += 1
             else:
-                for fd, ev in events:
-                    serve_event(fd, ev, now)
+                serve_events(events, now)
             if now >= next_sweep:
                 self._sweep(now)
                 next_sweep = now + self._sweep_every
 
-    def _serve_event(self, fd: int, ev: int, now: float) -> None:
-        """One epoll event, the full path: new connections, set-up, flushing, TLS, framing."""
-        conn = self._conns.get(fd)
-        if conn is None:
-            if fd == self._wake_fd:
-                self._take_new(now)
-            return
-        if conn._setup is not None:
-            self._advance_setup(conn)
-            return
-        if conn._offloaded or (self.offload_new and not conn._proven and self.handoff):
-            if not conn._away and not conn._busy:
-                # Its calls run on threads: from now on they read it too.
-                conn._offloaded = True
-                self._hand_to_threads(conn)
-            return
-        if ev & _EPOLLOUT:
-            self._writable(conn)
-            if not ev & READ_EVENTS:
-                return
-        if conn.close_reason is not None:
-            self._end(conn, "error")
-            return
-        transport = conn.transport
-        try:
-            data = transport.recv_nowait(self._bufsize)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._finish_dispatched(conn, hot_path.RECV_ERROR, exc)
-            return
-        except TLSError as exc:
-            self._end(conn, self._reason(conn, exc))
-            return
-        conn._last_read = now
+    def _serve_events(self, events: Any, now: float) -> None:
+        """Epoll events, in order, the full path: new connections, set-up, flushing, TLS, framing, handlers.
+
+        The one Python read path: every event is served here, a batch at a
+        time (no call per event), unless the C dispatch took it first.
+        """
+        conns = self._conns
         handler = self._handler
-        framer = conn._framer
-        try:
-            while True:  # more than once only while OpenSSL holds decrypted bytes epoll cannot see
-                conn.bytes_in += len(data)
-                eof = not data
-                # With raw framing the chunk is the message: no framer call.
-                messages = framer.eof() if eof else None if self._raw else framer.feed(data)
-                if self.handoff:
-                    left = self._handle_each(conn, handler, (data,) if messages is None else messages, transport, eof)
-                    if left is not None and conn.close_reason is None:
-                        self._move_out_with_job(conn, left, transport, eof, False)  # a call blocked: the rest on a thread
-                        return
-                elif messages is None:  # events mode: nothing to time, nothing to hand off
-                    handler(data, conn)
-                else:
-                    for message in messages:
-                        handler(message, conn)
-                        if conn.close_reason is not None or conn.transport is not transport:
+        raw = self._raw
+        handoff = self.handoff
+        bufsize = self._bufsize
+        for fd, ev in events:
+            conn = conns.get(fd)
+            if conn is None:
+                if fd == self._wake_fd:
+                    self._take_new(now)
+                continue
+            if conn._setup is not None:
+                self._advance_setup(conn)
+                continue
+            if conn._offloaded or (self.offload_new and not conn._proven and handoff):
+                if not conn._away and not conn._busy:
+                    # Its calls run on threads: from now on they read it too.
+                    conn._offloaded = True
+                    self._hand_to_threads(conn)
+                continue
+            if ev & _EPOLLOUT:
+                self._writable(conn)
+                if not ev & READ_EVENTS:
+                    continue
+            if conn.close_reason is not None:
+                self._end(conn, "error")
+                continue
+            transport = conn.transport
+            try:
+                data = transport.recv_nowait(bufsize)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self._finish_dispatched(conn, hot_path.RECV_ERROR, exc)
+                continue
+            except TLSError as exc:
+                self._end(conn, self._reason(conn, exc))
+                continue
+            conn._last_read = now
+            framer = conn._framer
+            try:
+                while True:  # more than once only while OpenSSL holds decrypted bytes epoll cannot see
+                    conn.bytes_in += len(data)
+                    eof = not data
+                    # With raw framing the chunk is the message: no framer call.
+                    messages = framer.eof() if eof else None if raw else framer.feed(data)
+                    if handoff:
+                        left = self._handle_each(conn, handler, (data,) if messages is None else messages, transport,
+                                                 eof)
+                        if left is not None and conn.close_reason is None:
+                            # A call blocked: the rest on a thread.
+                            self._move_out_with_job(conn, left, transport, eof, False)
                             break
-                if eof:
-                    self._end(conn, "eof")
-                    return
-                if conn.close_reason is not None:
-                    self._end(conn, "error")
-                    return
-                if conn.transport is not transport:
-                    self._started_tls(conn, transport)
-                    return
-                if not transport.is_tls or not transport.pending():
-                    return
-                try:
-                    data = transport.recv_nowait(self._bufsize)
-                except BlockingIOError:
-                    return
-        except Exception as exc:
-            self._end(conn, self._reason(conn, exc))
+                    elif messages is None:  # events mode: nothing to time, nothing to hand off
+                        handler(data, conn)
+                    else:
+                        for message in messages:
+                            handler(message, conn)
+                            if conn.close_reason is not None or conn.transport is not transport:
+                                break
+                    if eof:
+                        self._end(conn, "eof")
+                        break
+                    if conn.close_reason is not None:
+                        self._end(conn, "error")
+                        break
+                    if conn.transport is not transport:
+                        self._started_tls(conn, transport)
+                        break
+                    if not transport.is_tls or not transport.pending():
+                        break
+                    try:
+                        data = transport.recv_nowait(bufsize)
+                    except BlockingIOError:
+                        break
+            except Exception as exc:
+                self._end(conn, self._reason(conn, exc))
 
     def _finish_dispatched(self, conn: LoopConnection, kind: int, value: Any) -> None:
         """End a connection as the C dispatch said: its reason, a receive error, or the handler's exception."""
@@ -944,8 +954,8 @@ class IOLoop:
         the hot path). Connections with no quick call of their own follow,
         until a call on a thread turns out quick (``_calls_done``): a handler
         that blocked on one connection is likely to block on the next. The
-        connection moves to the threads at its next event (``_serve_event``),
-        or with the rest of its messages (``_serve_event``).
+        connection moves to the threads at its next event (``_serve_events``),
+        or with the rest of its messages (``_serve_events``).
         """
         if not blocked_since_mark(took):  # since the loop's mark, once per batch of events
             return  # a short collection, or preempted: it did not wait on anything

@@ -85,14 +85,26 @@ def test_a_blocking_handler_does_not_hold_up_other_clients():
 
 
 def test_messages_framed_with_the_blocking_one_arrive_in_order():
-    """One write holds four lines; the handler blocks on the second: all four come back, in order."""
+    """One write holds four lines; the handler blocks on the second: all four come back, in order.
+
+    What is checked is the hand-off path: the blocked call's thread carries
+    the two lines framed after it. A first call that a GIL switch slowed
+    (the monitor waking mid-call) may instead move the connection to the
+    handler threads before the slow line, which keeps the order too but
+    tests another path; such a try is repeated on a new connection.
+    """
     with serving(handler=slow_echo, framing="line") as listener:
-        with connect(listener) as sock:
-            sock.sendall(b"a\nslow\nb\nc\n")
-            assert recv_exactly(sock, 11) == b"a\nslow\nb\nc\n"
-            assert handoffs(listener) == 1
-            sock.sendall(b"d\n")
-            assert recv_exactly(sock, 2) == b"d\n"
+        for attempt in range(5):
+            before = handoffs(listener)
+            with connect(listener) as sock:
+                sock.sendall(b"a\nslow\nb\nc\n")
+                assert recv_exactly(sock, 11) == b"a\nslow\nb\nc\n"
+                sock.sendall(b"d\n")
+                assert recv_exactly(sock, 2) == b"d\n"
+            if handoffs(listener) == before + 1:
+                break
+        else:
+            raise AssertionError("the slow line was never handed off in 5 tries")
 
 
 def test_a_handler_that_blocks_then_raises_closes_only_its_connection(caplog):
