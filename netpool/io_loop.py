@@ -450,6 +450,7 @@ class IOLoop:
                 services.threads, most=max(1, HANDLER_THREADS // services.config.io_threads),
                 name=f"{services.config.name}: I/O loop {index}", take_turn=self._take_turn,
                 connections=self._conns.__len__)
+        self._crew_fd = self._crew.fileno() if self._crew is not None else -1
         # Plain reads of raw-framed connections: a handler thread's whole turn in C.
         self._fast_turn = hot_path.offloaded_server() if services.raw_framing else None
         self._inline_at = 0.0  # when the loop last had an event of a connection of its own (STICK_WAITS)
@@ -1037,8 +1038,7 @@ class IOLoop:
         transport = conn.transport
         fast = self._fast_turn
         if fast is not None and not transport.is_tls:
-            crew = self._crew
-            turn = fast(self, crew, conn, self.services.handler, crew.fileno(), self._bufsize, READ_AHEAD, ARMED,
+            turn = fast(self, self._crew, conn, self._handler, self._crew_fd, self._bufsize, READ_AHEAD, ARMED,
                         STICK, self._stick_waits(), STICK_SKIP)
             if turn is not None:
                 self._end_turn(conn, transport, *turn)
@@ -1112,7 +1112,7 @@ class IOLoop:
                 if calls and waits < most and (not transport.is_tls or not transport.pending()) and self._may_stick(conn):
                     # As the C turn does: wait for this client's next message,
                     # but not past another connection's event finding no thread.
-                    client = wait_for_client(conn._fd, self._crew.fileno(), STICK)
+                    client = wait_for_client(conn._fd, self._crew_fd, STICK)
                     if not client:
                         if client is None:
                             conn._stick_skip = STICK_SKIP  # its client is slower than that
