@@ -196,7 +196,8 @@ class LoopConnection(Connection):
             if self._out:
                 self._send_later(data, 0)  # keep order behind what is already queued
                 return
-            # The common case: one send the kernel takes whole.
+            # The common case: one send the kernel takes whole (_send_now,
+            # inlined: the pure-Python build's busiest call).
             try:
                 sent = self.transport.send_nowait(data)
             except BlockingIOError:
@@ -706,14 +707,20 @@ class IOLoop:
                 self._end(conn, self._reason(conn, exc))
 
     def _finish_dispatched(self, conn: LoopConnection, kind: int, value: Any) -> None:
-        """End a connection as the C dispatch said: its reason, a receive error, or the handler's exception."""
-        if kind == hot_path.FINISH:
-            reason = value
-        elif kind == hot_path.RECV_ERROR:
-            reason = recv_failed(conn, value)
-        else:
-            reason = self._reason(conn, value)
+        """End a connection as the C dispatch said: its reason, a receive error, or an exception."""
+        reason = self._outcome_reason(conn, kind, value)
+        assert reason is not None  # dispatch returns no REST
         self._end(conn, reason)
+
+    def _outcome_reason(self, conn: LoopConnection, kind: int, value: Any) -> Optional[str]:
+        """The close reason for what the C path reported (hot_path.FINISH and the rest); None for REST."""
+        if kind == hot_path.FINISH:
+            return value  # type: ignore[no-any-return]
+        if kind == hot_path.RECV_ERROR:
+            return recv_failed(conn, value)
+        if kind in (hot_path.HANDLER_ERROR, hot_path.TLS_ERROR):
+            return self._reason(conn, value)
+        return None
 
     def _close(self) -> None:
         """The loop has ended (stopped, or failed): finish what it still holds, release its descriptors."""
@@ -1047,13 +1054,7 @@ class IOLoop:
 
     def _end_turn(self, conn: LoopConnection, transport: Any, kind: int, value: Any, calls: int, slow: bool) -> None:
         """What the C turn (hot_path.offloaded_server) left to Python: finish the connection, or the rest."""
-        reason: Optional[str] = None
-        if kind == hot_path.FINISH:
-            reason = value
-        elif kind == hot_path.RECV_ERROR:
-            reason = recv_failed(conn, value)
-        elif kind == hot_path.HANDLER_ERROR:
-            reason = self._reason(conn, value)
+        reason = self._outcome_reason(conn, kind, value)
         self._calls_done(conn, reason, reason == "eof", transport, slow, calls)
 
     def _submit(self, conn: LoopConnection, messages: Any, transport: Any, eof: bool, connected: bool) -> None:

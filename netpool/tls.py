@@ -301,30 +301,21 @@ class TLSTransport:
 
         Raises ConnectionResetError on a reset and TLSError on a protocol error.
         """
-        data = self._recv_once(size)[0]
-        if data is None:
-            raise BlockingIOError(errno.EAGAIN, "TLS record not complete")
-        return data
-
-    def _recv_once(self, size: int) -> tuple[Optional[bytes], int]:
-        """One SSL_read: (bytes or b"" at the end, 0), or (None, the poll event to wait for)."""
         if self.closing:
             # Told to close: stop without another SSL_read on a half-shut socket.
-            return b"", 0
+            return b""
         with self._lock:
             try:
-                return self._ssl.recv(size), 0
-            except SSL.WantReadError:
-                return None, select.POLLIN
-            except SSL.WantWriteError:
-                return None, select.POLLOUT
+                return self._ssl.recv(size)
+            except (SSL.WantReadError, SSL.WantWriteError):
+                raise BlockingIOError(errno.EAGAIN, "TLS record not complete") from None
             except SSL.ZeroReturnError:
-                return b"", 0  # close_notify: a clean end
+                return b""  # close_notify: a clean end
             except SSL.SysCallError as exc:
                 self._notified = True  # a broken session gets no close_notify
                 code = exc.args[0] if exc.args else -1
                 if code in (-1, 0):
-                    return b"", 0  # TCP FIN without close_notify: treat as end of stream
+                    return b""  # TCP FIN without close_notify: treat as end of stream
                 raise ConnectionResetError(code, os.strerror(code)) from None
             except SSL.Error as exc:
                 self._notified = True
