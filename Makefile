@@ -29,9 +29,11 @@ $(STAMP): setup.cfg pyproject.toml setup.py netpool/_speedups.c
 run: $(STAMP)
 	$(BIN)/netpool echo --host $(HOST) --port $(PORT)
 
-# Tools the tests drive as real, independent peers (openssl s_client).
-# Installed from Debian's packages when missing, never by hand.
-SYSTEM_TOOLS := openssl haproxy
+# Tools the tests drive as real, independent peers (openssl s_client,
+# haproxy, a redis-server started by tests/redis_server.py). Installed from
+# Debian's packages when missing, never by hand: each name is both the command
+# checked with `command -v` and the Debian package that provides it.
+SYSTEM_TOOLS := openssl haproxy redis-server
 .PHONY: system-tools
 system-tools:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \

@@ -72,6 +72,9 @@ LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--proxy-protocol", "proxy_protocol", click.Choice(["off", "v1", "v2", "any"]),
      "Expect HAProxy's PROXY header (from a load balancer) before anything else."),
     ("--proxy-trusted", "proxy_trusted", str, "Comma-separated networks allowed to send PROXY headers."),
+    ("--broker", "broker", str,
+     "Where listener.broker keeps sessions: local (this process), or redis://HOST:PORT/DB to reach "
+     "sessions in other processes and machines."),
     ("--name", "name", str, "Name used in log lines and thread names."),
 ]
 
@@ -186,12 +189,17 @@ def echo(config_file: Optional[str], grace: float, log_level: str, metrics_port:
 @main.command()
 @click.argument("handler", metavar="MODULE:HANDLER")
 @listener_options
+@click.option("--on-connect", "on_connect", metavar="MODULE:FN", default=None,
+              help="Call on_connect(conn) from MODULE:FN before a connection's first read.")
+@click.option("--on-close", "on_close", metavar="MODULE:FN", default=None,
+              help="Call on_close(conn, reason) from MODULE:FN once when a connection has closed.")
 def run(handler: str, config_file: Optional[str], grace: float, log_level: str, metrics_port: Optional[int],
         metrics_host: str, **flags: Any) -> None:
     """Serve handler(message, conn) imported from MODULE:HANDLER.
 
     The current directory is importable, so `netpool run mymodule:handler`
-    finds ./mymodule.py.
+    finds ./mymodule.py; --on-connect and --on-close (or on_connect,
+    on_close, on_alarm in --config) name hooks the same way.
     """
     settings = settings_from_flags(config_file, flags, default_name=handler.partition(":")[0])
     settings["handler"] = handler

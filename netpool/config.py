@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional
 
+from .broker_url import check_broker_url
 from .checks import whole_number
 from .errors import ConfigError
 from .framing import FRAMERS, FramerFactory
@@ -42,9 +43,15 @@ def _timeout(name: str, value: Any, *, optional: bool) -> None:
         raise ConfigError(name, f"must be a positive number of seconds, got {value!r}")
 
 
-def _hook(name: str, value: Any) -> None:
+def _hook(name: str, value: Any) -> Any:
+    """The hook ``value`` names: itself, or the object a ``"module:attr"`` string imports; callable or None."""
+    if isinstance(value, str):
+        spec, value = value, load_object(value, field=name)
+        if not callable(value):
+            raise ConfigError(name, f"expected a callable or None, {spec!r} is {value!r}")
     if value is not None and not callable(value):
         raise ConfigError(name, f"expected a callable or None, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +141,10 @@ class ListenerConfig:
     """Seconds a send may wait for a peer that does not read before the connection is closed."""
     handshake_timeout: float = 10.0
     """Seconds a TLS handshake may take."""
+    outbox_limit: int = 1 << 20
+    """Bytes that may wait for one peer through ``conn.post`` (messages from other connections, other
+    processes) beyond what the kernel took. A peer that falls further behind is closed
+    (``outbox_overflow``): a reader that stops never holds up the senders, and never grows memory."""
     ssl: Optional[TLSConfig | Mapping[str, Any]] = None
     """TLS options (a TLSConfig or a dict of its keys); None or empty serves plain TCP."""
 
@@ -142,17 +153,23 @@ class ListenerConfig:
     proxy_trusted: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     """Networks of the balancers allowed to send PROXY headers; other peers are refused."""
 
-    on_connect: Optional[Callable[[Any], None]] = None
-    """``on_connect(conn)``: called before the connection's first read, on the thread serving it."""
-    on_close: Optional[Callable[[Any, str], None]] = None
-    """``on_close(conn, reason)``: called once when the connection has closed."""
+    on_connect: Optional[Callable[[Any], None] | str] = None
+    """``on_connect(conn)``: called before the connection's first read, on the thread serving it;
+    or a ``"module:attr"`` spec."""
+    on_close: Optional[Callable[[Any, str], None] | str] = None
+    """``on_close(conn, reason)``: called once when the connection has closed; or a ``"module:attr"`` spec."""
 
     alarm_threshold: Optional[int] = None
     """Live count at which ``on_alarm`` fires (Ranch's alarms)."""
-    on_alarm: Optional[Callable[[Any, int], None]] = None
-    """``on_alarm(listener, live)``; runs where on_connect does (never on an acceptor), just before it."""
+    on_alarm: Optional[Callable[[Any, int], None] | str] = None
+    """``on_alarm(listener, live)``; runs where on_connect does (never on an acceptor), just before it.
+    A ``"module:attr"`` spec is accepted too."""
     alarm_cooldown: float = 5.0
     """Minimum seconds between two alarms."""
+
+    broker: Optional[str] = None
+    """Where ``listener.broker`` keeps its sessions: None (or "local") for this process alone;
+    ``"redis://HOST:PORT/DB"`` to share them with other processes and machines (needs redis-py)."""
 
     name: str = "netpool"
     """Listener name, used in thread names and log lines."""
@@ -223,6 +240,7 @@ class ListenerConfig:
         _timeout("send_timeout", self.send_timeout, optional=False)
         _timeout("message_timeout", self.message_timeout, optional=True)
         _timeout("handshake_timeout", self.handshake_timeout, optional=False)
+        whole_number("outbox_limit", self.outbox_limit)
         object.__setattr__(self, "ssl", TLSConfig.coerce(self.ssl))
         if self.workers and self.ssl is not None and self.ssl.mode == "starttls":
             raise ConfigError("workers", "STARTTLS must run between reads, on the reading thread: "
@@ -237,12 +255,13 @@ class ListenerConfig:
             raise ConfigError("proxy_trusted", str(exc)) from None
         object.__setattr__(self, "proxy_trusted", trusted)
         for hook in ("on_connect", "on_close", "on_alarm"):
-            _hook(hook, getattr(self, hook))
+            object.__setattr__(self, hook, _hook(hook, getattr(self, hook)))
         if self.alarm_threshold is not None:
             whole_number("alarm_threshold", self.alarm_threshold)
             if self.on_alarm is None:
                 raise ConfigError("alarm_threshold", "set on_alarm too: the callback the alarm calls")
         _timeout("alarm_cooldown", self.alarm_cooldown, optional=False)
+        check_broker_url(self.broker)
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("name", f"expected a non-empty string, got {self.name!r}")
 

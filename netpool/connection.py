@@ -183,6 +183,20 @@ class Connection:
         """Send bytes as they are, bypassing the framer (same guarantees as :meth:`send`)."""
         raise NotImplementedError  # io_loop.LoopConnection's, per I/O mode
 
+    def post(self, message: bytes) -> bool:
+        """Hand this connection a message from elsewhere (another client's handler, another process); never waits.
+
+        For fan-out and relays: the message is framed like :meth:`send`'s,
+        queued in the connection's outbox and written by its I/O loop as the
+        peer reads, whole and in order of posting, between the connection's
+        own sends (never inside one). Safe from any thread. Returns False if
+        it was not taken: the connection is closing, or its outbox would
+        pass the listener's ``outbox_limit``, and then the connection is
+        closed (``outbox_overflow``): a peer that stops reading never holds
+        up the poster, and cannot grow memory.
+        """
+        raise NotImplementedError  # io_loop.LoopConnection's
+
     def close(self, reason: str = "closed", *, graceful: bool = False) -> None:
         """Close the connection; safe to call from any thread, any number of times (the first reason wins).
 

@@ -154,3 +154,13 @@ class Overloaded(NetpoolError):
 
 class WorkerPoolStopped(NetpoolError, RuntimeError):
     """Work was submitted to a worker pool that is stopping or stopped."""
+
+
+class BrokerUnavailable(NetpoolError, ConnectionError):
+    """The session broker's shared directory (Redis) cannot be reached now.
+
+    Sessions of this process are still served: deliver to them as usual. What
+    lives elsewhere is unknown until the directory is back (the broker
+    reconnects by itself and logs when it does); tell the sender its message
+    could not be delivered rather than waiting.
+    """

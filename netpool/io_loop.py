@@ -79,6 +79,7 @@ from .handshake import Handshake
 from .handler_threads import ARMED, HANDLER_THREADS, HandlerThreads
 from .hot_path import OFFLOAD_AFTER, blocked_since_mark, mark, recv_nowait, wait_for_client
 from .close_reasons import reason_for, recv_failed
+from .config import format_address
 
 if TYPE_CHECKING:  # pragma: no cover
     from .services import ConnectionServices
@@ -158,7 +159,8 @@ class LoopConnection(Connection):
     """
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_alarm_due", "_fd",
-                 "_offloaded", "_busy", "_quick", "_proven", "_inline_after", "_away", "_struck", "_stick_skip")
+                 "_offloaded", "_busy", "_quick", "_proven", "_inline_after", "_away", "_struck", "_stick_skip",
+                 "_posted", "_posted_bytes", "_post_due")
 
     def __init__(self, *args: Any, loop: "IOLoop", alarm_due: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -186,8 +188,79 @@ class LoopConnection(Connection):
         self._away = False  # registered with the handler threads' epoll, not the loop's
         self._struck = 0.0  # when a slow call of this (proven) connection was last let pass
         self._stick_skip = 0  # chances left before a handler thread waits on it again (STICK_SKIP)
+        # The outbox (post): messages posted and not yet moved to _out by the
+        # loop, their size, and whether the loop has it in its pump queue;
+        # all three under the loop's post lock.
+        self._posted: Optional[list[bytes]] = None
+        self._posted_bytes = 0
+        self._post_due = False
 
     send = Connection.send  # the C hot path replaces both (hot_path.install)
+
+    def post(self, message: bytes) -> bool:
+        encode = self._encode
+        data = encode(message) if encode is not None else message
+        loop = self._loop
+        with loop._post_lock:
+            if self._wr_closed or loop._wake_fd < 0:
+                return False
+            out = self._out
+            if self._posted_bytes + len(data) + (len(out) if out else 0) <= loop._outbox_limit:
+                posted = self._posted
+                if posted is None:
+                    self._posted = [data]
+                else:
+                    posted.append(data)
+                self._posted_bytes += len(data)
+                if not self._post_due:
+                    self._post_due = True
+                    to_pump = loop._to_pump
+                    if not to_pump:  # one wake-up for a whole fan-out
+                        os.eventfd_write(loop._wake_fd, 1)
+                    to_pump.append(self)
+                return True
+        if self._request_close("outbox_overflow", socket.SHUT_RDWR):
+            log.warning("%s: connection %d from %s left more than %d bytes of posted messages unread; "
+                        "closed (outbox_overflow)", loop.services.config.name, self.id,
+                        format_address(self.peer), loop._outbox_limit)
+        return False
+
+    def _pump(self) -> Optional[bool]:
+        """Move what was posted behind the queue (_out) and send what the kernel takes, never waiting (loop thread).
+
+        True once everything is written; False if the peer must read first
+        (the rest waits in _out, within ``send_timeout`` like any queued
+        send); None if a sender held the send lock (a thread-mode send
+        waiting for this same peer, a worker's send): the loop tries again.
+        The send lock keeps posted messages whole between the connection's
+        own sends.
+        """
+        lock = self._send_lock
+        got = lock.acquire(blocking=False)
+        with self._loop._post_lock:
+            posted = self._posted
+            if not got:
+                return None  # stays due, and queued
+            self._posted = None
+            self._posted_bytes = 0
+            self._post_due = False
+        try:
+            if self._wr_closed:
+                return True
+            if posted:
+                data = posted[0] if len(posted) == 1 else b"".join(posted)
+                self.bytes_out += len(data)  # counted once queued: it goes out or the connection dies
+                out = self._out
+                if out:
+                    out += data
+                else:
+                    self._out = bytearray(data)
+                    self._out_deadline = time.monotonic() + self._send_timeout
+            return self._flush()
+        except ConnectionClosed:
+            return True  # the reason is recorded; its reads end it
+        finally:
+            lock.release()
 
     def send_bytes(self, data: bytes) -> None:
         with self._send_lock:
@@ -216,7 +289,11 @@ class LoopConnection(Connection):
     def _send_later(self, data: bytes, sent: int) -> None:
         """What the kernel (or, for TLS, SSL_write) did not take at once (lock held): wait for it, or queue it."""
         if self._loop.handoff:
-            # Thread mode: wait for the peer on this thread.
+            # Thread mode: wait for the peer on this thread, behind whatever
+            # posted messages the loop could not write yet (_out).
+            if self._out:
+                self._about_to_wait()
+                self._drain_to(0)
             self._send_rest(memoryview(data)[sent:])
             self.bytes_out += len(data)
             return
@@ -302,14 +379,9 @@ class LoopConnection(Connection):
         return 0
 
     def _flush_last(self) -> None:
-        """Last chance for queued replies (a handler that sent, then closed), unless a sender is at it."""
-        if self._out and self._send_lock.acquire(blocking=False):
-            try:
-                self._flush()
-            except ConnectionClosed:
-                pass
-            finally:
-                self._send_lock.release()
+        """Last chance for queued replies and posted messages (a handler that sent, then closed), unless a sender is at it."""
+        if self._out or self._posted:
+            self._pump()
 
     def _flush_writable(self) -> bool:
         """The socket turned writable: send what is queued; True once nothing is (a sender at it: False)."""
@@ -459,6 +531,20 @@ class IOLoop:
         # watches it like any socket.
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, select.EPOLLIN)
+        # The outboxes (post): connections with messages posted, for the loop
+        # to write (_pump); those whose sender held the send lock, tried
+        # again within a millisecond; and those waiting for the peer to read,
+        # in an epoll of their own (one-shot EPOLLOUT) that the loop's epoll
+        # watches like a socket, in both I/O modes and wherever the
+        # connection is read (the loop, or its handler threads).
+        self._post_lock = threading.Lock()
+        self._to_pump: collections.deque[LoopConnection] = collections.deque()
+        self._pump_retry: list[LoopConnection] = []
+        self._outbox_ep = select.epoll()
+        self._outbox_fd = self._outbox_ep.fileno()
+        self._ep.register(self._outbox_fd, select.EPOLLIN)
+        self._pumping: dict[int, LoopConnection] = {}
+        self._outbox_limit = services.config.outbox_limit
         self.stopping = False
         config = services.config
         timeouts = [t for t in (config.idle_timeout, config.send_timeout, config.handshake_timeout) if t]
@@ -595,7 +681,11 @@ class IOLoop:
         handoff = self.handoff
         wake_fd = self._wake_fd
         while not (self.stopping and not conns and not self._pending and not self._returned and not self._later):
-            events = poll(self._sweep_every)
+            if self._to_pump or self._pump_retry:
+                # Here, not where the wake-up is read: a hand-off can end an
+                # owner's turn between the two, and the next owner starts here.
+                self._pump_posted()
+            events = poll(0.001 if self._pump_retry else self._sweep_every)
             now = time.monotonic()
             if handoff:
                 mark()  # what a slow call in this batch did with the CPU (call_was_slow)
@@ -638,6 +728,8 @@ class IOLoop:
             if conn is None:
                 if fd == self._wake_fd:
                     self._take_new(now)
+                elif fd == self._outbox_fd:
+                    self._pump_writable()
                 continue
             if conn._setup is not None:
                 self._advance_setup(conn)
@@ -734,9 +826,10 @@ class IOLoop:
                 continue  # its call is running on a thread, which finishes it (_calls_done)
             self._end(conn, "server_stop")
         self._ep.close()
+        self._outbox_ep.close()
         if self._crew is not None:
             self._crew.close()  # every handler thread wakes and leaves; the last releases its epoll
-        with self._takeover_lock:
+        with self._takeover_lock, self._post_lock:  # no give_back or post writes to a closed eventfd
             os.close(self._wake_fd)
             self._wake_fd = -1
 
@@ -879,6 +972,40 @@ class IOLoop:
         if conn._flush_writable():
             self.watch_writable(conn, False)
 
+    # -- the outboxes (Connection.post) -------------------------------------------
+
+    def _pump_posted(self) -> None:
+        """Write what was posted since the last turn (loop thread): each connection's messages in one send."""
+        retry, self._pump_retry = self._pump_retry, []
+        to_pump = self._to_pump
+        while to_pump:
+            self._pump(to_pump.popleft())
+        for conn in retry:
+            self._pump(conn)
+
+    def _pump_writable(self) -> None:
+        """Peers that read again: write more of what they were posted."""
+        for fd, _ in self._outbox_ep.poll(0):
+            conn = self._pumping.pop(fd, None)
+            if conn is not None:
+                self._pump(conn)
+
+    def _pump(self, conn: LoopConnection) -> None:
+        """Write ``conn``'s outbox as far as its peer takes it now (LoopConnection._pump); then retry or wait."""
+        written = conn._pump()
+        if written:
+            return
+        if written is None:
+            self._pump_retry.append(conn)  # a sender holds its lock: again within a millisecond
+            return
+        self._pumping[conn._fd] = conn
+        try:
+            self._outbox_ep.register(conn._fd, select.EPOLLOUT | select.EPOLLONESHOT)
+        except FileExistsError:
+            self._outbox_ep.modify(conn._fd, select.EPOLLOUT | select.EPOLLONESHOT)
+        except (OSError, ValueError):
+            self._pumping.pop(conn._fd, None)  # closed meanwhile
+
     def _sweep(self, now: float) -> None:
         """Idle, send and handshake deadlines: checked a few times per shortest timeout."""
         config = self.services.config
@@ -920,6 +1047,8 @@ class IOLoop:
         self.services.after_queued_calls(conn, reason, functools.partial(self._close_and_report, conn, reason))
 
     def _close_and_report(self, conn: LoopConnection, reason: str) -> None:
+        if self._pumping.get(conn._fd) is conn:
+            del self._pumping[conn._fd]  # its descriptor leaves the outbox epoll as it closes
         result = conn._finish(reason)
         if result is not None:
             self.services.connection_closed(conn, *result)

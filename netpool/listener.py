@@ -25,6 +25,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from .acceptor import AcceptGate, Acceptor
 from .admission import Admission
+from .broker import LocalBroker
+from .broker_url import open_broker
 from .config import ListenerConfig, format_address
 from .conn_threads import ConnectionThreads
 from .connection import Connection
@@ -149,6 +151,8 @@ class Listener:
         self._bytes_in = self._bytes_out = 0  # of closed connections; open ones add theirs in info()
         self._refusals = RateLimitedLog(log)
         self._fd_log = RateLimitedLog(log)
+        self._broker: Optional[LocalBroker] = None
+        self._broker_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Listener {self.config.name} {self.address} {self._state}>"
@@ -157,6 +161,18 @@ class Listener:
     def tls_context(self) -> Any:
         """The pyOpenSSL context this listener serves TLS with (implicit or STARTTLS), or None without ``ssl``."""
         return self._tls_context
+
+    @property
+    def broker(self) -> LocalBroker:
+        """The session broker of ``config.broker`` (in-process by default), opened on first use, closed at stop.
+
+        For handlers that deliver to other connections (``conn.listener.broker``):
+        chat rooms, presence, relays. See ``broker.LocalBroker``.
+        """
+        with self._broker_lock:
+            if self._broker is None:
+                self._broker = open_broker(self.config.broker)
+            return self._broker
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -251,6 +267,8 @@ class Listener:
                 log.warning("I/O loop %d of %s still running user code after stop", loop.index, self.config.name)
 
         self._spare.close()
+        if self._broker is not None:
+            self._broker.close()  # after the connections: each on_close could still unregister
         with self._gate:
             self._state = "stopped"
             self._gate.notify_all()

@@ -6,16 +6,20 @@ Every wait here has a deadline; nothing sleeps to let state settle.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pytest
 
 import netpool
 from netpool import hot_path
 from netpool.listener import install_hot_path
+
+if TYPE_CHECKING:
+    from .redis_server import RedisServer
 
 DEADLINE = 10.0
 
@@ -170,3 +174,34 @@ def listener_factory() -> Iterator[Callable[..., netpool.Listener]]:
     """Start listeners inside a test (same defaults as ``serving``); all stop at teardown."""
     with contextlib.ExitStack() as stack:
         yield lambda **settings: stack.enter_context(serving(**settings))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server (Debian's) for the whole session, on a free loopback port, without persistence.
+
+    One for the session because starting one costs far more than a FLUSHALL;
+    tests isolate themselves through ``redis_url`` (or ``flush()``), and may
+    ``stop()`` and ``start()`` it to simulate Redis going away and coming back
+    empty on the same port.
+    """
+    # Imported here: redis_server.py uses this module's wait_for.
+    from .redis_server import RedisServer
+
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.skip("redis-server is not installed: run `make test`, which installs it (Debian package redis-server)")
+    server = RedisServer(executable, tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's redis-server, running (a previous test may have stopped it) and empty: its redis:// URL."""
+    redis_server.start()  # returns at once when it is already running
+    redis_server.flush()
+    return redis_server.url

@@ -26,7 +26,7 @@ import pytest
 
 from netpool import cli
 
-from .conftest import recv_exactly, recv_until_closed
+from .conftest import recv_exactly, recv_until_closed, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -246,8 +246,15 @@ def test_help_documents_every_option(tmp_path: Path, command: list[str]) -> None
     for flag in flags:
         # An option's own entry starts its line; mentions in other help texts do not count.
         assert re.search(rf"^\s+{re.escape(flag)}(?=\s)", text, re.M), f"{flag} missing from:\n{text}"
+    hook_flags = ("--on-connect", "--on-close")
     if command == ["run"]:
         assert "MODULE:HANDLER" in text
+        for flag in hook_flags:
+            assert re.search(rf"^\s+{flag} MODULE:FN\s", text, re.M), f"{flag} missing from:\n{text}"
+    else:
+        # echo's handler is fixed; the hooks belong to `run` only.
+        for flag in hook_flags:
+            assert flag not in text, text
 
 
 @pytest.mark.parametrize(
@@ -280,6 +287,29 @@ def test_run_with_a_bad_handler_is_a_usage_error(tmp_path: Path, spec: str, need
     """`netpool run` with a handler that cannot be imported exits 2 naming the problem, no traceback."""
     (tmp_path / "boom.py").write_text('raise RuntimeError("kaboom")\n')
     assert_clean_usage_error(run_cli("run", spec, "--port", "0", cwd=tmp_path), "handler:", *needles)
+
+
+@pytest.mark.parametrize(
+    "args, toml, field, needles",
+    [
+        (["--on-connect", "nosuch:fn"], None, "on_connect", ["cannot import module 'nosuch'"]),
+        (["--on-close", "hooks:nosuch"], None, "on_close", ["module 'hooks' has no attribute 'nosuch'"]),
+        (["--on-connect", "hooks:GREETING"], None, "on_connect", ["expected a callable", "'hooks:GREETING'"]),
+        ([], 'on_alarm = "nosuch:fn"\nalarm_threshold = 2\n', "on_alarm", ["cannot import module 'nosuch'"]),
+    ],
+    ids=["on-connect-no-module", "on-close-no-attribute", "on-connect-not-callable", "toml-on-alarm"],
+)
+def test_run_with_a_bad_hook_is_a_usage_error(tmp_path: Path, args: list[str], toml: Optional[str], field: str,
+                                              needles: list[str]) -> None:
+    """A hook that cannot be imported (flag or --config key) exits 2 with one line naming the field, no traceback."""
+    (tmp_path / "hooks.py").write_text(HOOKS_MODULE)
+    if toml is not None:
+        (tmp_path / "listener.toml").write_text(toml)
+        args = [*args, "--config", str(tmp_path / "listener.toml")]
+    result = run_cli("run", "hooks:handler", "--port", "0", *args, cwd=tmp_path)
+    assert_clean_usage_error(result, f"{field}:", *needles)
+    naming = [line for line in result.stderr.splitlines() if field in line]
+    assert len(naming) == 1 and naming[0].startswith(f"Error: {field}: "), result.stderr
 
 
 def test_a_registered_command_that_cannot_load_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -377,6 +407,72 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
             round_trip(sock, b"a\nb\n")
         returncode, stderr = srv.stop()
     assert returncode == 0, stderr
+
+
+HOOKS_MODULE = """\
+from pathlib import Path
+
+CLOSED = Path(__file__).with_name("closed.txt")
+GREETING = b"welcome"  # --framing line: send() adds the newline
+
+
+def handler(message, conn):
+    conn.send(message)
+
+
+def joined(conn):
+    conn.send(GREETING)
+
+
+def joined_from_the_flag(conn):
+    conn.send(b"hello from the flag")
+
+
+def left(conn, reason):
+    with CLOSED.open("a") as fh:
+        fh.write(reason + "\\n")
+"""
+
+
+def serve_with_hooks(tmp_path: Path, *args: str, greeting: bytes = b"welcome\n") -> str:
+    """`netpool run hooks:handler ARGS...`: a client sees ``greeting`` first, is echoed, closes; on_close logs eof.
+
+    Returns the server's stderr after a clean SIGTERM.
+    """
+    (tmp_path / "hooks.py").write_text(HOOKS_MODULE)
+    closed = tmp_path / "closed.txt"
+    with server("run", "hooks:handler", "--port", "0", "--framing", "line", *args, cwd=tmp_path) as srv:
+        with connect(srv.port()) as sock:
+            assert recv_exactly(sock, len(greeting)) == greeting
+            round_trip(sock, b"ping\n")
+            assert not closed.exists(), "on_close ran while the client was still connected"
+        # The client closed cleanly: on_close(conn, "eof") runs once, in the server process.
+        wait_for(lambda: closed.exists() and closed.read_text() == "eof\n", what="on_close to write eof")
+        returncode, stderr = srv.stop()
+    assert returncode == 0, stderr
+    assert re.search(r"hooks stopped after [\d.]+s: accepted 1, refused 0, closed 1 \(eof 1\)", stderr), stderr
+    assert closed.read_text() == "eof\n", "on_close ran more than once"
+    return stderr
+
+
+def test_run_hooks_from_flags(tmp_path: Path) -> None:
+    """`--on-connect MODULE:FN --on-close MODULE:FN` import the hooks: a greeting first, the close reason after."""
+    serve_with_hooks(tmp_path, "--on-connect", "hooks:joined", "--on-close", "hooks:left")
+
+
+def test_run_hooks_from_the_config_file(tmp_path: Path) -> None:
+    """on_connect/on_close as "module:attr" strings in --config work as the flags do."""
+    config = tmp_path / "listener.toml"
+    config.write_text('on_connect = "hooks:joined"\non_close = "hooks:left"\n')
+    serve_with_hooks(tmp_path, "--config", str(config))
+
+
+def test_hook_flag_overrides_the_config_file(tmp_path: Path) -> None:
+    """--on-connect beats on_connect in --config (whose own spec is never imported); on_close still comes from the file."""
+    config = tmp_path / "listener.toml"
+    config.write_text('on_connect = "nosuch:fn"\non_close = "hooks:left"\n')
+    serve_with_hooks(tmp_path, "--config", str(config), "--on-connect", "hooks:joined_from_the_flag",
+                     greeting=b"hello from the flag\n")
 
 
 def test_unknown_key_in_config_file_is_a_usage_error(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -42,7 +43,7 @@ def test_config_is_frozen():
         ("send_timeout", None, "number of seconds"),
         ("grow_step", True, "whole number"),
         ("refuse_message", 5, "bytes or str"),
-        ("on_close", "nope", "callable"),
+        ("on_close", 42, "callable"),
         ("unix_mode", "999", "octal"),
     ],
 )
@@ -67,6 +68,44 @@ def test_handler_spec_string_is_imported():
 def test_bad_handler_spec_is_a_clear_error(spec):
     with pytest.raises(HandlerImportError, match="handler"):
         ListenerConfig(handler=spec)
+
+
+HOOKS = ["on_connect", "on_close", "on_alarm"]
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_hook_spec_string_is_imported(hook):
+    """Every hook takes a "module:attr" string, as handler does, and holds the function it names."""
+    from netpool.examples.echo.handler import echo as example_echo
+
+    cfg = ListenerConfig(handler=echo, **{hook: "netpool.examples.echo.handler:echo"})
+    assert getattr(cfg, hook) is example_echo
+    assert getattr(cfg.replace(port=7), hook) is example_echo
+    assert getattr(ListenerConfig.from_mapping({"handler": echo, hook: "os.path:basename"}), hook) is os.path.basename
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_module_xyz:fn", "cannot import module 'no_such_module_xyz'"),
+        ("os:no_such_attr", "has no attribute 'no_such_attr'"),
+        ("just_a_module", "MODULE:ATTRIBUTE"),
+    ],
+    ids=["no-module", "no-attribute", "no-colon"],
+)
+def test_bad_hook_spec_is_a_clear_error_naming_the_hook(hook, spec, message):
+    with pytest.raises(HandlerImportError, match=message) as info:
+        ListenerConfig(handler=echo, **{hook: spec})
+    assert info.value.field == hook
+    assert str(info.value).startswith(f"{hook}:")
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_hook_spec_must_name_a_callable(hook):
+    with pytest.raises(ConfigError, match=r"expected a callable or None, 'os:sep' is") as info:
+        ListenerConfig(handler=echo, **{hook: "os:sep"})
+    assert info.value.field == hook
 
 
 def test_alarm_threshold_needs_callback():

@@ -1,4 +1,4 @@
-"""The XMPP example's small parts on their own: JIDs, SASL PLAIN, the user file, the outbox, the deadlines."""
+"""The XMPP example's small parts on their own: JIDs, SASL PLAIN, the user file, the deadlines."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import time
 import pytest
 from netpool.examples.xmpp_stub.deadlines import Deadlines
 from netpool.examples.xmpp_stub.jid import JID, InvalidJID, localpart
-from netpool.examples.xmpp_stub.outbox import Outbox
 from netpool.examples.xmpp_stub.sasl import SASLFailure, decode_payload, parse_plain
 from netpool.examples.xmpp_stub.users import UserStore, UserStoreError
 
@@ -139,63 +138,6 @@ def test_broken_user_files_are_refused_with_the_file_named(tmp_path, content, ne
 def test_a_missing_user_file_fails_at_open(tmp_path):
     with pytest.raises(UserStoreError, match="no such user file"):
         UserStore.open(tmp_path / "absent.json")
-
-
-# -- the outbox -------------------------------------------------------------------------------
-
-
-class Peer:
-    """A fake stream end: records writes; can be made to block like a client that stops reading."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.reading = threading.Event()
-        self.reading.set()
-        self.closed = threading.Event()
-        self.overflowed = threading.Event()
-
-    def write(self, data: bytes) -> None:
-        while not self.reading.wait(0.01):
-            if self.closed.is_set():
-                raise ConnectionClosed("closed while blocked")
-        self.written.append(data)
-
-
-def test_outbox_writes_in_order_and_its_writer_goes_away_when_idle():
-    peer = Peer()
-    box = Outbox(peer.write, name="netpool-test-outbox", max_bytes=1024, on_overflow=peer.overflowed.set, linger=0.05)
-    for i in range(50):
-        assert box.put(b"%d," % i)
-    wait_for(lambda: b"".join(peer.written) == b"".join(b"%d," % i for i in range(50)))
-    wait_for(lambda: not [t for t in threading.enumerate() if t.name == "netpool-test-outbox"], what="writer exit")
-    assert box.put(b"again")  # a new writer starts for the next burst
-    wait_for(lambda: peer.written[-1] == b"again")
-    box.close()
-    assert not box.put(b"after close")
-
-
-def test_a_recipient_that_stops_reading_never_blocks_the_sender():
-    peer = Peer()
-    peer.reading.clear()
-    box = Outbox(peer.write, name="netpool-test-outbox", max_bytes=1000, on_overflow=peer.overflowed.set)
-    started = time.monotonic()
-    taken = [box.put(b"x" * 100) for _ in range(20)]
-    assert time.monotonic() - started < 0.5  # every put returned at once
-    assert taken[:10] == [True] * 10 and taken[-1] is False  # bounded: the 11th kilobyte is refused
-    assert peer.overflowed.is_set() and box.closed
-    peer.closed.set()
-    wait_for(lambda: not [t for t in threading.enumerate() if t.name == "netpool-test-outbox"], what="writer exit")
-
-
-def test_outbox_actions_run_after_what_was_queued_before():
-    peer = Peer()
-    box = Outbox(peer.write, name="netpool-test-outbox", max_bytes=1024, on_overflow=peer.overflowed.set, linger=0.05)
-    done = threading.Event()
-    box.put(b"first")
-    box.call(lambda: (peer.written.append(b"action"), done.set()))
-    done.wait(5)
-    assert peer.written == [b"first", b"action"]
-    box.close()
 
 
 # -- the deadlines -----------------------------------------------------------------------------

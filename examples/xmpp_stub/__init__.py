@@ -11,9 +11,8 @@ stanzas         the XML the server says itself: header, features, errors, replie
 jid             JID parsing, validation and normalisation
 sasl            SASL PLAIN decoding
 users           the user file: salted scrypt hashes, ``netpool xmpp adduser``
-outbox          a bounded per-stream send queue, so a slow reader holds no sender
 deadlines       per-stream timeouts (short before login, long after), one thread
-router          who is online where; where messages, presence and iqs go
+router          who is online where (netpool's session broker); where stanzas go
 services        the iqs the server answers itself (disco, ping, roster, session)
 stream          one client's stream: negotiation, then stanzas (the state machine)
 settings        ServerSettings, validated at construction

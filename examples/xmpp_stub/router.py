@@ -1,15 +1,27 @@
 """The router: who is online under which resource, and where messages, presence and iqs go.
 
-One router serves every stream of a server. Its table maps an account to its
-bound resources; a stream appears there once it has authenticated *and*
-bound a resource, so nothing is ever routed to or from a stream before that.
+One router serves every stream of a server. Its table is netpool's session
+broker (``conn.listener.broker``): a stream is registered there once it has
+authenticated *and* bound a resource, as the account's session named by the
+resource, so nothing is ever routed to or from a stream before that. With
+``--broker redis://...`` the table is shared by every worker process and
+every server on that Redis: a resource is bound once among all of them (the
+broker claims a name atomically), and a message finds its recipient
+wherever it is connected.
 
-Delivery between streams always goes through the recipient's outbox (never
-its socket), so routing never blocks on a slow recipient. Presence changes
-are applied and fanned out under the table's lock: that is what keeps every
-observer's view in order (alice never sees bob come online *after* seeing
-him leave). Holding the lock is cheap because putting into an outbox never
-blocks.
+Delivery always goes through the recipient's outbox (``conn.post``, through
+the broker), never its socket, so routing never waits for a slow recipient;
+a recipient that stops reading is disconnected by netpool once its outbox
+overflows (``outbox_limit``). Presence changes are applied and fanned out
+(the broker's ``available`` topic) under one lock per server process: that
+keeps the view of every observer on that process in order.
+
+Nothing is lost without a word: a message for nobody bounces at once
+(``service-unavailable``); one whose recipient on another node disappeared
+in flight comes back as the error the broker was handed with it. A node
+that dies takes its users offline for everyone (the broker's ``on_gone``:
+their unavailable presence), and when Redis comes back after an outage or a
+restart, this node's available users are announced again (``on_restored``).
 
 There are no rosters here: every available user sees every other one, which
 is what "see who is online" means on a small chat server.
@@ -32,8 +44,11 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from xml.etree.ElementTree import Element
+
+from netpool.broker import LocalBroker, Session
+from netpool.errors import BrokerUnavailable
 
 from .jid import JID, InvalidJID
 from .stanzas import CLIENT_NS, PRESENCE, element, qname, stanza_error
@@ -42,21 +57,38 @@ from .writer import serialize
 if TYPE_CHECKING:  # pragma: no cover
     from .stream import ClientStream
 
-__all__ = ["Router"]
+__all__ = ["Router", "BindFailed"]
 
 log = logging.getLogger("netpool.xmpp")
 
 _MESSAGE_TYPES = frozenset({"chat", "error", "groupchat", "headline", "normal"})
 _PRIORITY = qname(CLIENT_NS, "priority")
+# The broker topic of available streams: presence broadcasts go there.
+AVAILABLE = "xmpp:available"
+
+
+class BindFailed(Exception):
+    """No resource could be bound now (the shared session table is unreachable): the client may try again."""
 
 
 class Router:
-    """The table of bound resources of one server, and the stanza routing rules."""
+    """The stanza routing rules over netpool's session broker (see the module's docstring)."""
 
     def __init__(self, domain: str) -> None:
         self.domain = domain
         self._lock = threading.Lock()
-        self._accounts: dict[str, dict[str, "ClientStream"]] = {}
+        self._broker: Optional[LocalBroker] = None
+
+    def broker(self, conn: Any) -> LocalBroker:
+        """The listener's broker, met through a connection; the router's callbacks set on it the first time."""
+        broker = self._broker
+        if broker is None:
+            broker = conn.listener.broker
+            broker.on_gone = self._sessions_gone
+            if hasattr(broker, "on_restored"):
+                broker.on_restored = self._sessions_restored
+            self._broker = broker
+        return broker
 
     # -- the table ------------------------------------------------------------------
 
@@ -65,60 +97,74 @@ class Router:
 
         RFC 6120 section 7.7.2.2 lets the server choose; generating keeps
         both the old connection and the new one working (a phone and a
-        laptop that both call themselves "mobile").
+        laptop that both call themselves "mobile"). The session is not
+        ``ready`` (routed to) until the stream has sent the bind result:
+        see :meth:`bound`. BindFailed if the broker cannot be asked.
         """
-        with self._lock:
-            resources = self._accounts.setdefault(local, {})
-            resource = requested
-            while resource is None or resource in resources:
-                suffix = secrets.token_hex(4)
-                # The requested name stays recognisable, within the 1023-byte limit on resources.
-                fits = requested is not None and len(requested.encode("utf-8")) <= 1000
-                resource = f"{requested}.{suffix}" if fits else f"netpool-{suffix}"
-            resources[resource] = stream
-        return JID(local, self.domain, resource)
+        broker = self.broker(stream.conn)
+        resource = requested
+        for _ in range(100):  # a clash of generated names is as good as impossible; bounded anyway
+            if resource is not None:
+                try:
+                    session = broker.register(stream.conn, local, resource, {"ready": False})
+                except BrokerUnavailable as exc:
+                    raise BindFailed(str(exc)) from None
+                if session is not None:
+                    return JID(local, self.domain, resource)
+            suffix = secrets.token_hex(4)
+            # The requested name stays recognisable, within the 1023-byte limit on resources.
+            fits = requested is not None and len(requested.encode("utf-8")) <= 1000
+            resource = f"{requested}.{suffix}" if fits else f"netpool-{suffix}"
+        raise BindFailed("no free resource name")
+
+    def bound(self, stream: "ClientStream") -> None:
+        """The bind result is out: stanzas for the stream's JID may come now."""
+        self._update(stream, ready=True)
 
     def unbind(self, stream: "ClientStream") -> None:
         """Remove a closed stream; if it was available, everyone sees it leave."""
         jid = stream.jid
         if jid is None or jid.local is None or jid.resource is None:
             return
+        broker = self.broker(stream.conn)
         with self._lock:
-            resources = self._accounts.get(jid.local, {})
-            if resources.get(jid.resource) is stream:
-                del resources[jid.resource]
-                if not resources:
-                    del self._accounts[jid.local]
-            if stream.available:
-                stream.available = False
-                self._broadcast(self._unavailable(jid), exclude=stream)
+            was_available, stream.available = stream.available, False
+            broker.unregister(stream.conn)
+            if was_available:
+                broker.publish(AVAILABLE, self._unavailable(jid))
 
     def online(self) -> int:
-        """How many resources are bound (for logs and tests)."""
-        with self._lock:
-            return sum(len(resources) for resources in self._accounts.values())
+        """How many resources are bound on this process (for logs and tests)."""
+        return len(self._broker.local_sessions()) if self._broker is not None else 0
 
-    def _streams(self) -> Iterator["ClientStream"]:
-        for resources in self._accounts.values():
-            yield from resources.values()
+    def _update(self, stream: "ClientStream", **meta: Any) -> None:
+        """Change what every node sees of the stream's session; an outage is logged by the broker, not fatal."""
+        try:
+            self.broker(stream.conn).update(stream.conn, **meta)
+        except BrokerUnavailable:
+            pass  # the stream keeps its local state; the broker registers it again when the directory is back
+        except KeyError:
+            pass  # unbound meanwhile: the stream is closing
 
-    def _broadcast(self, data: bytes, exclude: Optional["ClientStream"] = None) -> None:
-        """Give ``data`` to every available stream (lock held)."""
-        for stream in self._streams():
-            if stream.available and stream is not exclude:
-                stream.deliver(data)
+    def _sessions(self, sender: "ClientStream", local: str) -> tuple[list[Session], Optional[str]]:
+        """The sessions of account ``local`` everywhere, or (those here, why the rest is unknown)."""
+        broker = self.broker(sender.conn)
+        try:
+            return broker.sessions(local), None
+        except BrokerUnavailable as exc:
+            return broker.local_sessions(local), str(exc)
 
-    def _recipients(self, to: JID, kind: str) -> list["ClientStream"]:
-        """The streams a message or presence for ``to`` goes to (RFC 6121 section 8.5)."""
-        with self._lock:
-            resources = self._accounts.get(to.local or "", {})
-            if to.resource is not None:
-                exact = resources.get(to.resource)
-                if exact is not None:
-                    return [exact]
-                if kind in ("groupchat", "presence"):
-                    return []
-            return [s for s in resources.values() if s.available and s.priority >= 0]
+    def _recipients(self, sender: "ClientStream", to: JID, kind: str) -> tuple[list[Session], Optional[str]]:
+        """The sessions a message or presence for ``to`` goes to (RFC 6121 section 8.5)."""
+        sessions, trouble = self._sessions(sender, to.local or "")
+        ready = [s for s in sessions if s.meta.get("ready")]
+        if to.resource is not None:
+            exact = [s for s in ready if s.name == to.resource]
+            if exact:
+                return exact, trouble
+            if kind in ("groupchat", "presence"):
+                return [], trouble
+        return [s for s in ready if s.meta.get("available") and s.meta.get("priority", 0) >= 0], trouble
 
     # -- messages -------------------------------------------------------------------
 
@@ -138,10 +184,17 @@ class Router:
                                 f"this server only serves {self.domain}")
         if to.local is None:
             return self._bounce(sender, message, kind, "service-unavailable", "the server takes no messages")
+        recipients, trouble = self._recipients(sender, to, kind)
+        why = f"{to.bare} is not online" if trouble is None else f"{to.bare} cannot be reached now ({trouble})"
         data = serialize(message)
-        delivered = [stream.deliver(data) for stream in self._recipients(to, kind)]
+        broker = self.broker(sender.conn)
+        bounce = None
+        if len(recipients) == 1 and recipients[0].node != broker.node and kind not in ("error", "headline"):
+            # Only known later, on the recipient's node: the error to send back then.
+            bounce = serialize(stanza_error(message, "service-unavailable", why))
+        delivered = [broker.deliver(s, data, bounce=bounce, sender=sender.conn) for s in recipients]
         if not any(delivered):
-            self._bounce(sender, message, kind, "service-unavailable", f"{to.bare} is not online")
+            self._bounce(sender, message, kind, "service-unavailable", why)
 
     def _bounce(self, sender: "ClientStream", message: Element, kind: str, condition: str, text: str) -> None:
         """Tell the sender its message went nowhere; never for errors, never for headlines."""
@@ -171,32 +224,67 @@ class Router:
         if to.domain != self.domain or to.local is None:
             return
         data = serialize(presence)
-        for stream in self._recipients(to, "presence"):
-            stream.deliver(data)
+        broker = self.broker(sender.conn)
+        for session in self._recipients(sender, to, "presence")[0]:
+            broker.deliver(session, data)
 
     def _available(self, sender: "ClientStream", presence: Element) -> None:
         """Initial presence or an update: everyone (the sender too) sees it; a newcomer learns who is on."""
         priority = _priority(presence)
         data = serialize(presence)
+        broker = self.broker(sender.conn)
         with self._lock:
             newcomer = not sender.available
             sender.available, sender.priority, sender.presence = True, priority, data
-            self._broadcast(data)  # RFC 6121 section 4.2.2: the sender's own resource included
+            self._update(sender, available=True, priority=priority, presence=data.decode())
             if newcomer:
-                for stream in self._streams():
-                    if stream.available and stream is not sender and stream.presence is not None:
-                        sender.deliver(stream.presence)
+                broker.join(sender.conn, AVAILABLE)
+            broker.publish(AVAILABLE, data)  # RFC 6121 section 4.2.2: the sender's own resource included
+        if newcomer:
+            try:
+                others = broker.everyone()
+            except BrokerUnavailable:
+                others = broker.local_sessions()
+            own = broker.session_of(sender.conn)
+            for session in others:
+                presence = session.meta.get("presence")
+                if session.meta.get("available") and presence and (own is None or session.key != own.key):
+                    sender.deliver(presence.encode())
 
     def _went_unavailable(self, sender: "ClientStream", presence: Element) -> None:
         assert sender.jid is not None
+        broker = self.broker(sender.conn)
         with self._lock:
             if not sender.available:
                 return
-            self._broadcast(serialize(presence))
+            broker.publish(AVAILABLE, serialize(presence))
+            broker.leave(sender.conn, AVAILABLE)
             sender.available, sender.presence = False, None
+            self._update(sender, available=False, presence=None)
 
-    def _unavailable(self, jid: JID) -> bytes:
+    def _unavailable(self, jid: "JID | str") -> bytes:
         return serialize(element(PRESENCE, {"from": str(jid), "type": "unavailable"}))
+
+    # -- sessions that went away elsewhere, or came back -------------------------------
+
+    def _sessions_gone(self, sessions: list[Session]) -> None:
+        """Another node died (the broker's on_gone, on this node alone): its available users leave for everyone."""
+        broker = self._broker
+        assert broker is not None
+        for session in sessions:
+            if session.meta.get("available"):
+                broker.publish(AVAILABLE, self._unavailable(f"{session.user}@{self.domain}/{session.name}"))
+        log.warning("%d sessions of node %s went with it; announced unavailable", len(sessions),
+                    sessions[0].node if sessions else "?")
+
+    def _sessions_restored(self, sessions: list[Session]) -> None:
+        """This node's sessions are in the directory again (Redis back, or restarted empty): announce the available ones."""
+        broker = self._broker
+        assert broker is not None
+        for session in sessions:
+            presence = session.meta.get("presence")
+            if session.meta.get("available") and presence:
+                broker.publish(AVAILABLE, presence.encode())
 
     # -- iq -------------------------------------------------------------------------
 
@@ -214,10 +302,16 @@ class Router:
             if request:
                 sender.send_stanza(stanza_error(iq, "service-unavailable"))
             return
-        with self._lock:
-            recipient = self._accounts.get(to.local or "", {}).get(to.resource)
-        if (recipient is None or not recipient.deliver(serialize(iq))) and request:
-            sender.send_stanza(stanza_error(iq, "service-unavailable", f"{to} is not online"))
+        sessions, trouble = self._sessions(sender, to.local or "")
+        recipient = next((s for s in sessions if s.name == to.resource and s.meta.get("ready")), None)
+        why = f"{to} is not online" if trouble is None else f"{to} cannot be reached now ({trouble})"
+        broker = self.broker(sender.conn)
+        bounce = None
+        if request and recipient is not None and recipient.node != broker.node:
+            bounce = serialize(stanza_error(iq, "service-unavailable", why))
+        if (recipient is None or not broker.deliver(recipient, serialize(iq), bounce=bounce, sender=sender.conn)) \
+                and request:
+            sender.send_stanza(stanza_error(iq, "service-unavailable", why))
 
 
 def _priority(presence: Element) -> int:

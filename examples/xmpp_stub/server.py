@@ -88,7 +88,8 @@ class XMPPServer:
         means STARTTLS, as on XMPP's port 5222. A dict rather than a
         ListenerConfig so netpool's CLI can serve it as it serves any other.
         """
-        settings = {**LISTENER_DEFAULTS, "idle_timeout": self.settings.session_timeout + BACKSTOP_MARGIN, **listener}
+        settings = {**LISTENER_DEFAULTS, "idle_timeout": self.settings.session_timeout + BACKSTOP_MARGIN,
+                    "outbox_limit": self.settings.max_outbound_bytes, **listener}
         for hook in ("handler", "on_connect", "on_close"):
             if settings.get(hook) is not None:
                 raise ConfigError(hook, "the XMPP server provides its own")

@@ -39,7 +39,8 @@ class ServerSettings:
     limits: Limits = field(default_factory=Limits)
     """Stanza size, header size, nesting and attribute limits for incoming XML."""
     max_outbound_bytes: int = 1 << 20
-    """Bytes waiting for one recipient before it counts as not reading and is disconnected."""
+    """Bytes waiting for one recipient before it counts as not reading and is disconnected
+    (the listener's ``outbox_limit``, unless the listener settings name one)."""
     max_auth_attempts: int = 3
     """Failed SASL attempts allowed on one stream (RFC 6120 asks for at least two)."""
 

@@ -18,9 +18,13 @@ object holds::
 Threads: ``receive`` runs on the connection's own thread (netpool calls the
 handler there, in order), and so do the replies it writes (``send``), which
 may wait for this client's window but never for anyone else. Stanzas from
-other users arrive through ``deliver`` on *their* threads and only go into
-this stream's :class:`Outbox`. One lock serialises the two writers and the
-end of the stream, so nothing is written after ``</stream:stream>``.
+other users arrive through ``deliver`` (or straight from the broker) on
+*their* threads, or on the broker's in another process, and only go into
+the connection's outbox (``conn.post``), which netpool writes between this
+stream's own sends and which never makes the sender wait. One lock
+serialises this stream's writes and its end; once the stream has ended
+(``</stream:stream>`` sent) its connection closes, and nothing posted is
+written after that.
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ from netpool import ConnectionClosed, SendTimeout
 from netpool.config import format_address
 
 from .jid import JID, InvalidJID, domainpart, localpart, resourcepart
-from .outbox import Outbox
 from .parser import StanzaReceived, StreamError, StreamOpened, StreamParser
 from .sasl import MECHANISMS, PlainCredentials, SASLFailure, decode_payload, parse_plain
+from .router import BindFailed
 from .services import answer
 from .stanzas import (
     BIND_NS,
@@ -104,8 +108,6 @@ class ClientStream:
         self._ended = False
         tls = conn.listener.config.ssl
         self._starttls_configured = tls is not None and tls.mode == "starttls"
-        self.outbox = Outbox(self.send, name=f"netpool-xmpp-out-{conn.id}",
-                             max_bytes=settings.max_outbound_bytes, on_overflow=self._fell_behind)
 
     def __repr__(self) -> str:
         return f"<ClientStream conn={self.conn.id} {self.jid or self.user or 'unauthenticated'}>"
@@ -314,13 +316,17 @@ class ClientStream:
                 resource = resourcepart(requested)
             except InvalidJID as exc:
                 return self.send_stanza(stanza_error(iq, "bad-request", f"resource: {exc}"))
-        with self._write_lock:
-            # Held across the claim and the reply, so nothing routed to the
-            # new JID (through the outbox) can overtake the bind result.
-            self.jid = self.server.router.bind(self, self.user, resource or None)
-            self.deadline = time.monotonic() + self.settings.session_timeout
-            result = iq_result(iq, element(BIND, None, element(qname(BIND_NS, "jid"), text=str(self.jid))))
-            self._write_locked(serialize(result))
+        try:
+            jid = self.server.router.bind(self, self.user, resource or None)
+        except BindFailed as exc:
+            log.warning("%s: cannot bind a resource: %s", self._who(), exc)
+            return self.send_stanza(stanza_error(iq, "resource-constraint", "the session table is unreachable; "
+                                                 "try again in a moment"))
+        self.jid = jid
+        self.deadline = time.monotonic() + self.settings.session_timeout
+        self.send_stanza(iq_result(iq, element(BIND, None, element(qname(BIND_NS, "jid"), text=str(jid)))))
+        # Only now is it routed to: nothing for the new JID can overtake the bind result.
+        self.server.router.bound(self)
         log.info("%s: bound", self._who())
 
     def _iq(self, iq: Element) -> None:
@@ -352,9 +358,8 @@ class ClientStream:
     def send(self, data: bytes) -> None:
         """Write to this client now, on the calling thread; nothing is written once the stream ended.
 
-        Called by the stream's own thread and by its outbox's writer. May
-        wait for this client's window (up to ``send_timeout``), which only
-        ever delays this client.
+        Called by the stream's own thread. May wait for this client's window
+        (up to ``send_timeout``), which only ever delays this client.
         """
         with self._write_lock:
             self._write_locked(data)
@@ -368,7 +373,7 @@ class ClientStream:
 
     def deliver(self, data: bytes) -> bool:
         """Queue a stanza from elsewhere (any thread; never blocks); False if it was not taken."""
-        return self.outbox.put(data)
+        return False if self._ended else self.conn.post(data)
 
     def close(self, condition: Optional[str] = None, text: Optional[str] = None) -> None:
         """End the stream: our header if not yet sent, the stream error if any, ``</stream:stream>``, then hang up."""
@@ -388,31 +393,35 @@ class ClientStream:
                 pass  # the client is gone or not reading: closing is all that is left
         if condition is not None:
             log.info("%s: stream error %s: %s", self._who(), condition, text or "")
-        self.outbox.close()
         self.conn.close()
 
     # -- called from other threads ------------------------------------------------------
 
     def expire(self) -> None:
-        """The deadline passed (deadline keeper's thread): close with connection-timeout, without blocking here."""
+        """The deadline passed (deadline keeper's thread): close with connection-timeout, without blocking here.
+
+        The stream error goes out through the outbox (a client that does not
+        read delays nobody); the graceful close lets it be written before
+        the connection ends.
+        """
         if self.jid is None:
             text = f"not logged in within {self.settings.login_timeout:g} s"
         else:
             text = f"nothing received for {self.settings.session_timeout:g} s"
-        # The writer thread sends the error, so a client that does not read delays nobody.
-        if not self.outbox.call(lambda: self.close("connection-timeout", text)):
-            self.conn.close()
-
-    def _fell_behind(self) -> None:
-        """The outbox overflowed (on a sender's thread): this client does not read, so let it go."""
-        log.warning("%s: more than %d bytes waiting for it; disconnecting a client that does not read",
-                    self._who(), self.settings.max_outbound_bytes)
-        self.conn.close()
+        with self._write_lock:
+            if self._ended:
+                return
+            self._ended = True
+            parts = [] if self.header_sent else [stream_header(self.settings.domain,
+                                                               self.stream_id or secrets.token_hex(8))]
+            parts += [stream_error("connection-timeout", text), STREAM_END]
+        log.info("%s: stream error connection-timeout: %s", self._who(), text)
+        self.conn.post(b"".join(parts))
+        self.conn.close("timeout", graceful=True)
 
     def closed(self, reason: str) -> None:
         """The connection has closed (netpool's on_close, on the connection's thread)."""
         self._ended = True
-        self.outbox.close()
         self.server.deadlines.unwatch(self)
         self.server.router.unbind(self)
         log.info("%s: closed (%s)", self._who(), reason)
