@@ -34,8 +34,9 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
+from urllib.parse import urlsplit
 
-__all__ = ["Session", "LocalBroker", "node_name"]
+__all__ = ["Session", "LocalBroker", "node_name", "redact_url"]
 
 log = logging.getLogger("netpool.broker")
 
@@ -45,6 +46,16 @@ _node_ids = itertools.count(1)
 def node_name() -> str:
     """A name for this process among all the brokers sharing a directory: host, pid and a counter."""
     return f"{socket.gethostname()}:{os.getpid()}:{next(_node_ids)}"
+
+
+def redact_url(url: str) -> str:
+    """``url`` for a log line: a password in it (redis://:secret@host) is left out."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
 
 
 @dataclass(frozen=True)
@@ -91,13 +102,20 @@ class LocalBroker:
                  ) -> Optional[Session]:
         """Register ``conn`` as ``user``'s session ``name``; None if the user already has a session of that name.
 
-        A connection holds one session; registering it again replaces the
-        first. Call :meth:`unregister` when it closes (``on_close``).
+        A connection holds one session: registering it again renames it (a
+        chat's /nick), keeping its topics; the old name is let go only once
+        the new one is claimed, so a failed rename leaves the session as it
+        was. Call :meth:`unregister` when it closes (``on_close``).
         """
         if not isinstance(user, str) or not isinstance(name, str):
             raise TypeError(f"register(): user and name must be str, got {user!r} and {name!r}")
-        self.unregister(conn)
         session = Session(f"{self.node}/{conn.id}", user, name, self.node, dict(meta or {}))
+        old = self.session_of(conn)
+        if old is not None and (old.user, old.name) == (user, name):
+            with self._lock:
+                self._local[session.key] = (conn, session)
+            self._store(session)
+            return session
         with self._lock:
             names = self._by_user.setdefault(user, {})
             if name in names:
@@ -112,8 +130,12 @@ class LocalBroker:
             self._forget_name(user, name)
             return None
         with self._lock:
+            if old is not None:
+                self._forget_name(old.user, old.name)
             self._local[session.key] = (conn, session)
             self._by_conn[conn.id] = session.key
+        if old is not None:
+            self._release(old)
         return session
 
     def update(self, conn: Any, **meta: Any) -> Session:
@@ -213,7 +235,8 @@ class LocalBroker:
         caller tells its sender. Where the outcome is only known later (a
         session in another process that closed meanwhile), ``bounce`` is
         posted to ``sender``'s connection instead, so a message is
-        delivered or bounced, never dropped without a word.
+        delivered or bounced, never dropped without a word (``sender`` must
+        hold a session: that is where the bounce is sent).
         """
         key = to.key if isinstance(to, Session) else to
         return self._deliver_here(key, message)

@@ -41,3 +41,4 @@ def open_broker(url: Optional[str], **options: Any) -> LocalBroker:
 def shares_sessions(url: Optional[str]) -> bool:
     """Whether a broker at ``url`` reaches sessions in other processes (what --processes N needs)."""
     return url is not None and url != "local"
+

@@ -66,6 +66,8 @@ LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--message-timeout", "message_timeout", click.FloatRange(0),
      "Seconds a message may take from first to last byte (line/length framing); 0 = no limit."),
     ("--send-timeout", "send_timeout", click.FloatRange(0, min_open=True), "Seconds a send may wait on a client that does not read."),
+    ("--outbox-limit", "outbox_limit", click.IntRange(1),
+     "Bytes conn.post may queue for one peer before it is closed as not reading (outbox_overflow)."),
     ("--backlog", "backlog", click.IntRange(1), "Kernel accept queue length."),
     ("--processes", "processes", click.IntRange(1, 256),
      "Worker processes sharing the port (SO_REUSEPORT); max-connections applies to each."),

@@ -215,9 +215,11 @@ class LoopConnection(Connection):
                 if not self._post_due:
                     self._post_due = True
                     to_pump = loop._to_pump
-                    if not to_pump:  # one wake-up for a whole fan-out
-                        os.eventfd_write(loop._wake_fd, 1)
+                    first = not to_pump  # one wake-up for a whole fan-out
+                    # Queued before the wake-up: a loop woken in between must find it.
                     to_pump.append(self)
+                    if first:
+                        os.eventfd_write(loop._wake_fd, 1)
                 return True
         if self._request_close("outbox_overflow", socket.SHUT_RDWR):
             log.warning("%s: connection %d from %s left more than %d bytes of posted messages unread; "

@@ -25,8 +25,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from .acceptor import AcceptGate, Acceptor
 from .admission import Admission
-from .broker import LocalBroker
-from .broker_url import open_broker
+from .broker import LocalBroker, redact_url
+from .broker_url import open_broker, shares_sessions
 from .config import ListenerConfig, format_address
 from .conn_threads import ConnectionThreads
 from .connection import Connection
@@ -172,6 +172,10 @@ class Listener:
         with self._broker_lock:
             if self._broker is None:
                 self._broker = open_broker(self.config.broker)
+                if self.config.processes > 1 and not shares_sessions(self.config.broker):
+                    log.warning("%s: each of the %d worker processes keeps its own sessions: users on different "
+                                "processes cannot see or reach each other; set broker (--broker "
+                                "redis://HOST:PORT/DB) to share them", self.config.name, self.config.processes)
             return self._broker
 
     # -- lifecycle -------------------------------------------------------------
@@ -192,12 +196,13 @@ class Listener:
         c = self.config
         log.info(
             "%s listening on %s (io=%s, acceptors=%d, max_connections=%d, overflow=%s, framing=%s, "
-            "max_message_size=%d, idle_timeout=%s, tls=%s)",
+            "max_message_size=%d, idle_timeout=%s, tls=%s%s)",
             c.name, self.address, f"{c.io} x{c.io_threads}" if c.io_threads > 1 else c.io,
             c.acceptors, c.max_connections, c.overflow,
             c.framing if isinstance(c.framing, str) else getattr(c.framing, "__name__", "custom"),
             c.max_message_size, "none" if c.idle_timeout is None else f"{c.idle_timeout:g}s",
             "off" if c.ssl is None else f"on ({c.ssl.describe()})",
+            f", broker={redact_url(c.broker)}" if shares_sessions(c.broker) else "",
         )
         return self
 

@@ -44,22 +44,32 @@ serves (a broker made before ``fork`` starts its own in each child).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import parse_qs, urlsplit
 
-from .broker import LocalBroker, Session
+from .broker import LocalBroker, Session, redact_url
 from .errors import BrokerUnavailable, ConfigError
+from .ratelimit import RateLimitedLog
 
 __all__ = ["RedisBroker", "DEFAULT_PREFIX"]
 
 log = logging.getLogger("netpool.broker")
 
 DEFAULT_PREFIX = "netpool:"
+# Calls to Redis at once per process (handler threads beyond wait for a
+# turn, up to POOL_WAIT): one connection per calling thread would be
+# hundreds per process, and Redis refuses clients past its maxclients. All
+# turns busy that long is this process's load, not a Redis outage: that
+# call fails (its message bounces) and nothing else changes. 1,000 users
+# messaging at once on two cores kept 16 connections busy past 0.5 s.
+POOL_SIZE = 32
+POOL_WAIT = 2.0
 
 # Envelopes on the channels: a kind byte, a JSON header line, the message.
 _DELIVER = b"D"
@@ -97,18 +107,23 @@ class RedisBroker(LocalBroker):
         query = parse_qs(parts.query)
         self.prefix = prefix or query.pop("prefix", [DEFAULT_PREFIX])[0]
         self.url = parts._replace(query="&".join(f"{k}={v[0]}" for k, v in query.items())).geturl()
+        self.address = redact_url(self.url)  # for log lines and errors: no password
         self.on_restored = on_restored
         self.timeout = timeout
         self.beat = beat
         self.ttl = ttl
         self._errors = (redis.ConnectionError, redis.TimeoutError, OSError)
+
         # No retries on the caller's thread: a call fails within `timeout`.
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
         self._client = redis.Redis.from_url(
-            self.url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, single_connection_client=False)
+            self.url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False)
+        self._slots = threading.BoundedSemaphore(POOL_SIZE)
+        self._release_script = self._client.register_script(_RELEASE)
+        self._busy_log = RateLimitedLog(log)
         self._inbox = self._key("n:", self.node)
         self._topics = self._key("t:", "")
         self._up = True
@@ -121,7 +136,7 @@ class RedisBroker(LocalBroker):
         self._threads: list[threading.Thread] = []
 
     def __repr__(self) -> str:
-        return f"<RedisBroker {self.node} at {self.url}: {len(self.local_sessions())} sessions here>"
+        return f"<RedisBroker {self.node} at {self.address}: {len(self.local_sessions())} sessions here>"
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self.prefix}{kind}{name}"
@@ -153,7 +168,7 @@ class RedisBroker(LocalBroker):
                 thread.start()
             # Not subscribed yet means messages for this node would bounce: wait a little for it.
             self._subscribed.wait(max(self.timeout * 4, 1.0))
-            log.info("broker %s: sessions shared through Redis at %s (prefix %r)", self.node, self.url, self.prefix)
+            log.info("broker %s: sessions shared through Redis at %s (prefix %r)", self.node, self.address, self.prefix)
 
     def close(self) -> None:
         """Leave the directory (sessions still here are taken out of it) and stop the threads."""
@@ -177,25 +192,18 @@ class RedisBroker(LocalBroker):
 
     def _claim(self, session: Session) -> bool:
         self.start()
-        client = self._call()
-        try:
-            taken = not client.hsetnx(self._key("u:", session.user), session.name, self._record(session))
-            if taken:
+        with self._redis() as client:
+            if not client.hsetnx(self._key("u:", session.user), session.name, self._record(session)):
                 return False
             pipe = client.pipeline(transaction=False)
             pipe.sadd(self._key("", "users"), session.user)
             pipe.sadd(self._key("ns:", self.node), _member(session))
             pipe.execute()
-        except self._errors as exc:
-            raise self._went_down(exc) from None
         return True
 
     def _store(self, session: Session) -> None:
-        client = self._call()
-        try:
+        with self._redis() as client:
             client.hset(self._key("u:", session.user), session.name, self._record(session))
-        except self._errors as exc:
-            raise self._went_down(exc) from None
 
     def _release(self, session: Session) -> None:
         if self._started_pid == os.getpid():
@@ -203,16 +211,19 @@ class RedisBroker(LocalBroker):
 
     def _release_quietly(self, session: Session) -> None:
         """Take ``session`` out of the directory if it is still ours there; an outage is logged, not raised."""
-        if not self._up:
-            return  # the directory is rebuilt from what is here when it is back
         try:
-            key = self._key("u:", session.user)
-            record = self._client.hget(key, session.name)
-            if record is not None and json.loads(record).get("k") == session.key:
-                self._client.hdel(key, session.name)
-            self._client.srem(self._key("ns:", self.node), _member(session))
-        except self._errors as exc:
-            self._went_down(exc)
+            with self._redis() as client:
+                self._forget(client, session, session.node)
+        except BrokerUnavailable:
+            pass  # the directory is rebuilt from what is here when it is back
+
+    def _forget(self, client: Any, session: Session, node: str) -> Optional[dict[str, Any]]:
+        """Remove ``session``'s name if ``node``'s session holds it, and the user once it has none; its record."""
+        record = self._release_script(keys=[self._key("u:", session.user), self._key("", "users"),
+                                            self._key("ns:", node)],
+                                      args=[session.name, node, session.key, session.user, _member(session)],
+                                      client=client)
+        return json.loads(record) if record else None
 
     def _record(self, session: Session) -> str:
         return json.dumps({"k": session.key, "n": session.node, "m": session.meta})
@@ -222,25 +233,19 @@ class RedisBroker(LocalBroker):
     def sessions(self, user: str) -> list[Session]:
         """Every session of ``user`` on every node; BrokerUnavailable if Redis cannot be asked (see local_sessions)."""
         self.start()
-        client = self._call()
-        try:
+        with self._redis() as client:
             records = client.hgetall(self._key("u:", user))
-        except self._errors as exc:
-            raise self._went_down(exc) from None
         return self._merge(user, records)
 
     def everyone(self) -> list[Session]:
         """Every session on every node; BrokerUnavailable if Redis cannot be asked."""
         self.start()
-        client = self._call()
-        try:
+        with self._redis() as client:
             users = sorted(u.decode() for u in client.smembers(self._key("", "users")))
             pipe = client.pipeline(transaction=False)
             for user in users:
                 pipe.hgetall(self._key("u:", user))
             found = pipe.execute()
-        except self._errors as exc:
-            raise self._went_down(exc) from None
         return [s for user, records in zip(users, found) for s in self._merge(user, records)]
 
     def _merge(self, user: str, records: dict[bytes, bytes]) -> list[Session]:
@@ -273,9 +278,9 @@ class RedisBroker(LocalBroker):
             header["from"] = origin.key
             header["bounce"] = bounce.decode("latin-1")  # type: ignore[union-attr]
         try:
-            return bool(self._call().publish(self._key("n:", node), _envelope(_DELIVER, header, message)))
-        except (self._errors + (BrokerUnavailable,)):
-            self._went_down_quietly()
+            with self._redis() as client:
+                return bool(client.publish(self._key("n:", node), _envelope(_DELIVER, header, message)))
+        except BrokerUnavailable:
             return False
 
     def publish(self, topic: str, message: bytes, *, exclude: Any = None) -> int:
@@ -288,16 +293,28 @@ class RedisBroker(LocalBroker):
         self.start()
         header = {"o": self.node, "t": topic}
         try:
-            self._call().publish(self._key("t:", topic), _envelope(_TOPIC, header, message))
-        except (self._errors + (BrokerUnavailable,)):
-            self._went_down_quietly()
+            with self._redis() as client:
+                client.publish(self._key("t:", topic), _envelope(_TOPIC, header, message))
+        except BrokerUnavailable:
+            pass
         return count
 
-    def _call(self) -> Any:
-        """The client, unless Redis is known to be away: then fail at once instead of waiting for it."""
+    @contextlib.contextmanager
+    def _redis(self) -> Iterator[Any]:
+        """The client for one call from a caller's thread: BrokerUnavailable at once while Redis is known away,
+        after POOL_WAIT if every turn is taken, within ``timeout`` if Redis does not answer (an outage)."""
         if not self._up:
-            raise BrokerUnavailable(f"Redis at {self.url} is unreachable (since {self._outage():.1f} s)")
-        return self._client
+            raise BrokerUnavailable(f"Redis at {self.address} is unreachable (since {self._outage():.1f} s)")
+        if not self._slots.acquire(timeout=POOL_WAIT):
+            self._busy_log(logging.WARNING, "broker %s: all %d turns to call Redis stayed taken for %g s; a call "
+                           "failed (its message bounces): this process is overloaded", self.node, POOL_SIZE, POOL_WAIT)
+            raise BrokerUnavailable(f"every turn to call Redis at {self.address} is taken")
+        try:
+            yield self._client
+        except self._errors as exc:
+            raise self._went_down(exc) from None
+        finally:
+            self._slots.release()
 
     # -- the inbox thread ----------------------------------------------------------------
 
@@ -341,10 +358,9 @@ class RedisBroker(LocalBroker):
             back = {"to": origin}
             bounce = header["bounce"].encode("latin-1")
             try:
-                taken = self._call().publish(self._key("n:", origin.rpartition("/")[0]),
-                                             _envelope(_BOUNCE, back, bounce))
-            except (self._errors + (BrokerUnavailable,)):
-                self._went_down_quietly()
+                with self._redis() as client:
+                    taken = client.publish(self._key("n:", origin.rpartition("/")[0]), _envelope(_BOUNCE, back, bounce))
+            except BrokerUnavailable:
                 taken = 0
             if not taken:
                 log.info("broker %s: a message for %s bounced, and its sender %s is gone too",
@@ -412,13 +428,8 @@ class RedisBroker(LocalBroker):
             gone = []
             for member in client.smembers(self._key("ns:", node)):
                 user, _, name = member.decode().partition("\0")
-                key = self._key("u:", user)
-                record = client.hget(key, name)
-                if record is None:
-                    continue
-                data = json.loads(record)
-                if data["n"] == node:
-                    client.hdel(key, name)
+                data = self._forget(client, Session("", user, name, node), node)
+                if data is not None:
                     gone.append(Session(data["k"], user, name, node, data.get("m") or {}))
             client.delete(self._key("ns:", node))
             client.srem(self._key("", "nodes"), node)
@@ -441,12 +452,8 @@ class RedisBroker(LocalBroker):
                 self._down_since = time.monotonic()
         if first:
             log.error("broker %s: Redis at %s is unreachable (%s); sessions here are still served, "
-                      "deliveries elsewhere bounce until it is back", self.node, self.url, exc)
-        return BrokerUnavailable(f"Redis at {self.url} is unreachable: {exc}")
-
-    def _went_down_quietly(self) -> None:
-        if self._up:
-            self._went_down(ConnectionError("a call failed"))
+                      "deliveries elsewhere bounce until it is back", self.node, self.address, exc)
+        return BrokerUnavailable(f"Redis at {self.address} is unreachable: {exc}")
 
     def _came_back(self) -> None:
         outage = self._outage()
@@ -454,10 +461,32 @@ class RedisBroker(LocalBroker):
         with self._state_lock:
             self._up = True
         log.warning("broker %s: Redis at %s is back after %.1f s; %d sessions registered again",
-                    self.node, self.url, outage, len(self._entries()))
+                    self.node, self.address, outage, len(self._entries()))
 
     def _outage(self) -> float:
         return time.monotonic() - self._down_since if not self._up else 0.0
+
+
+# Release a session's name atomically: only if the given node's session (any
+# of that node's, for key "") holds it; then the user leaves the set of users
+# once it has no name left, so everyone() never reads users long gone.
+# Returns the record removed, or nil.
+_RELEASE = """
+redis.call('SREM', KEYS[3], ARGV[5])
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if not record then
+  return nil
+end
+local data = cjson.decode(record)
+if data['n'] ~= ARGV[2] or (ARGV[3] ~= '' and data['k'] ~= ARGV[3]) then
+  return nil
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[4])
+end
+return record
+"""
 
 
 def _member(session: Session) -> str:

@@ -124,6 +124,23 @@ def test_meta_updates_are_seen_and_a_connection_holds_one_session():
         client.close()
 
 
+def test_a_rename_keeps_the_topics_and_a_failed_one_keeps_the_old_name():
+    with serving(handler=lambda m, c: None) as listener:
+        clients = [connect(listener), connect(listener)]
+        wait_for(lambda: len(listener.connections()) == 2, what="two connections")
+        first, second = listener.connections()
+        broker = listener.broker
+        assert broker.register(first, "alice") and broker.register(second, "bob")
+        broker.join(first, "room")
+        assert broker.register(first, "bob") is None  # taken: alice stays alice, in the room
+        assert broker.session_of(first).user == "alice" and broker.members("room") == 1
+        renamed = broker.register(first, "carol")
+        assert renamed is not None and renamed.user == "carol" and broker.members("room") == 1
+        assert broker.sessions("alice") == [] and broker.register(second, "alice") is not None
+        for client in clients:
+            client.close()
+
+
 # -- across nodes, through Redis ------------------------------------------------------------------
 
 
@@ -182,6 +199,24 @@ def test_one_thousand_users_on_two_nodes_each_message_one_on_the_other(two_nodes
         assert read_line(sock) == b"from b%d" % i
     for sock in left + right:
         sock.close()
+
+
+def test_the_directory_forgets_users_who_left(two_nodes, redis_url: str):
+    """everyone() reads the users still there, not every name ever used."""
+    import redis
+
+    one, _ = two_nodes
+    socks = [login(one, f"u{i}") for i in range(5)]
+    rename = socks[0]
+    rename.sendall(b"as renamed\n")
+    assert read_line(rename) == b"ok"
+    directory = redis.Redis.from_url(redis_url)
+    assert {m.decode() for m in directory.smembers("netpool:users")} == {"renamed", "u1", "u2", "u3", "u4"}
+    for sock in socks:
+        sock.close()
+    wait_for(lambda: one.broker.local_sessions() == [], what="every session to end")
+    assert directory.smembers("netpool:users") == set() and one.broker.everyone() == []
+    directory.close()
 
 
 NODE_SCRIPT = textwrap.dedent("""

@@ -9,6 +9,7 @@ Every test runs in both I/O modes, with the C hot path and without.
 
 from __future__ import annotations
 
+import selectors
 import socket
 import threading
 import time
@@ -181,3 +182,47 @@ def test_posted_then_closed_gracefully_arrives_before_the_end(version):
 def test_outbox_limit_is_validated():
     with pytest.raises(netpool.ConfigError, match="outbox_limit"):
         netpool.ListenerConfig(handler=lambda m, c: None, outbox_limit=0)
+
+
+def test_posts_from_another_thread_are_written_at_once_not_at_the_next_sweep(version):
+    """Every post wakes the loop: none waits for the loop's next timer (a second here) to be written.
+
+    Posts come from a thread of their own, to connections picked at random,
+    back to back or a little apart, as a broker's inbox thread posts.
+    """
+    room = Room()
+    with serving(**room.settings(lambda m, c: None)) as listener:
+        clients = [connect(listener) for _ in range(10)]
+        wait_for(lambda: len(room.conns) == 10, what="ten connections")
+        conns = sorted(room.conns.values(), key=lambda c: c.id)
+        by_peer = {c.peer: c for c in conns}
+        order = [conns[(i * 7) % 10] for i in range(300)]
+        pause = threading.Event()
+
+        def post_all() -> None:
+            for i, conn in enumerate(order):
+                assert conn.post(b"%.6f" % time.monotonic())
+                if i % 3:
+                    pause.wait(0.0005 * (i % 3))
+
+        expected = {client: order.count(by_peer[client.getsockname()]) for client in clients}
+        poster = threading.Thread(target=post_all)
+        poster.start()
+        slowest, pending = 0.0, {client: b"" for client in clients}
+        with selectors.DefaultSelector() as selector:
+            for client in clients:
+                selector.register(client, selectors.EVENT_READ)
+            deadline = time.monotonic() + DEADLINE
+            while any(expected.values()) and time.monotonic() < deadline:
+                for key, _ in selector.select(0.1):
+                    client = key.fileobj
+                    data = pending[client] + client.recv(65536)
+                    *lines, pending[client] = data.split(NL)
+                    for line in lines:
+                        slowest = max(slowest, time.monotonic() - float(line))
+                        expected[client] -= 1
+        poster.join(DEADLINE)
+        assert not any(expected.values()), "some posted messages never arrived"
+        assert slowest < 0.5, f"a posted message waited {slowest:.2f}s for the loop"
+        for client in clients:
+            client.close()

@@ -16,6 +16,8 @@ from typing import Any, Optional
 import click
 
 from netpool import ConfigError
+from netpool.broker import redact_url
+from netpool.broker_url import shares_sessions
 from netpool.cli import listener_options, serve_settings, settings_from_flags
 from netpool.config import load_toml
 
@@ -63,6 +65,12 @@ def serve(xmpp: dict[str, Any], config_file: Optional[str], grace: float, log_le
         settings = server.listener_settings(**listener)
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+    processes = settings.get("processes", 1)
+    if processes > 1 and not shares_sessions(settings.get("broker")):
+        # Each worker process would have its own session table: users on
+        # different processes could neither see nor reach each other.
+        raise click.UsageError(f"--processes {processes} needs a shared session table: add "
+                               "--broker redis://HOST:PORT/DB (a Redis server every process reaches)")
     s = server.settings
     if s.accept_any_password:
         log.warning("--accept-any-password: anyone can log in as anyone; for prototypes on a trusted machine only")
@@ -74,8 +82,10 @@ def serve(xmpp: dict[str, Any], config_file: Optional[str], grace: float, log_le
     else:
         tls = "STARTTLS required" if s.require_tls else "STARTTLS offered"
     accounts = "any name and password" if users is None else f"users from {users.path} ({len(users)})"
-    log.info("xmpp serving %s: %s; %s; login within %gs, silent up to %gs",
-             s.domain, accounts, tls, s.login_timeout, s.session_timeout)
+    broker = settings.get("broker")
+    sessions = f"sessions shared through {redact_url(broker)}" if shares_sessions(broker) else "sessions in this process"
+    log.info("xmpp serving %s: %s; %s; %s; login within %gs, silent up to %gs",
+             s.domain, accounts, tls, sessions, s.login_timeout, s.session_timeout)
     serve_settings(settings, grace, log_level)
 
 
