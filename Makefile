@@ -107,6 +107,15 @@ gateway-tools:
 bench-gateway: $(STAMP) gateway-tools
 	$(BIN)/python bench/gateway/bench.py $(BENCH_GATEWAY_ARGS)
 
+# Chat fan-out past a stalled reader (both I/O modes), and private messages
+# in one process and across two on a real redis-server, for the chat and the
+# XMPP example (bench/chat.py; a few minutes; not part of make test).
+BENCH_CHAT_ARGS ?=
+.PHONY: bench-chat
+bench-chat: $(STAMP)
+	@$(MAKE) --no-print-directory system-tools SYSTEM_TOOLS="redis-server"
+	$(BIN)/python bench/chat.py $(BENCH_CHAT_ARGS)
+
 # The XMPP example (examples/xmpp_stub): `make xmpp` serves localhost on
 # $(HOST):$(XMPP_PORT) with STARTTLS required, with a development certificate
 # made on first use (build/xmpp/cert). Users live in build/xmpp/users.json:

@@ -14,9 +14,10 @@ every node (a process with a broker) shares, through redis-py:
   bounces for its senders); ``P t:TOPIC``, topics (every node subscribes to
   the pattern).
 
-Delivery to a session of another node is one PUBLISH to its inbox. Redis
-answers how many subscribers took it: none means the node is gone (its
-subscription died with it), and the message bounces at once. A node that
+Delivery to a session of another node is one PUBLISH to its inbox, sent by
+the publisher thread (every message queued meanwhile in one pipeline).
+Redis answers how many subscribers took it: none means the node is gone
+(its subscription died with it), and the message bounces to its sender. A node that
 finds the session closed meanwhile sends the sender's ``bounce`` back to the
 sender's node. So every message is delivered or bounced; none vanishes.
 
@@ -37,8 +38,10 @@ Failures, and what users see:
   its available users again).
 
 Threads: one reads the inbox and the topics (``netpool-broker-inbox``), one
-renews the node's key, clears up dead nodes and watches for Redis to come
-back (``netpool-broker-beat``). They start on first use in the process that
+publishes what handlers deliver and publish for other nodes, a pipeline at
+a time, so no handler waits for Redis to send a message
+(``netpool-broker-publish``), one renews the node's key, clears up dead
+nodes and watches for Redis to come back (``netpool-broker-beat``). They start on first use in the process that
 serves (a broker made before ``fork`` starts its own in each child).
 """
 
@@ -70,6 +73,9 @@ DEFAULT_PREFIX = "netpool:"
 # messaging at once on two cores kept 16 connections busy past 0.5 s.
 POOL_SIZE = 32
 POOL_WAIT = 2.0
+# Messages for other nodes waiting to be published (one pipeline a round,
+# on the publisher thread); past this, deliveries are refused (they bounce).
+OUTGOING_LIMIT = 100_000
 
 # Envelopes on the channels: a kind byte, a JSON header line, the message.
 _DELIVER = b"D"
@@ -122,7 +128,22 @@ class RedisBroker(LocalBroker):
             self.url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False)
         self._slots = threading.BoundedSemaphore(POOL_SIZE)
+        self._outgoing: list[tuple[str, bytes, Optional[tuple[str, bytes]]]] = []
+        self._outgoing_ready = threading.Condition(threading.Lock())
         self._release_script = self._client.register_script(_RELEASE)
+        self._claim_script = self._client.register_script(_CLAIM)
+        self._store_script = self._client.register_script(_STORE)
+        # What this node knows of other nodes' sessions, user by user, kept
+        # while the inbox hears every change of the directory (``P d``, sent
+        # by the same scripts that write it): a message to a user costs no
+        # round trip to Redis. A change empties the user's entry; a lookup
+        # that overlapped a change does not store what it read (generations).
+        self._changes = self._key("", "d")
+        self._known: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        self._generation: dict[str, int] = {}
+        self._epoch = 0
+        self._mirroring = False
+        self._known_lock = threading.Lock()
         self._busy_log = RateLimitedLog(log)
         self._inbox = self._key("n:", self.node)
         self._topics = self._key("t:", "")
@@ -158,6 +179,7 @@ class RedisBroker(LocalBroker):
             self._threads = [
                 threading.Thread(target=self._read_inbox, name="netpool-broker-inbox", daemon=True),
                 threading.Thread(target=self._keep_alive, name="netpool-broker-beat", daemon=True),
+                threading.Thread(target=self._send_outgoing, name="netpool-broker-publish", daemon=True),
             ]
             self._started_pid = os.getpid()
             try:
@@ -175,6 +197,8 @@ class RedisBroker(LocalBroker):
         if self._started_pid != os.getpid():
             return
         self._stop.set()
+        with self._outgoing_ready:
+            self._outgoing_ready.notify()
         for _, session in self._entries():
             self._release_quietly(session)
         try:
@@ -193,17 +217,16 @@ class RedisBroker(LocalBroker):
     def _claim(self, session: Session) -> bool:
         self.start()
         with self._redis() as client:
-            if not client.hsetnx(self._key("u:", session.user), session.name, self._record(session)):
-                return False
-            pipe = client.pipeline(transaction=False)
-            pipe.sadd(self._key("", "users"), session.user)
-            pipe.sadd(self._key("ns:", self.node), _member(session))
-            pipe.execute()
-        return True
+            return bool(self._claim_script(keys=[self._key("u:", session.user), self._key("", "users"),
+                                                 self._key("ns:", self.node)],
+                                           args=[session.name, self._record(session), session.user,
+                                                 _member(session), self._changes], client=client))
 
     def _store(self, session: Session) -> None:
         with self._redis() as client:
-            client.hset(self._key("u:", session.user), session.name, self._record(session))
+            self._store_script(keys=[self._key("u:", session.user)],
+                               args=[session.name, self._record(session), session.user, self._changes],
+                               client=client)
 
     def _release(self, session: Session) -> None:
         if self._started_pid == os.getpid():
@@ -221,7 +244,8 @@ class RedisBroker(LocalBroker):
         """Remove ``session``'s name if ``node``'s session holds it, and the user once it has none; its record."""
         record = self._release_script(keys=[self._key("u:", session.user), self._key("", "users"),
                                             self._key("ns:", node)],
-                                      args=[session.name, node, session.key, session.user, _member(session)],
+                                      args=[session.name, node, session.key, session.user, _member(session),
+                                            self._changes],
                                       client=client)
         return json.loads(record) if record else None
 
@@ -231,11 +255,25 @@ class RedisBroker(LocalBroker):
     # -- looking up --------------------------------------------------------------------
 
     def sessions(self, user: str) -> list[Session]:
-        """Every session of ``user`` on every node; BrokerUnavailable if Redis cannot be asked (see local_sessions)."""
+        """Every session of ``user`` on every node; BrokerUnavailable if Redis cannot be asked (see local_sessions).
+
+        Answered from what this node knows when it can (the inbox hears every
+        change); else from Redis, and then remembered.
+        """
         self.start()
-        with self._redis() as client:
-            records = client.hgetall(self._key("u:", user))
-        return self._merge(user, records)
+        if not self._up:
+            raise BrokerUnavailable(f"Redis at {self.address} is unreachable (since {self._outage():.1f} s)")
+        known = self._known.get(user)
+        if known is None:
+            with self._known_lock:
+                seen = (self._epoch, self._generation.get(user, 0))
+            with self._redis() as client:
+                records = client.hgetall(self._key("u:", user))
+            known = [(name.decode(), json.loads(record)) for name, record in records.items()]
+            with self._known_lock:
+                if self._mirroring and seen == (self._epoch, self._generation.get(user, 0)):
+                    self._known[user] = known
+        return self._merge(user, known)
 
     def everyone(self) -> list[Session]:
         """Every session on every node; BrokerUnavailable if Redis cannot be asked."""
@@ -246,20 +284,20 @@ class RedisBroker(LocalBroker):
             for user in users:
                 pipe.hgetall(self._key("u:", user))
             found = pipe.execute()
-        return [s for user, records in zip(users, found) for s in self._merge(user, records)]
+        return [s for user, records in zip(users, found)
+                for s in self._merge(user, [(name.decode(), json.loads(r)) for name, r in records.items()])]
 
-    def _merge(self, user: str, records: dict[bytes, bytes]) -> list[Session]:
+    def _merge(self, user: str, records: list[tuple[str, dict[str, Any]]]) -> list[Session]:
         """Sessions from the directory, those of this node as this node has them (fresher, and only if open)."""
         here = {s.key: s for s in self.local_sessions(user)}
         found = []
-        for name, record in records.items():
-            data = json.loads(record)
+        for name, data in records:
             if data["n"] == self.node:
                 session = here.pop(data["k"], None)
                 if session is not None:
                     found.append(session)
             else:
-                found.append(Session(data["k"], user, name.decode(), data["n"], data.get("m") or {}))
+                found.append(Session(data["k"], user, name, data["n"], data.get("m") or {}))
         found.extend(here.values())  # registered while the directory was away
         return found
 
@@ -267,6 +305,14 @@ class RedisBroker(LocalBroker):
 
     def deliver(self, to: "Session | str", message: bytes, *, bounce: Optional[bytes] = None,
                 sender: Any = None) -> bool:
+        """As LocalBroker.deliver; a session on another node is reached through the outgoing queue (never waits).
+
+        True then means "on its way": whether the node took it is known
+        when the queue is written (one pipeline for every message queued
+        meanwhile). A message no node took, or whose session is gone there,
+        comes back to ``sender`` as ``bounce``. False at once while Redis is
+        known to be away, or the queue is full (this process is overloaded).
+        """
         key = to.key if isinstance(to, Session) else to
         node = key.rpartition("/")[0]
         if node == self.node:
@@ -277,27 +323,61 @@ class RedisBroker(LocalBroker):
         if origin is not None:
             header["from"] = origin.key
             header["bounce"] = bounce.decode("latin-1")  # type: ignore[union-attr]
-        try:
-            with self._redis() as client:
-                return bool(client.publish(self._key("n:", node), _envelope(_DELIVER, header, message)))
-        except BrokerUnavailable:
-            return False
+        return self._queue(self._key("n:", node), _envelope(_DELIVER, header, message),
+                           (origin.key, bounce) if origin is not None else None)
 
     def publish(self, topic: str, message: bytes, *, exclude: Any = None) -> int:
-        """Post to ``topic``'s sessions here at once, and to other nodes' through Redis; returns the count here.
+        """Post to ``topic``'s sessions here at once, and to other nodes' through the outgoing queue.
 
-        During an outage only this node's sessions get it (topics carry
-        presence and broadcasts, which are not bounced).
+        Returns the count here. During an outage only this node's sessions
+        get it (topics carry presence and broadcasts, which are not bounced).
         """
         count = super().publish(topic, message, exclude=exclude)
         self.start()
-        header = {"o": self.node, "t": topic}
-        try:
-            with self._redis() as client:
-                client.publish(self._key("t:", topic), _envelope(_TOPIC, header, message))
-        except BrokerUnavailable:
-            pass
+        self._queue(self._key("t:", topic), _envelope(_TOPIC, {"o": self.node, "t": topic}, message), None)
         return count
+
+    # -- the outgoing queue: PUBLISHes off the callers' threads, pipelined ---------------------
+
+    def _queue(self, channel: str, payload: bytes, bounce: Optional[tuple[str, bytes]]) -> bool:
+        if not self._up:
+            return False
+        with self._outgoing_ready:
+            if len(self._outgoing) >= OUTGOING_LIMIT:
+                full = True
+            else:
+                full = False
+                self._outgoing.append((channel, payload, bounce))
+                if len(self._outgoing) == 1:
+                    self._outgoing_ready.notify()
+        if full:
+            self._busy_log(logging.WARNING, "broker %s: %d messages wait to be published; refusing more "
+                           "(they bounce): this process is overloaded", self.node, OUTGOING_LIMIT)
+        return not full
+
+    def _send_outgoing(self) -> None:
+        """The publisher thread: everything queued since the last round in one pipeline; bounce what no node took."""
+        while not self._stop.is_set():
+            with self._outgoing_ready:
+                while not self._outgoing and not self._stop.is_set():
+                    self._outgoing_ready.wait(1.0)
+                batch, self._outgoing = self._outgoing, []
+            if not batch:
+                continue
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                for channel, payload, _ in batch:
+                    pipe.publish(channel, payload)
+                taken = pipe.execute()
+            except self._errors as exc:
+                self._went_down(exc)
+                taken = [0] * len(batch)
+            except Exception:
+                log.exception("broker %s: publishing %d messages failed; bouncing them", self.node, len(batch))
+                taken = [0] * len(batch)
+            for (channel, _, bounce), count in zip(batch, taken):
+                if not count and bounce is not None and not self._deliver_here(*bounce):
+                    log.debug("broker %s: a bounce for %s found it gone", self.node, bounce[0])
 
     @contextlib.contextmanager
     def _redis(self) -> Iterator[Any]:
@@ -324,15 +404,22 @@ class RedisBroker(LocalBroker):
             pubsub = None
             try:
                 pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self._inbox)
+                pubsub.subscribe(self._inbox, self._changes)
                 pubsub.psubscribe(self._topics + "*")
+                self._forget_known(mirroring=True)  # changes missed while not subscribed: start afresh
                 self._subscribed.set()
                 pause = 0.05
+                changes = self._changes.encode()
                 while not self._stop.is_set():
                     item = pubsub.get_message(timeout=0.5)
-                    if item is not None and item["type"] in ("message", "pmessage"):
+                    if item is None or item["type"] not in ("message", "pmessage"):
+                        continue
+                    if item["channel"] == changes:
+                        self._changed(item["data"].decode())
+                    else:
                         self._received(item["data"])
             except self._errors as exc:
+                self._forget_known(mirroring=False)
                 self._subscribed.set()  # nobody should wait for a subscription during an outage
                 self._went_down(exc)
             except Exception:
@@ -346,6 +433,22 @@ class RedisBroker(LocalBroker):
             self._stop.wait(pause)
             pause = min(pause * 2, 1.0)
 
+    def _changed(self, user: str) -> None:
+        """The directory changed for ``user`` (or for everyone: "")."""
+        with self._known_lock:
+            if user:
+                self._known.pop(user, None)
+                self._generation[user] = self._generation.get(user, 0) + 1
+            else:
+                self._known.clear()
+                self._epoch += 1
+
+    def _forget_known(self, *, mirroring: bool) -> None:
+        with self._known_lock:
+            self._known.clear()
+            self._epoch += 1
+            self._mirroring = mirroring
+
     def _received(self, data: bytes) -> None:
         kind, header, message = _open(data)
         if kind == _DELIVER:
@@ -355,15 +458,9 @@ class RedisBroker(LocalBroker):
             if origin is None:
                 log.debug("broker %s: a message for %s found it gone", self.node, header["to"])
                 return
-            back = {"to": origin}
-            bounce = header["bounce"].encode("latin-1")
-            try:
-                with self._redis() as client:
-                    taken = client.publish(self._key("n:", origin.rpartition("/")[0]), _envelope(_BOUNCE, back, bounce))
-            except BrokerUnavailable:
-                taken = 0
-            if not taken:
-                log.info("broker %s: a message for %s bounced, and its sender %s is gone too",
+            back = _envelope(_BOUNCE, {"to": origin}, header["bounce"].encode("latin-1"))
+            if not self._queue(self._key("n:", origin.rpartition("/")[0]), back, None):
+                log.info("broker %s: a message for %s bounced, and its sender %s cannot be told (Redis is away)",
                          self.node, header["to"], origin)
         elif kind == _BOUNCE:
             if not self._deliver_here(header["to"], message):
@@ -409,6 +506,7 @@ class RedisBroker(LocalBroker):
             pipe.hset(self._key("u:", session.user), session.name, self._record(session))
             pipe.sadd(self._key("", "users"), session.user)
             pipe.sadd(self._key("ns:", self.node), _member(session))
+        pipe.publish(self._changes, "")  # every node reads the directory afresh
         pipe.execute()
         if self.on_restored is not None and entries:
             try:
@@ -485,7 +583,26 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 if redis.call('HLEN', KEYS[1]) == 0 then
   redis.call('SREM', KEYS[2], ARGV[4])
 end
+redis.call('PUBLISH', ARGV[6], ARGV[4])
 return record
+"""
+
+# Claim a name (HSETNX) and tell every node, in one step: a node never
+# hears of a change before it can read it, nor misses one.
+_CLAIM = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[3])
+return 1
+"""
+
+_STORE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+return 1
 """
 
 

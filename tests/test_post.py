@@ -9,11 +9,12 @@ Every test runs in both I/O modes, with the C hot path and without.
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -152,12 +153,19 @@ def test_posts_and_own_sends_never_cut_into_each_other(version):
         client.close()
 
 
-def test_post_on_a_closed_connection_is_refused(version):
-    room = Room()
+@contextlib.contextmanager
+def one_client(room: Room) -> Iterator[tuple[socket.socket, netpool.Connection]]:
+    """A listener that ignores what it reads, one client of it, and the client's connection."""
     with serving(**room.settings(lambda m, c: None)) as listener:
         client = connect(listener)
         wait_for(lambda: len(room.conns) == 1, what="the connection")
-        conn = next(iter(room.conns.values()))
+        yield client, next(iter(room.conns.values()))
+        client.close()
+
+
+def test_post_on_a_closed_connection_is_refused(version):
+    room = Room()
+    with one_client(room) as (client, conn):
         client.close()
         wait_for(lambda: room.reasons, what="the close")
         assert conn.post(b"too late") is False
@@ -166,17 +174,13 @@ def test_post_on_a_closed_connection_is_refused(version):
 def test_posted_then_closed_gracefully_arrives_before_the_end(version):
     """A last word through the outbox (an XMPP stream error on timeout): graceful close lets it out first."""
     room = Room()
-    with serving(**room.settings(lambda m, c: None)) as listener:
-        client = connect(listener)
-        wait_for(lambda: len(room.conns) == 1, what="the connection")
-        conn = next(iter(room.conns.values()))
+    with one_client(room) as (client, conn):
         assert conn.post(b"goodbye")
         conn.close("kicked", graceful=True)
         assert recv_exactly(client, len(b"goodbye\n")) == b"goodbye\n"
         assert client.recv(10) == b""
         wait_for(lambda: room.reasons, what="the close")
         assert room.reasons[conn.id] == "kicked"
-        client.close()
 
 
 def test_outbox_limit_is_validated():
