@@ -163,10 +163,18 @@ class RawClient:
         return result.findtext(f"{{{BIND_NS}}}bind/{{{BIND_NS}}}jid") or ""
 
     def login(self, user: str, password: str = "any", resource: Optional[str] = None) -> str:
+        """Log in and bind; returns the full JID, once the server routes to it.
+
+        The bind result comes a moment before the server has made the JID
+        routable: a ping answered after it says the bind is over, as a real
+        client's first presence would.
+        """
         self.open()
         assert self.auth(user, password).tag == qname(SASL_NS, "success"), self.raw[-300:]
         self.open()
-        return self.bind(resource)
+        jid = self.bind(resource)
+        assert self.iq(f"<ping xmlns='{PING_NS}'/>").get("type") == "result"
+        return jid
 
     def iq(self, body: str, **attrs: str) -> Element:
         """Send an iq and return the reply with the same id (skipping anything else that arrives)."""

@@ -189,8 +189,10 @@ class Router:
         data = serialize(message)
         broker = self.broker(sender.conn)
         bounce = None
-        if len(recipients) == 1 and recipients[0].node != broker.node and kind not in ("error", "headline"):
-            # Only known later, on the recipient's node: the error to send back then.
+        if any(s.node != broker.node for s in recipients) and kind not in ("error", "headline"):
+            # Whether another node takes it is only known later: the error to send back then. With
+            # several resources a failed one says so even if another got it: an error too many,
+            # never a message lost without a word.
             bounce = serialize(stanza_error(message, "service-unavailable", why))
         delivered = [broker.deliver(s, data, bounce=bounce, sender=sender.conn) for s in recipients]
         if not any(delivered):

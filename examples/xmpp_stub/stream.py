@@ -326,6 +326,8 @@ class ClientStream:
         self.deadline = time.monotonic() + self.settings.session_timeout
         self.send_stanza(iq_result(iq, element(BIND, None, element(qname(BIND_NS, "jid"), text=str(jid)))))
         # Only now is it routed to: nothing for the new JID can overtake the bind result.
+        # (A sender who knows the JID out of band and writes in the moment between gets
+        # service-unavailable; one who learns it from this stream's presence never does.)
         self.server.router.bound(self)
         log.info("%s: bound", self._who())
 
