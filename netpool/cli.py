@@ -215,7 +215,8 @@ def run(handler: str, config_file: Optional[str], grace: float, log_level: str, 
               help="Host name or IP address the certificate is for; repeat for several. "
                    "[default: localhost, 127.0.0.1, ::1]")
 @click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True, help="Validity in days.")
-def cert(out_dir: str, hosts: tuple[str, ...], days: int) -> None:
+@click.option("--force", is_flag=True, help="Overwrite cert.pem and key.pem if they exist.")
+def cert(out_dir: str, hosts: tuple[str, ...], days: int, force: bool) -> None:
     """Write a self-signed development certificate and key, for trying TLS locally.
 
     Then: netpool echo --certfile OUT/cert.pem --keyfile OUT/key.pem
@@ -224,7 +225,9 @@ def cert(out_dir: str, hosts: tuple[str, ...], days: int) -> None:
     from .devcert import DEFAULT_HOSTS, write_dev_certificate
 
     try:
-        cert_path, key_path = write_dev_certificate(out_dir, hosts or DEFAULT_HOSTS, days)
+        cert_path, key_path = write_dev_certificate(out_dir, hosts or DEFAULT_HOSTS, days, force=force)
+    except FileExistsError as exc:
+        raise click.UsageError(f"{exc}: pass --force to overwrite them") from None
     except (OSError, ValueError) as exc:
         raise click.UsageError(f"cannot write the certificate: {exc}") from None
     click.echo(f"wrote {cert_path} and {key_path} (self-signed, for {', '.join(hosts or DEFAULT_HOSTS)}; "

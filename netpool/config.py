@@ -113,7 +113,8 @@ class ListenerConfig:
     grow_step: int = 128
     """How much "grow" raises the limit each time it is reached."""
     refuse_message: Optional[bytes] = None
-    """Bytes sent to a refused client before closing (a protocol's "busy" line)."""
+    """Bytes sent to a refused client before closing (a protocol's "busy" line). Never sent on an
+    implicit-TLS listener: plaintext there is a broken record to the client, which gets a clean close."""
 
     io: Literal["threads", "events"] = "threads"
     """Both read through ``io_threads`` epoll loops. "threads": handlers may block; a connection whose

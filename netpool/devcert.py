@@ -61,12 +61,21 @@ def make_self_signed(hosts: Sequence[str] = DEFAULT_HOSTS, days: int = 365) -> t
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def write_dev_certificate(out_dir: str, hosts: Sequence[str] = DEFAULT_HOSTS, days: int = 365) -> tuple[str, str]:
-    """Write ``cert.pem`` and ``key.pem`` (mode 600) into ``out_dir``; return their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    cert_pem, key_pem = make_self_signed(hosts, days)
+def write_dev_certificate(out_dir: str, hosts: Sequence[str] = DEFAULT_HOSTS, days: int = 365, *,
+                          force: bool = False) -> tuple[str, str]:
+    """Write ``cert.pem`` and ``key.pem`` (mode 600) into ``out_dir``; return their paths.
+
+    Existing files are kept (FileExistsError) unless ``force``: a key
+    overwritten by a second run is a server that no longer matches its
+    clients' pinned certificate.
+    """
     cert_path = os.path.join(out_dir, "cert.pem")
     key_path = os.path.join(out_dir, "key.pem")
+    existing = [p for p in (cert_path, key_path) if os.path.exists(p)]
+    if existing and not force:
+        raise FileExistsError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}")
+    os.makedirs(out_dir, exist_ok=True)
+    cert_pem, key_pem = make_self_signed(hosts, days)
     with open(cert_path, "wb") as fh:
         fh.write(cert_pem)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

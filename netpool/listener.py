@@ -450,7 +450,9 @@ class Listener:
 
     def _refuse(self, client: socket.socket, reason: str) -> None:
         message = self.config.refuse_message
-        if message and reason == "limit":
+        # Never plaintext on a TLS port: a TLS client would read it as a broken
+        # record (WRONG_VERSION_NUMBER) instead of a clean close.
+        if message and reason == "limit" and not self._tls_implicit:
             # Best effort and never blocking: the acceptor must not wait on a client.
             client.setblocking(False)
             try:
@@ -460,6 +462,17 @@ class Listener:
         # Counted before the close, so a client that sees the close finds it counted.
         with self._lock:
             self._refused[reason] += 1
+        if self._tls_implicit:
+            # A FIN, then what the client already sent (its ClientHello) read
+            # away without waiting: closing over unread bytes would send a
+            # reset, and a TLS client should see a clean end of the stream.
+            client.setblocking(False)
+            try:
+                client.shutdown(socket.SHUT_WR)
+                while client.recv(65536):
+                    pass
+            except OSError:
+                pass
         client.close()
         if reason == "limit":
             self._refusals(

@@ -28,7 +28,7 @@ from OpenSSL import SSL
 
 from .deadline import poll_until
 from .errors import TLSError, TLSHandshakeError, TLSHandshakeTimeout
-from .tls_config import TLSConfig, TLSInfo
+from .tls_config import INTERMEDIATE_CIPHERS, TLSConfig, TLSInfo
 
 __all__ = [
     "TLSTransport",
@@ -128,11 +128,11 @@ def _context_for(tls: TLSConfig, certfile: str, keyfile: Optional[str], password
     # connection matters when thousands sit idle.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     _load_pair(ctx, certfile, keyfile, password, where)
-    if tls.ciphers:
-        try:
-            ctx.set_cipher_list(tls.ciphers.encode())
-        except SSL.Error as exc:
-            raise TLSError(f"ssl.ciphers {tls.ciphers!r}: OpenSSL accepts none of them ({_ssl_reason(exc)})") from None
+    ciphers = tls.ciphers or INTERMEDIATE_CIPHERS
+    try:
+        ctx.set_cipher_list(ciphers.encode())
+    except SSL.Error as exc:
+        raise TLSError(f"ssl.ciphers {ciphers!r}: OpenSSL accepts none of them ({_ssl_reason(exc)})") from None
     if tls.cafile:
         _readable("cafile", tls.cafile)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import re
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -143,3 +144,78 @@ def test_client_renegotiation_is_refused(tmp_path, dev_cert):
         srv.expect(re.compile(r"closing it \(tls_error\)"))
         returncode, stderr = srv.stop()
         assert returncode == 0 and "tls_error 1" in stderr
+
+
+# -- defaults a scanner finds nothing in ----------------------------------------------------------
+
+
+@needs_openssl
+@pytest.mark.parametrize("cipher", ["ECDHE-RSA-AES128-SHA", "ECDHE-ECDSA-AES128-SHA", "AES128-GCM-SHA256",
+                                    "AES256-SHA256"],
+                         ids=["cbc-rsa", "cbc-ecdsa", "rsa-key-exchange", "rsa-cbc"])
+def test_tls12_offers_no_cbc_and_no_rsa_key_exchange(tmp_path, dev_cert, cipher):
+    """Mozilla's intermediate profile by default: a client offering only a CBC or RSA-key-exchange suite fails."""
+    cert, key = dev_cert
+    with server("echo", "--port", "0", "--certfile", cert, "--keyfile", key, cwd=tmp_path) as srv:
+        port = int(srv.listening()["address"].rpartition(":")[2])
+        echoed, info = s_client(port, "-tls1_2", "-cipher", cipher)
+        assert echoed == b"" and ("handshake failure" in info or "no cipher" in info), info
+        # The same client with an ECDHE + AEAD suite gets through.
+        echoed, info = s_client(port, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256")
+        assert b"hello over tls\n" in echoed and "GCM" in info
+        srv.stop()
+
+
+def test_stdlib_client_negotiates_an_aead_suite(dev_cert):
+    from netpool import ListenerConfig, start_listener
+
+    cert, key = dev_cert
+    listener = start_listener(ListenerConfig(handler=lambda m, c: c.send(m), ssl={"certfile": cert, "keyfile": key,
+                                                                                  "min_version": "1.2"}))
+    try:
+        context = ssl.create_default_context(cafile=cert)
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", listener.port), timeout=10),
+                                 server_hostname="localhost") as tls:
+            name, version, _ = tls.cipher()
+            assert version == "TLSv1.2" and name.startswith("ECDHE-") and ("GCM" in name or "CHACHA20" in name)
+    finally:
+        listener.stop()
+
+
+def test_a_tls_listener_refuses_with_a_clean_close_not_plaintext(dev_cert):
+    """At the limit a TLS listener sends no refuse_message: plaintext would be a broken record to the client."""
+    from netpool import ListenerConfig, start_listener
+
+    cert, key = dev_cert
+    listener = start_listener(ListenerConfig(handler=lambda m, c: c.send(m), max_connections=1,
+                                             refuse_message=b"busy\n", ssl={"certfile": cert, "keyfile": key}))
+    try:
+        context = ssl.create_default_context(cafile=cert)
+        first = context.wrap_socket(socket.create_connection(("127.0.0.1", listener.port), timeout=10),
+                                    server_hostname="localhost")
+        first.sendall(b"hi")
+        assert first.recv(10) == b"hi"
+        second = socket.create_connection(("127.0.0.1", listener.port), timeout=10)
+        assert second.recv(100) == b""  # closed without a byte of plaintext
+        second.close()
+        # What a TLS client sees: the end of the stream (EOF), never a record it cannot read. (A
+        # ClientHello that only arrives after the refusal's close meets the kernel's reset instead.)
+        with pytest.raises((ssl.SSLError, ConnectionResetError)) as refused:
+            context.wrap_socket(socket.create_connection(("127.0.0.1", listener.port), timeout=10),
+                                server_hostname="localhost")
+        assert "WRONG_VERSION_NUMBER" not in str(refused.value)
+        assert listener.info().refused >= 2
+        first.close()
+    finally:
+        listener.stop()
+
+
+def test_netpool_cert_keeps_existing_files_unless_forced(tmp_path, dev_cert):
+    cert, key = dev_cert
+    before = Path(key).read_bytes()
+    result = run_cli("cert", "--out", str(Path(cert).parent), cwd=tmp_path)
+    assert_clean_usage_error(result, "already exist", "--force")
+    assert Path(key).read_bytes() == before
+    result = run_cli("cert", "--out", str(Path(cert).parent), "--force", cwd=tmp_path)
+    assert result.returncode == 0 and Path(key).read_bytes() != before
