@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 from .config import ListenerConfig
 from .listener import Listener, ListenerInfo, start_listener
+from .sd_notify import StatusReporter, notify
 
 __all__ = ["run_until_signal", "StopRequested"]
 
@@ -67,9 +68,14 @@ def run_until_signal(config: ListenerConfig, grace: float,
         raise
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    # systemd (Type=notify), if it started us: up now, and what it serves.
+    notify("READY=1", f"STATUS=serving {listener.address}: 0 live connections")
+    status = StatusReporter(lambda: f"serving {listener.address}: {listener.info().live} live connections")
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         listener.wait()
     except StopRequested as stop:
         log.info("%s received: stopping (grace %gs)", stop.signame, grace)
+    status.stop()
+    notify("STOPPING=1", f"STATUS=stopping: {listener.info().live} live connections get {grace:g} s")
     return listener.stop(grace)

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -30,6 +31,8 @@ from .config import ListenerConfig, format_address
 from .errors import ListenError
 from .foreground import STOP_SIGNALS, StopRequested, run_until_signal
 from .listener_info import ListenerInfo
+from .sd_notify import forget as forget_notify_socket
+from .sd_notify import notify
 from .sockets import bind_error_message
 
 __all__ = ["serve_processes"]
@@ -42,6 +45,10 @@ FAST_DEATH = 1.0
 MAX_RESTART_DELAY = 5.0
 # How long stopped workers get beyond their own grace before SIGKILL.
 KILL_MARGIN = 5.0
+# What a worker writes to its report pipe once it listens, and how long the
+# parent waits for every worker's before telling systemd it is ready.
+LISTENING = b"+"
+READY_WAIT = 30.0
 
 
 @dataclasses.dataclass
@@ -50,6 +57,7 @@ class _Worker:
     pid: int
     report_fd: int
     started: float
+    listening: bool = False  # its LISTENING byte was read
 
 
 def _reserve_port(config: ListenerConfig) -> Optional[socket.socket]:
@@ -85,6 +93,8 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float) -> int
             _spawn(config, index, grace, workers)
         log.info("%s: %d worker processes serving %s (max_connections=%d each)",
                  config.name, processes, config.address, config.max_connections)
+        _wait_listening(workers.values(), time.monotonic() + READY_WAIT)
+        notify("READY=1", f"STATUS={processes} worker processes serving {config.address}")
         signal.signal(signal.SIGINT, _raise_stop)
         signal.signal(signal.SIGTERM, _raise_stop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -107,6 +117,7 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float) -> int
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         except StopRequested as stop:
             log.info("%s received: stopping %d workers (grace %gs)", stop.signame, len(workers), grace)
+            notify("STOPPING=1", f"STATUS=stopping {len(workers)} workers (grace {grace:g} s)")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         reports.extend(_stop_all(workers, grace))
@@ -130,10 +141,12 @@ def _spawn(config: ListenerConfig, index: int, grace: float, workers: dict[int, 
         status = 1
         try:
             os.close(read_fd)
+            forget_notify_socket()  # systemd hears from the parent only (NotifyAccess=main)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             worker_config = config.replace(name=f"{config.name}[{index}]")
-            info = run_until_signal(worker_config, grace)
+            # One byte once listening, for the parent's READY=1; the report follows at the end.
+            info = run_until_signal(worker_config, grace, on_started=lambda _: os.write(write_fd, LISTENING))
             os.write(write_fd, json.dumps(dataclasses.asdict(info)).encode())
             status = 0
         except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
@@ -146,6 +159,14 @@ def _spawn(config: ListenerConfig, index: int, grace: float, workers: dict[int, 
     log.info("%s: worker %d started (pid %d)", config.name, index, pid)
 
 
+def _wait_listening(workers: Any, deadline: float) -> None:
+    """Wait (until ``deadline``) for each worker's byte saying it listens; a worker that died says nothing."""
+    for worker in workers:
+        ready, _, _ = select.select([worker.report_fd], [], [], max(0.0, deadline - time.monotonic()))
+        if ready and os.read(worker.report_fd, 1) == LISTENING:
+            worker.listening = True
+
+
 def _read_report(worker: _Worker) -> list[dict[str, Any]]:
     chunks = []
     try:
@@ -153,6 +174,10 @@ def _read_report(worker: _Worker) -> list[dict[str, Any]]:
             chunks.append(chunk)
     finally:
         os.close(worker.report_fd)
+    data = b"".join(chunks)
+    if not worker.listening and data.startswith(LISTENING):
+        data = data[len(LISTENING):]
+    chunks = [data] if data else []
     if not chunks:
         return []  # killed before it could report
     try:
