@@ -359,7 +359,7 @@ class LoopConnection(Connection):
 
     def _start_setup(self, services: "ConnectionServices", deadline: float) -> None:
         """Begin the PROXY header and TLS handshake the listener asks of it (handshake.Handshake), if any."""
-        context = services.tls_context if services.tls_implicit else None
+        context = services.tls_context() if services.tls_implicit else None
         if services.proxy_versions or context is not None:
             self._setup = Handshake(self, self.transport.socket, proxy_versions=services.proxy_versions,
                                     proxy_trusted=services.proxy_trusted, tls_context=context, deadline=deadline)

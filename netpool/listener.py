@@ -30,6 +30,7 @@ from .broker_url import open_broker, shares_sessions
 from .config import ListenerConfig, format_address
 from .conn_threads import ConnectionThreads
 from .connection import Connection
+from .errors import TLSError
 from .framing import RawFramer, framer_factory, with_message_deadline
 from . import hot_path
 from .io_loop import RECV_SIZE, IOLoop, LoopConnection
@@ -136,7 +137,8 @@ class Listener:
             handler, after_queued_calls = dispatch.handle, dispatch.after_queued_calls
         services = ConnectionServices(
             config=config, handler=handler, raw_framing=self._raw_framing, raw_framer=self._raw_framer,
-            framer_factory=self._framer_factory, tls_context=self._tls_context, tls_implicit=self._tls_implicit,
+            framer_factory=self._framer_factory, tls_context=self._current_tls_context,
+            tls_implicit=self._tls_implicit,
             proxy_versions=self._proxy_versions, proxy_trusted=self._proxy_trusted, fault_logs=self._fault_logs,
             threads=self._conn_threads, after_queued_calls=after_queued_calls,
             connection_closed=self._connection_closed, fire_alarm=self._fire_alarm)
@@ -161,6 +163,31 @@ class Listener:
     def tls_context(self) -> Any:
         """The pyOpenSSL context this listener serves TLS with (implicit or STARTTLS), or None without ``ssl``."""
         return self._tls_context
+
+    def _current_tls_context(self) -> Any:
+        return self._tls_context
+
+    def reload_tls(self) -> bool:
+        """Read the certificate and key files again: new handshakes use them, live connections go on.
+
+        What SIGHUP does to a CLI server. A new pair that cannot be used (an
+        unreadable file, a key that does not match) leaves the old one in
+        place and is logged with its reason; returns whether the new one is
+        in place (False too without TLS).
+        """
+        tls = self.config.ssl
+        if tls is None:
+            return False
+        from .tls import build_server_context
+
+        try:
+            context = build_server_context(tls, self.config.name)
+        except TLSError as exc:
+            log.error("%s: cannot use the new certificate, so the old one stays: %s", self.config.name, exc)
+            return False
+        self._tls_context = context  # one reference swap: each handshake reads it once, at its start
+        log.info("%s: TLS certificate reloaded from %s; new handshakes use it", self.config.name, tls.certfile)
+        return True
 
     @property
     def broker(self) -> LocalBroker:

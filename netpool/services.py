@@ -31,8 +31,8 @@ class ConnectionServices:
     """The one stateless RawFramer every raw connection shares (None otherwise)."""
     framer_factory: Callable[[int], Any]
     """``framer_factory(max_message_size)``: a new framer for a connection."""
-    tls_context: Any
-    """The pyOpenSSL context for TLS (implicit or STARTTLS), or None."""
+    tls_context: Callable[[], Any]
+    """``tls_context()``: the pyOpenSSL context for TLS now (implicit or STARTTLS), or None; a reload swaps it."""
     tls_implicit: bool
     """TLS from the first byte: every connection shakes hands before its first message."""
     proxy_versions: tuple[int, ...]

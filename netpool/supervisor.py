@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 from .config import ListenerConfig, format_address
 from .errors import ListenError
-from .foreground import STOP_SIGNALS, StopRequested, run_until_signal
+from .foreground import HELD_SIGNALS, StopRequested, run_until_signal
 from .listener_info import ListenerInfo
 from .sd_notify import forget as forget_notify_socket
 from .sd_notify import notify
@@ -87,7 +87,7 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float) -> int
     reports: list[dict[str, Any]] = []
     restarts = 0
     delay = 0.0
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     try:
         for index in range(processes):
             _spawn(config, index, grace, workers)
@@ -97,8 +97,12 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float) -> int
         notify("READY=1", f"STATUS={processes} worker processes serving {config.address}")
         signal.signal(signal.SIGINT, _raise_stop)
         signal.signal(signal.SIGTERM, _raise_stop)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        # SIGHUP: each worker reloads (today its TLS certificate; see foreground).
+        signal.signal(signal.SIGHUP, lambda signum, frame: _forward(workers, signum))
         try:
+            # Inside the try: a SIGTERM held until now raises right here, and
+            # must stop the workers like any other (it once orphaned them).
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
             while True:
                 pid, status = os.waitpid(-1, 0)
                 worker = workers.pop(pid, None)
@@ -111,21 +115,28 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float) -> int
                 delay = min(MAX_RESTART_DELAY, max(0.1, delay * 2)) if lived < FAST_DEATH else 0.0
                 if delay:
                     time.sleep(delay)  # a crash loop must not become a fork storm
-                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
                 _spawn(config, worker.index, grace, workers)
                 restarts += 1
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         except StopRequested as stop:
             log.info("%s received: stopping %d workers (grace %gs)", stop.signame, len(workers), grace)
             notify("STOPPING=1", f"STATUS=stopping {len(workers)} workers (grace {grace:g} s)")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         reports.extend(_stop_all(workers, grace))
     finally:
         if holder is not None:
             holder.close()
     log.info("%s: all workers stopped (%d restarts): %s", config.name, restarts, _summary(reports))
     return 0
+
+
+def _forward(workers: dict[int, _Worker], signum: int) -> None:
+    log.info("%s received: passing it to %d workers", signal.Signals(signum).name, len(workers))
+    for worker in list(workers.values()):
+        _kill(worker.pid, signum)
 
 
 def _raise_stop(signum: int, _frame: Any) -> None:
@@ -144,6 +155,7 @@ def _spawn(config: ListenerConfig, index: int, grace: float, workers: dict[int, 
             forget_notify_socket()  # systemd hears from the parent only (NotifyAccess=main)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             worker_config = config.replace(name=f"{config.name}[{index}]")
             # One byte once listening, for the parent's READY=1; the report follows at the end.
             info = run_until_signal(worker_config, grace, on_started=lambda _: os.write(write_fd, LISTENING))

@@ -41,7 +41,7 @@ class NotifySocket:
             self.heard.append((pid, data.decode().split("\n")))
             if line in self.heard[-1][1]:
                 return self.heard[-1]
-        raise AssertionError(f"never heard {line!r}; heard {self.heard}")
+        raise AssertionError(f"never heard {line!r}; heard {self.heard}")  # pragma: no cover
 
     def close(self) -> None:
         self.sock.close()
@@ -94,3 +94,22 @@ def test_with_worker_processes_only_the_parent_speaks_once_they_listen(tmp_path,
         returncode, _ = srv.stop()
         assert heard.until("STOPPING=1")[0] == srv.proc.pid and returncode == 0
         assert {pid for pid, _ in heard.heard} == {srv.proc.pid}, "a worker spoke to systemd"
+
+
+def test_sighup_reloads_and_says_so_instead_of_ending_the_process(tmp_path, notify_socket):
+    """SIGHUP's default is to end a process; a netpool server reloads instead (RELOADING=1, then READY=1)."""
+    import signal
+
+    heard, path = notify_socket
+    with server("echo", "--port", "0", cwd=tmp_path, env={**os.environ, "NOTIFY_SOCKET": path}) as srv:
+        port = srv.port()
+        heard.until("READY=1")
+        srv.proc.send_signal(signal.SIGHUP)
+        heard.until("RELOADING=1")
+        heard.until("READY=1")
+        srv.expect("SIGHUP received: nothing to reload")
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
+            client.sendall(b"still serving\n")
+            assert client.recv(100) == b"still serving\n"
+        returncode, _ = srv.stop()
+        assert returncode == 0

@@ -219,3 +219,56 @@ def test_netpool_cert_keeps_existing_files_unless_forced(tmp_path, dev_cert):
     assert Path(key).read_bytes() == before
     result = run_cli("cert", "--out", str(Path(cert).parent), "--force", cwd=tmp_path)
     assert result.returncode == 0 and Path(key).read_bytes() != before
+
+
+# -- certificates reload on SIGHUP ---------------------------------------------------------------
+
+
+def _serial(cafile: str, port: int) -> tuple[int, ssl.SSLSocket]:
+    """Handshake with the server as a client trusting ``cafile``; the certificate's serial, and the connection."""
+    from cryptography import x509
+
+    context = ssl.create_default_context(cafile=cafile)
+    tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost")
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number, tls
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_sighup_reloads_the_certificate_and_keeps_live_connections(tmp_path, dev_cert, processes):
+    import signal
+
+    from netpool.devcert import write_dev_certificate
+
+    cert, key = dev_cert
+    with server("echo", "--port", "0", "--certfile", cert, "--keyfile", key, "--processes", processes,
+                cwd=tmp_path) as srv:
+        port = int(srv.expect(r"(?:listening on|worker processes serving) 127\.0\.0\.1:(\d+)")[1])
+        if processes == "2":
+            srv.expect(r"\[1\] listening on")
+        first_serial, before = _serial(cert, port)
+        before.sendall(b"one\n")
+        assert before.recv(10) == b"one\n"
+
+        write_dev_certificate(str(Path(cert).parent), force=True)  # a new key pair, a new serial
+        srv.proc.send_signal(signal.SIGHUP)
+        for _ in range(int(processes)):
+            srv.expect("TLS certificate reloaded")
+        second_serial, after = _serial(cert, port)
+        assert second_serial != first_serial
+        before.sendall(b"still here\n")  # the connection from before the reload goes on
+        assert before.recv(20) == b"still here\n"
+
+        second = tmp_path / "second.pem"
+        second.write_bytes(Path(cert).read_bytes())
+        Path(cert).write_bytes(b"not a certificate\n")  # a broken one: the last good one stays
+        srv.proc.send_signal(signal.SIGHUP)
+        for _ in range(int(processes)):
+            srv.expect("cannot use the new certificate, so the old one stays")
+        third_serial, later = _serial(str(second), port)
+        assert third_serial == second_serial
+        for sock in (before, after, later):
+            sock.close()
+        returncode, stderr = srv.stop()
+        assert returncode == 0, stderr
