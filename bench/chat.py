@@ -31,57 +31,22 @@ import contextlib
 import queue
 import re
 import selectors
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import LocalRedis  # noqa: E402 - the benchmark's own redis-server starter (bench/run.py)
 NETPOOL = str(Path(sys.executable).with_name("netpool"))
 CHAT = "netpool.examples.chat.chat"
 DEADLINE = 20.0
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port, no persistence."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        sys.exit("redis-server is missing: `make bench-chat` installs it (Debian package redis-server)")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                 "--dir", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + DEADLINE
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                        s.sendall(b"PING\r\n")
-                        if s.recv(64).startswith(b"+PONG"):
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not answer")
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            proc.wait(DEADLINE)
 
 
 @contextlib.contextmanager
@@ -371,7 +336,8 @@ def main() -> None:
           f"{args.count} with 64 in flight\n")
     print("| protocol | where | delivered | p50 ms | p99 ms | max ms | flat out msg/s |")
     print("|---|---|---|---|---|---|---|")
-    with redis_server() as url:
+    with LocalRedis(cpu=None) as redis:
+        url = redis.url
         for kind in ("chat", "xmpp"):
             for r in private_messages(kind, url, args.pairs, args.rate, args.seconds, args.count):
                 print(f"| {r['kind']} | {r['where']} | {r['delivered']}/{r['sent']} | {r['p50_ms']:.2f} | "

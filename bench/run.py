@@ -276,11 +276,19 @@ def summarise(cfg: Config) -> list[str]:
 
 
 class LocalRedis:
-    """A redis-server on a free loopback port, pinned with the load generator, for the redis runs."""
+    """A redis-server on a free loopback port, pinned with the load generator (``cpu``), for the redis runs.
 
-    def __init__(self) -> None:
+    ``cpu=None`` leaves it unpinned (bench/chat.py, where servers and clients share both cores).
+    """
+
+    def __init__(self, cpu: str | None = CLIENT_CPU) -> None:
         self.port = free_port()
+        self.cpu = cpu
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def __enter__(self) -> "LocalRedis":
         import redis
@@ -288,8 +296,9 @@ class LocalRedis:
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("redis-server is not installed: make bench installs it (Debian's redis-server)")
+        pin = ["taskset", "-c", self.cpu] if self.cpu is not None else []
         self.proc = subprocess.Popen(
-            ["taskset", "-c", CLIENT_CPU, server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [*pin, server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--maxclients", "10000"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(host="127.0.0.1", port=self.port)

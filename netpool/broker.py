@@ -217,13 +217,12 @@ class LocalBroker:
 
     def publish(self, topic: str, message: bytes, *, exclude: Any = None) -> int:
         """Post ``message`` to every session in ``topic`` (but ``exclude``'s); returns how many here took it."""
-        return self._publish_here(topic, message, exclude.id if exclude is not None else None, self.node)
+        return self._publish_here(topic, message, exclude.id if exclude is not None else None)
 
-    def _publish_here(self, topic: str, message: bytes, exclude_id: Optional[int], origin: str) -> int:
+    def _publish_here(self, topic: str, message: bytes, exclude_id: Optional[int] = None) -> int:
         with self._lock:
             members = list(self._members.get(topic, {}).values())
-        excluded = exclude_id if origin == self.node else None
-        return sum(1 for conn in members if conn.id != excluded and conn.post(message))
+        return sum(1 for conn in members if conn.id != exclude_id and conn.post(message))
 
     # -- delivery -------------------------------------------------------------------
 

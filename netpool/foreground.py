@@ -60,7 +60,12 @@ def _reload(listener: Listener) -> None:
     else:
         log.info("SIGHUP received: reloading the TLS certificate")
         listener.reload_tls()
-    notify("READY=1", f"STATUS=serving {listener.address}: {listener.info().live} live connections")
+    notify("READY=1", f"STATUS={_status(listener)}")
+
+
+def _status(listener: Listener) -> str:
+    """What systemd shows for a serving listener (STATUS=)."""
+    return f"serving {listener.address}: {listener.info().live} live connections"
 
 
 def run_until_signal(config: ListenerConfig, grace: float,
@@ -93,8 +98,8 @@ def run_until_signal(config: ListenerConfig, grace: float,
     # certificate (new handshakes take it; live connections go on).
     signal.signal(signal.SIGHUP, _on_reload)
     # systemd (Type=notify), if it started us: up now, and what it serves.
-    notify("READY=1", f"STATUS=serving {listener.address}: 0 live connections")
-    status = StatusReporter(lambda: f"serving {listener.address}: {listener.info().live} live connections")
+    notify("READY=1", f"STATUS={_status(listener)}")
+    status = StatusReporter(lambda: _status(listener))
     try:
         held = True
         while True:

@@ -1093,8 +1093,8 @@ class IOLoop:
         the hot path). Connections with no quick call of their own follow,
         until a call on a thread turns out quick (``_calls_done``): a handler
         that blocked on one connection is likely to block on the next. The
-        connection moves to the threads at its next event (``_serve_events``),
-        or with the rest of its messages (``_serve_events``).
+        connection moves to the threads at its next event, or with the rest of
+        its messages (both in ``_serve_events``).
         """
         if not blocked_since_mark(took):  # since the loop's mark, once per batch of events
             return  # a short collection, or preempted: it did not wait on anything

@@ -145,7 +145,6 @@ class RedisBroker(LocalBroker):
         self._mirroring = False
         self._known_lock = threading.Lock()
         self._busy_log = RateLimitedLog(log)
-        self._inbox = self._key("n:", self.node)
         self._topics = self._key("t:", "")
         self._up = True
         self._down_since = 0.0
@@ -162,6 +161,15 @@ class RedisBroker(LocalBroker):
     def _key(self, kind: str, name: str) -> str:
         return f"{self.prefix}{kind}{name}"
 
+    @property
+    def _inbox(self) -> str:
+        """This node's channel: messages for its sessions, and bounces for its senders."""
+        return self._key("n:", self.node)
+
+    def _away(self) -> BrokerUnavailable:
+        """The error for a call made while Redis is known to be away (raised at once, without trying)."""
+        return BrokerUnavailable(f"Redis at {self.address} is unreachable (since {self._outage():.1f} s)")
+
     # -- starting, in the serving process --------------------------------------------
 
     def start(self) -> None:
@@ -173,7 +181,6 @@ class RedisBroker(LocalBroker):
                 return
             if self._started_pid:  # made before a fork: the parent's threads did not come along
                 self.node = f"{self.node}.{os.getpid()}"
-                self._inbox = self._key("n:", self.node)
             self._stop.clear()
             self._subscribed.clear()
             self._threads = [
@@ -262,7 +269,7 @@ class RedisBroker(LocalBroker):
         """
         self.start()
         if not self._up:
-            raise BrokerUnavailable(f"Redis at {self.address} is unreachable (since {self._outage():.1f} s)")
+            raise self._away()
         known = self._known.get(user)
         if known is None:
             with self._known_lock:
@@ -384,7 +391,7 @@ class RedisBroker(LocalBroker):
         """The client for one call from a caller's thread: BrokerUnavailable at once while Redis is known away,
         after POOL_WAIT if every turn is taken, within ``timeout`` if Redis does not answer (an outage)."""
         if not self._up:
-            raise BrokerUnavailable(f"Redis at {self.address} is unreachable (since {self._outage():.1f} s)")
+            raise self._away()
         if not self._slots.acquire(timeout=POOL_WAIT):
             self._busy_log(logging.WARNING, "broker %s: all %d turns to call Redis stayed taken for %g s; a call "
                            "failed (its message bounces): this process is overloaded", self.node, POOL_SIZE, POOL_WAIT)
@@ -467,7 +474,7 @@ class RedisBroker(LocalBroker):
                 log.debug("broker %s: a bounce for %s found it gone", self.node, header["to"])
         elif kind == _TOPIC:
             if header["o"] != self.node:  # this node's sessions had it from publish() itself
-                self._publish_here(header["t"], message, None, header["o"])
+                self._publish_here(header["t"], message)
         else:
             log.warning("broker %s: unknown message kind %r on the inbox; ignored", self.node, kind)
 

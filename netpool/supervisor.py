@@ -57,7 +57,6 @@ class _Worker:
     pid: int
     report_fd: int
     started: float
-    listening: bool = False  # its LISTENING byte was read
 
 
 def _reserve_port(config: ListenerConfig) -> Optional[socket.socket]:
@@ -172,11 +171,15 @@ def _spawn(config: ListenerConfig, index: int, grace: float, workers: dict[int, 
 
 
 def _wait_listening(workers: Any, deadline: float) -> None:
-    """Wait (until ``deadline``) for each worker's byte saying it listens; a worker that died says nothing."""
+    """Wait (until ``deadline``) for each worker's byte saying it listens; a worker that died says nothing.
+
+    The byte is read here; one not read (a worker started later) is dropped
+    from the front of its report (_read_report).
+    """
     for worker in workers:
         ready, _, _ = select.select([worker.report_fd], [], [], max(0.0, deadline - time.monotonic()))
-        if ready and os.read(worker.report_fd, 1) == LISTENING:
-            worker.listening = True
+        if ready:
+            os.read(worker.report_fd, 1)
 
 
 def _read_report(worker: _Worker) -> list[dict[str, Any]]:
@@ -186,14 +189,11 @@ def _read_report(worker: _Worker) -> list[dict[str, Any]]:
             chunks.append(chunk)
     finally:
         os.close(worker.report_fd)
-    data = b"".join(chunks)
-    if not worker.listening and data.startswith(LISTENING):
-        data = data[len(LISTENING):]
-    chunks = [data] if data else []
-    if not chunks:
+    data = b"".join(chunks).removeprefix(LISTENING)  # a JSON report never starts with it
+    if not data:
         return []  # killed before it could report
     try:
-        return [json.loads(b"".join(chunks))]
+        return [json.loads(data)]
     except ValueError:
         return []
 

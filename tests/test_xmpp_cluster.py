@@ -17,8 +17,6 @@ from typing import Any, Iterator
 
 import pytest
 
-import netpool
-
 from .conftest import wait_for
 from .test_cli import Server, assert_clean_usage_error, run_cli, server
 from .test_xmpp_server import Client, RawClient, qname, run_scenario, xmpp_server

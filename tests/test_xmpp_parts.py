@@ -15,8 +15,6 @@ from netpool.examples.xmpp_stub.jid import JID, InvalidJID, localpart
 from netpool.examples.xmpp_stub.sasl import SASLFailure, decode_payload, parse_plain
 from netpool.examples.xmpp_stub.users import UserStore, UserStoreError
 
-from netpool import ConnectionClosed
-
 from .conftest import wait_for
 
 CHEAP = {"n": 2**4}  # hashes that take microseconds, for tests that add many users

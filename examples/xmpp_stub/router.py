@@ -185,7 +185,7 @@ class Router:
         if to.local is None:
             return self._bounce(sender, message, kind, "service-unavailable", "the server takes no messages")
         recipients, trouble = self._recipients(sender, to, kind)
-        why = f"{to.bare} is not online" if trouble is None else f"{to.bare} cannot be reached now ({trouble})"
+        why = _why(to.bare, trouble)
         data = serialize(message)
         broker = self.broker(sender.conn)
         bounce = None
@@ -264,7 +264,7 @@ class Router:
             sender.available, sender.presence = False, None
             self._update(sender, available=False, presence=None)
 
-    def _unavailable(self, jid: "JID | str") -> bytes:
+    def _unavailable(self, jid: JID) -> bytes:
         return serialize(element(PRESENCE, {"from": str(jid), "type": "unavailable"}))
 
     # -- sessions that went away elsewhere, or came back -------------------------------
@@ -275,7 +275,7 @@ class Router:
         assert broker is not None
         for session in sessions:
             if session.meta.get("available"):
-                broker.publish(AVAILABLE, self._unavailable(f"{session.user}@{self.domain}/{session.name}"))
+                broker.publish(AVAILABLE, self._unavailable(JID(session.user, self.domain, session.name)))
         log.warning("%d sessions of node %s went with it; announced unavailable", len(sessions),
                     sessions[0].node if sessions else "?")
 
@@ -306,7 +306,7 @@ class Router:
             return
         sessions, trouble = self._sessions(sender, to.local or "")
         recipient = next((s for s in sessions if s.name == to.resource and s.meta.get("ready")), None)
-        why = f"{to} is not online" if trouble is None else f"{to} cannot be reached now ({trouble})"
+        why = _why(to, trouble)
         broker = self.broker(sender.conn)
         bounce = None
         if request and recipient is not None and recipient.node != broker.node:
@@ -314,6 +314,11 @@ class Router:
         if (recipient is None or not broker.deliver(recipient, serialize(iq), bounce=bounce, sender=sender.conn)) \
                 and request:
             sender.send_stanza(stanza_error(iq, "service-unavailable", why))
+
+
+def _why(to: JID, trouble: Optional[str]) -> str:
+    """The text of a service-unavailable bounce: nobody there, or the session table could not be asked."""
+    return f"{to} is not online" if trouble is None else f"{to} cannot be reached now ({trouble})"
 
 
 def _priority(presence: Element) -> int:

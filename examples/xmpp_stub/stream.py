@@ -380,17 +380,11 @@ class ClientStream:
     def close(self, condition: Optional[str] = None, text: Optional[str] = None) -> None:
         """End the stream: our header if not yet sent, the stream error if any, ``</stream:stream>``, then hang up."""
         with self._write_lock:
-            if self._ended:
+            last = self._last_words(condition, text)
+            if last is None:
                 return
-            self._ended = True
-            parts = []
-            if not self.header_sent:  # an error before the client's header still comes inside a stream
-                parts.append(stream_header(self.settings.domain, self.stream_id or secrets.token_hex(8)))
-            if condition is not None:
-                parts.append(stream_error(condition, text))
-            parts.append(STREAM_END)
             try:
-                self.conn.send(b"".join(parts))
+                self.conn.send(last)
             except (ConnectionClosed, SendTimeout):
                 pass  # the client is gone or not reading: closing is all that is left
         if condition is not None:
@@ -411,15 +405,28 @@ class ClientStream:
         else:
             text = f"nothing received for {self.settings.session_timeout:g} s"
         with self._write_lock:
-            if self._ended:
-                return
-            self._ended = True
-            parts = [] if self.header_sent else [stream_header(self.settings.domain,
-                                                               self.stream_id or secrets.token_hex(8))]
-            parts += [stream_error("connection-timeout", text), STREAM_END]
+            last = self._last_words("connection-timeout", text)
+        if last is None:
+            return
         log.info("%s: stream error connection-timeout: %s", self._who(), text)
-        self.conn.post(b"".join(parts))
+        self.conn.post(last)
         self.conn.close("timeout", graceful=True)
+
+    def _last_words(self, condition: Optional[str], text: Optional[str]) -> Optional[bytes]:
+        """End the stream (write lock held): what is left to say, or None if it had already ended.
+
+        Our header if not yet sent (an error before the client's header still
+        comes inside a stream), the stream error if any, ``</stream:stream>``.
+        """
+        if self._ended:
+            return None
+        self._ended = True
+        parts = [] if self.header_sent else [stream_header(self.settings.domain,
+                                                           self.stream_id or secrets.token_hex(8))]
+        if condition is not None:
+            parts.append(stream_error(condition, text))
+        parts.append(STREAM_END)
+        return b"".join(parts)
 
     def closed(self, reason: str) -> None:
         """The connection has closed (netpool's on_close, on the connection's thread)."""
