@@ -30,13 +30,15 @@ run: $(STAMP)
 	$(BIN)/netpool echo --host $(HOST) --port $(PORT)
 
 # Tools the tests drive as real, independent peers (openssl s_client,
-# haproxy, a redis-server started by tests/redis_server.py). Installed from
-# Debian's packages when missing, never by hand: each name is both the command
-# checked with `command -v` and the Debian package that provides it.
-SYSTEM_TOOLS := openssl haproxy redis-server
+# haproxy, a redis-server started by tests/redis_server.py,
+# systemd-socket-activate for socket activation). Installed from Debian's
+# packages when missing, never by hand: each entry is COMMAND or
+# COMMAND:PACKAGE when the Debian package has another name.
+SYSTEM_TOOLS := openssl haproxy redis-server systemd-socket-activate:systemd
 .PHONY: system-tools
 system-tools:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for entry in $(SYSTEM_TOOLS); do tool=$${entry%%:*}; package=$${entry#*:}; \
+		command -v $$tool >/dev/null || missing="$$missing $$package"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

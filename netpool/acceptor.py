@@ -10,10 +10,14 @@ Errors are sorted by errno (``errors.ACCEPT_*``): running out of descriptors
 backs off and drains the pending client through a spare descriptor, a client
 that vanished before we took it is skipped, and the listening socket being
 shut down (stop or suspend) sends the acceptor back to the listener's gate.
+On an idle socket accept() also returns every ``sockets.ACCEPT_WAKE``
+seconds (EAGAIN), so that a listener whose socket is shared, and so may not
+be shut down, still sees its acceptors leave when it stops.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -118,8 +122,8 @@ class Acceptor:
             if error is not None:
                 if wait_for_slot:
                     admission.unreserve()
-                if not gate.accepting_on(sock):
-                    continue  # suspended or stopping: the gate decides what next
+                if not gate.accepting_on(sock) or error.errno == errno.EAGAIN:
+                    continue  # suspended, stopping or just woken: the gate decides what next
                 if error.errno in ACCEPT_CAPACITY_ERRNOS:
                     # Out of this acceptor's accept(): it must not hold a slot
                     # while the spare is down.

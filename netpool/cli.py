@@ -20,6 +20,8 @@ from .config import OVERFLOW_STRATEGIES, ListenerConfig, load_toml
 from .errors import ConfigError, ListenError, TLSError
 from .framing import FRAMERS
 from .foreground import run_until_signal
+from .fresh_import import FreshImports
+from .socket_activation import choose_socket, describe, inherited_sockets
 from .supervisor import serve_processes
 
 log = logging.getLogger("netpool.cli")
@@ -70,7 +72,7 @@ LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
      "Bytes conn.post may queue for one peer before it is closed as not reading (outbox_overflow)."),
     ("--backlog", "backlog", click.IntRange(1), "Kernel accept queue length."),
     ("--processes", "processes", click.IntRange(1, 256),
-     "Worker processes sharing the port (SO_REUSEPORT); max-connections applies to each."),
+     "Worker processes accepting on one shared socket; max-connections applies to each."),
     ("--proxy-protocol", "proxy_protocol", click.Choice(["off", "v1", "v2", "any"]),
      "Expect HAProxy's PROXY header (from a load balancer) before anything else."),
     ("--proxy-trusted", "proxy_trusted", str, "Comma-separated networks allowed to send PROXY headers."),
@@ -183,9 +185,10 @@ def echo(config_file: Optional[str], grace: float, log_level: str, metrics_port:
 
     Try it with: nc 127.0.0.1 5555
     """
-    settings = settings_from_flags(config_file, flags, default_name="echo")
-    settings["handler"] = ECHO_HANDLER
-    serve_settings(settings, grace, log_level, metrics_port, metrics_host)
+    def read_settings() -> dict[str, Any]:
+        return {**read_settings_and_flags(config_file, flags, default_name="echo"), "handler": ECHO_HANDLER}
+
+    serve_settings(_first(read_settings), grace, log_level, metrics_port, metrics_host, reload_settings=read_settings)
 
 
 @main.command()
@@ -203,9 +206,11 @@ def run(handler: str, config_file: Optional[str], grace: float, log_level: str, 
     finds ./mymodule.py; --on-connect and --on-close (or on_connect,
     on_close, on_alarm in --config) name hooks the same way.
     """
-    settings = settings_from_flags(config_file, flags, default_name=handler.partition(":")[0])
-    settings["handler"] = handler
-    serve_settings(settings, grace, log_level, metrics_port, metrics_host)
+    def read_settings() -> dict[str, Any]:
+        default_name = handler.partition(":")[0]
+        return {**read_settings_and_flags(config_file, flags, default_name=default_name), "handler": handler}
+
+    serve_settings(_first(read_settings), grace, log_level, metrics_port, metrics_host, reload_settings=read_settings)
 
 
 @main.command()
@@ -235,14 +240,24 @@ def cert(out_dir: str, hosts: tuple[str, ...], days: int, force: bool) -> None:
     click.echo(f"serve it: netpool echo --certfile {cert_path} --keyfile {key_path}")
 
 
+def _first(read_settings: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The settings at start: a problem in them is a usage error (at a reload, a logged line)."""
+    try:
+        return read_settings()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def settings_from_flags(config_file: Optional[str], flags: dict[str, Any], default_name: str) -> dict[str, Any]:
     """Listener settings from --config and the flags of :func:`listener_options` (flags win); for serve_settings."""
+    return _first(lambda: read_settings_and_flags(config_file, flags, default_name))
+
+
+def read_settings_and_flags(config_file: Optional[str], flags: dict[str, Any], default_name: str) -> dict[str, Any]:
+    """As :func:`settings_from_flags`, raising ConfigError (a reload reads them again and keeps serving on one)."""
     settings: dict[str, Any] = {"name": default_name}
     if config_file is not None:
-        try:
-            settings.update(load_toml(config_file))
-        except ConfigError as exc:
-            raise click.UsageError(str(exc)) from None
+        settings.update(load_toml(config_file))
     # Options of the process rather than of the listener (metrics) are not settings.
     flags = {k: v for k, v in flags.items() if not k.startswith("metrics_")}
     tls = {key[4:]: value for key, value in flags.items() if key.startswith("tls_") and value is not None}
@@ -258,7 +273,7 @@ def settings_from_flags(config_file: Optional[str], flags: dict[str, Any], defau
             tls["alpn"] = [p.strip() for p in tls["alpn"].split(",") if p.strip()]
         base = settings.get("ssl") or {}
         if not isinstance(base, dict):
-            raise click.UsageError("ssl in the config file must be a table of TLS options")
+            raise ConfigError("ssl", "in the config file it must be a table of TLS options")
         settings["ssl"] = {**base, **tls}
     for key in ("idle_timeout", "message_timeout"):
         if settings.get(key) == 0:
@@ -269,45 +284,87 @@ def settings_from_flags(config_file: Optional[str], flags: dict[str, Any], defau
 
 
 def serve_settings(settings: dict[str, Any], grace: float, log_level: str, metrics_port: Optional[int] = None,
-                   metrics_host: str = "127.0.0.1") -> None:
-    """Validate ``settings`` and serve them until SIGINT/SIGTERM, as ``netpool run`` does (exits on errors)."""
+                   metrics_host: str = "127.0.0.1",
+                   reload_settings: Optional[Callable[[], dict[str, Any]]] = None) -> None:
+    """Validate ``settings`` and serve them until SIGINT/SIGTERM, as ``netpool run`` does (exits on errors).
+
+    SIGHUP is a rolling reload: ``reload_settings()`` reads the settings
+    again (the same ``settings`` without it), and the server's own modules
+    are imported afresh (``fresh_import``).
+    """
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    imports = FreshImports()
+    metrics: Any = None
+    if metrics_port is not None:
+        from .metrics import Metrics
+
+        metrics = Metrics()
+
+    def build(values: dict[str, Any]) -> ListenerConfig:
+        config = imports.load(lambda: ListenerConfig.from_mapping(values))
+        if metrics is not None:
+            config = config.replace(handler=metrics.instrument_handler(config.handler, listener=config.name))
+        return config
+
+    def reload_config() -> ListenerConfig:
+        return build(reload_settings() if reload_settings is not None else settings)
+
     try:
-        config = ListenerConfig.from_mapping(settings)
+        config = build(settings)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if metrics_port is not None and config.processes > 1:
         raise click.UsageError("--metrics-port serves one process's metrics; it cannot be combined with --processes")
     servers: list[Any] = []
     on_started: Optional[Callable[[Any], None]] = None
-    if metrics_port is not None:
-        from .metrics import Metrics
+    on_replaced: Optional[Callable[[Any, Any], None]] = None
+    if metrics is not None:
 
-        metrics = Metrics()
-        config = config.replace(handler=metrics.instrument_handler(config.handler, listener=config.name))
-
-        def attach_metrics(listener: Any) -> None:
+        def export(listener: Any) -> None:
             metrics.add_listener(listener)
             if listener.workers is not None:
                 metrics.add_worker_pool(listener.workers)
+
+        def attach_metrics(listener: Any) -> None:
+            export(listener)
             server = metrics.serve(metrics_port, metrics_host)
             servers.append(server)
             log.info("metrics on %s", server.url)
 
-        on_started = attach_metrics
+        def move_metrics(old: Any, new: Any) -> None:
+            metrics.remove(old)
+            if old.workers is not None:
+                metrics.remove(old.workers)
+            export(new)
+
+        on_started, on_replaced = attach_metrics, move_metrics
 
     try:
+        sock = _activated_socket(config)
         if config.processes > 1:
-            sys.exit(serve_processes(config, config.processes, grace))
-        run_until_signal(config, grace, on_started)
+            sys.exit(serve_processes(config, config.processes, grace, sock=sock, reload_config=reload_config))
+        run_until_signal(config, grace, on_started, sock=sock, reload_config=reload_config, on_replaced=on_replaced)
     except (ListenError, TLSError) as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
     finally:
         for server in servers:
             server.stop()
+
+
+def _activated_socket(config: ListenerConfig) -> Optional[Any]:
+    """The socket systemd passed (socket activation) for ``config``'s address, or None to bind it here."""
+    sockets = inherited_sockets()
+    if not sockets:
+        return None
+    sock = choose_socket(sockets, host=config.host, port=config.port, unix=config.unix)
+    for other in sockets:
+        if other is not sock:
+            other.close()  # one listener per process: the others are not ours to serve
+    log.info("%s: serving %s, the socket systemd passed (socket activation)", config.name, describe(sock))
+    return sock
 
 
 if __name__ == "__main__":  # pragma: no cover

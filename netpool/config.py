@@ -76,10 +76,15 @@ class ListenerConfig:
     unix_mode: Optional[int] = None
     """File mode for the UNIX socket (e.g. ``0o660``); None keeps the umask's."""
     reuse_port: bool = False
-    """Set SO_REUSEPORT so several processes can listen on the same port."""
+    """Set SO_REUSEPORT so several independent servers can listen on the same port.
+
+    Not needed for ``processes``, whose workers share one socket: with a
+    socket each, a worker that died took the clients queued on its own
+    backlog with it."""
     processes: int = 1
-    """Worker processes for ``netpool run``/``serve_processes``, each with its own
-    acceptors and its own max_connections (the limits are per process)."""
+    """Worker processes for ``netpool run``/``serve_processes``, all accepting on the
+    one socket the parent binds, each with its own acceptors and its own
+    max_connections (the limits are per process)."""
     backlog: int = 1024
     """Kernel accept queue length (Ranch's default); with overflow="wait" clients wait here."""
 

@@ -100,6 +100,7 @@ class Connection:
         "_counted",
         "_finished",
         "_wr_closed",
+        "_quitting",
         "_release",
         "__weakref__",
     )
@@ -143,6 +144,10 @@ class Connection:
         # server stop only shuts reads: the handler already running may still
         # send its replies.
         self._wr_closed = False
+        # Told to quit (SHUT_RD): at its end, what the peer sent meanwhile is
+        # read away before the descriptor closes, or the kernel would answer
+        # the close with a reset (_finish).
+        self._quitting = False
 
     def __repr__(self) -> str:
         status = f"closed:{self.close_reason}" if self.close_reason else "open"
@@ -337,6 +342,8 @@ class Connection:
                 self.close_reason = reason
             if how == socket.SHUT_RDWR:
                 self._wr_closed = True
+            else:
+                self._quitting = True
             finished = self._finished
         if not finished:
             self.transport.told_to_close(how == socket.SHUT_RDWR)

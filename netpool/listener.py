@@ -3,14 +3,17 @@
 Lifecycle::
 
     new --start()--> running --suspend()--> suspended --resume()--> running
-                        \\______________ stop() ______________/
-                                          v
-                                   stopping -> stopped
+    running or suspended --stop() or retire()--> stopping --> stopped
+    running or suspended --stop_accepting()--> draining --stop() or retire()--> stopping --> stopped
 
 Ownership: the listener owns the listening socket, one spare descriptor,
 every acceptor thread and every thread it starts for connections (I/O loops,
 handler threads, handed-off calls: ``conn_threads``); ``stop()`` joins them
 all. The thread serving a connection owns its socket (see ``connection``).
+A listener given a socket (``start_listener(config, sock=...)``: inherited
+from a supervisor, passed by systemd, or shared by the generations of a
+rolling reload) serves a duplicate of it and never shuts it down or removes
+its path: the socket, and the clients queued on it, outlive the listener.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from .spare_descriptor import SpareDescriptor
 from .worker_dispatch import WorkerDispatch
 from .workers import WorkerPool
 from .services import ConnectionServices
-from .sockets import open_listening_socket, remove_unix_socket
+from .sockets import adopt_listening_socket, open_listening_socket, remove_unix_socket
 from .transport import PlainTransport
 
 __all__ = ["Listener", "ListenerInfo", "start_listener", "install_hot_path", "ERROR_REASONS"]
@@ -72,8 +75,9 @@ def install_hot_path(*, tls: bool = False) -> None:
 class Listener:
     """A running netpool server. Create it with :func:`start_listener`."""
 
-    def __init__(self, config: ListenerConfig) -> None:
+    def __init__(self, config: ListenerConfig, *, sock: Optional[socket.socket] = None) -> None:
         self.config = config
+        self._given_sock = sock
         base_factory = framer_factory(config.framing)
         self._raw_framing = base_factory is RawFramer
         # A RawFramer keeps no state: every connection can share one.
@@ -118,6 +122,7 @@ class Listener:
         self._in_accept = 0
         self._sock: Optional[socket.socket] = None
         self._unix_inode: Optional[int] = None
+        self._unix_path = config.unix
         self.port: Optional[int] = None
         self._stop_event = threading.Event()
         self._stopped = threading.Event()
@@ -155,6 +160,7 @@ class Listener:
         self._fd_log = RateLimitedLog(log)
         self._broker: Optional[LocalBroker] = None
         self._broker_lock = threading.Lock()
+        self._broker_handed_on = False
 
     def __repr__(self) -> str:
         return f"<Listener {self.config.name} {self.address} {self._state}>"
@@ -205,6 +211,20 @@ class Listener:
                                 "redis://HOST:PORT/DB) to share them", self.config.name, self.config.processes)
             return self._broker
 
+    def take_broker(self, old: "Listener") -> None:
+        """Share ``old``'s broker (same ``broker`` setting): a reload's generations then reach each other's users.
+
+        Call before :meth:`start`. The old listener no longer closes it at
+        its stop; this one does. Without this, users still on the old
+        generation of an in-process broker could not see those on the new.
+        """
+        if self.config.broker != old.config.broker:
+            return
+        broker = old.broker  # opened now if no connection needed it yet: both must use the same one
+        old._broker_handed_on = True
+        with self._broker_lock:
+            self._broker = broker
+
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> "Listener":
@@ -234,6 +254,16 @@ class Listener:
         return self
 
     def _open_socket(self) -> None:
+        if self._given_sock is not None:
+            sock = adopt_listening_socket(self._given_sock, self.config)
+            name = sock.getsockname()
+            if isinstance(name, str):
+                self._unix_path = name  # not ours to remove: _unix_inode stays None
+            else:
+                self._unix_path = None
+                self.port = name[1]
+            self._sock = sock
+            return
         sock = open_listening_socket(self.config, port=self.port)
         self._sock = sock
         if self.config.unix is not None:
@@ -245,16 +275,19 @@ class Listener:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
-        if self.config.unix is not None and self._unix_inode is not None:
-            remove_unix_socket(self.config.unix, self._unix_inode)
+        if self._unix_path is not None and self._unix_inode is not None:
+            remove_unix_socket(self._unix_path, self._unix_inode)
             self._unix_inode = None
 
     @property
     def address(self) -> str:
         """Where it listens: ``host:port`` (with the real port once bound) or the UNIX path."""
-        if self.config.unix is not None:
-            return self.config.unix
-        return format_address((self.config.host, self.port if self.port is not None else self.config.port))
+        if self._unix_path is not None:
+            return self._unix_path
+        host = self.config.host
+        if self._given_sock is not None and self.port is not None:
+            host = self._given_sock.getsockname()[0]
+        return format_address((host, self.port if self.port is not None else self.config.port))
 
     def stop(self, grace: float = 5.0) -> "ListenerInfo":
         """Stop accepting at once, tell live connections to quit, force-close after ``grace``.
@@ -265,10 +298,40 @@ class Listener:
         (except one stuck in user code past the force-close, which is logged).
         Safe to call more than once and from several threads.
         """
+        return self._stop(grace, "server_stop", patient=False)
+
+    def retire(self, grace: float = 5.0) -> "ListenerInfo":
+        """Stop as one generation of a rolling reload: the next one already accepts on the same socket.
+
+        Stops accepting (a shared socket is left as it is; its queued clients
+        go to the next generation), lets live connections end by themselves
+        for up to ``grace`` seconds, then closes the rest gracefully with the
+        reason ``reload`` (their handlers finish and their replies go out),
+        and aborts only what is still open a second later. A connection
+        accepted in the moment before the acceptors left is served, not cut.
+        """
+        return self._stop(grace, "reload", patient=True)
+
+    def stop_accepting(self) -> None:
+        """Take no new clients; live connections go on. Returns once every acceptor has left.
+
+        The first step of :meth:`retire` (and of :meth:`stop`), for a caller
+        that must know the old generation takes nobody any more before it
+        says a reload is done. A shared socket is left as it is.
+        """
+        with self._gate:
+            if self._state not in ("running", "suspended"):
+                return
+            self._state = "draining"
+            self._gate.notify_all()
+        self._stop_accepting()
+        self._close_socket()
+
+    def _stop(self, grace: float, reason: str, *, patient: bool) -> "ListenerInfo":
         with self._gate:
             first = self._state not in ("stopping", "stopped")
             if first:
-                was_new = self._state == "new"
+                was_running = self._state in ("running", "suspended")
                 self._state = "stopping"
                 self._gate.notify_all()
         if not first:
@@ -276,18 +339,20 @@ class Listener:
             return self.info()
         self._stop_event.set()
         self._admission.close()
-        if not was_new:
+        if was_running:
             self._stop_accepting()
         self._close_socket()
 
         deadline = time.monotonic() + grace
+        if patient and not self._wait_drained(deadline):
+            deadline = time.monotonic() + FORCE_CLOSE_WAIT
         for conn in self.connections():
-            conn.close("server_stop", graceful=True)
+            conn.close(reason, graceful=True)
         if not self._wait_drained(deadline):
             stuck = self.connections()
             log.warning("%d connection(s) still open after the %gs grace; forcing them closed", len(stuck), grace)
             for conn in stuck:
-                conn.close("server_stop")
+                conn.close(reason)
             self._wait_drained(time.monotonic() + FORCE_CLOSE_WAIT)
         for loop in self._loops:
             loop.stop()
@@ -299,7 +364,7 @@ class Listener:
                 log.warning("I/O loop %d of %s still running user code after stop", loop.index, self.config.name)
 
         self._spare.close()
-        if self._broker is not None:
+        if self._broker is not None and not self._broker_handed_on:
             self._broker.close()  # after the connections: each on_close could still unregister
         with self._gate:
             self._state = "stopped"
@@ -313,18 +378,23 @@ class Listener:
         # shutdown() on a listening socket wakes every thread blocked in its
         # accept() (EINVAL on Linux); close only once they are all out, so the
         # descriptor number cannot be reused under a thread still in accept().
-        sock = self._sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        # A shared socket is not ours to shut down: its acceptors leave within
+        # ACCEPT_WAKE (sockets.py).
+        self._wake_acceptors()
         current = threading.current_thread()
         for acceptor in self._acceptors:
             if acceptor.thread is not current and acceptor.thread.ident is not None:
                 acceptor.thread.join(timeout=5.0)
                 if acceptor.thread.is_alive():
                     log.error("acceptor thread %s did not exit", acceptor.thread.name)
+
+    def _wake_acceptors(self) -> None:
+        sock = self._sock
+        if sock is not None and self._given_sock is None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _wait_drained(self, deadline: float) -> bool:
         with self._drained:
@@ -354,18 +424,15 @@ class Listener:
         """Stop accepting; live connections go on. New clients are refused by the kernel.
 
         As Ranch's ``suspend_listener``, the listening socket is closed, so the
-        port is free until :meth:`resume` binds it again.
+        port is free until :meth:`resume` binds it again. A listener given its
+        socket closes only its duplicate: clients keep queueing on the socket
+        (other holders may take them) until :meth:`resume`.
         """
         with self._gate:
             if self._state != "running":
                 return
             self._state = "suspended"
-            sock = self._sock
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._wake_acceptors()
             while self._in_accept or self._draining:
                 self._gate.wait()
             self._close_socket()
@@ -464,7 +531,7 @@ class Listener:
         if not admitted:
             self._refuse(client, "limit")
             return
-        peer = peer if peer else self.config.unix
+        peer = peer if peer else self._unix_path
         loop = self._loops[self._next_loop % len(self._loops)]
         self._next_loop += 1
         conn = LoopConnection(client, peer, listener=self, acceptor=acceptor, encode=self._encode,
@@ -577,11 +644,15 @@ def _at_once(conn: Connection, reason: str, then: Callable[[], None]) -> None:
     then()
 
 
-def start_listener(config: ListenerConfig | Mapping[str, Any]) -> Listener:
+def start_listener(config: ListenerConfig | Mapping[str, Any], *, sock: Optional[socket.socket] = None) -> Listener:
     """Validate ``config`` (a ListenerConfig or a dict of the same keys), bind and start serving.
 
     Returns the running :class:`Listener` at once; its acceptor threads are
     already accepting. Raises ConfigError for a bad setting and ListenError
     when the address cannot be bound, before any thread starts.
+
+    ``sock``, an already listening socket (from a supervisor, from systemd's
+    socket activation, or shared with another listener), is served instead
+    of binding ``config``'s address; the caller keeps it open and closes it.
     """
-    return Listener(ListenerConfig.coerce(config)).start()
+    return Listener(ListenerConfig.coerce(config), sock=sock).start()

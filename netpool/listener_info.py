@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Mapping
 
-__all__ = ["ListenerInfo", "ERROR_REASONS"]
+__all__ = ["ListenerInfo", "ERROR_REASONS", "combined"]
 
 # Close reasons that mean something went wrong (as opposed to a client that
 # left, a quit or a stop); summed as ``info().errors``.
@@ -75,3 +76,19 @@ class ListenerInfo:
             + f", live {self.live}"
             + (f", handed off {self.handoffs}" if self.handoffs else "")
         )
+
+
+def combined(infos: list[ListenerInfo]) -> ListenerInfo:
+    """One ListenerInfo adding up several (the generations of reloads, a supervisor's workers), for a summary."""
+    totals: collections.Counter[str] = collections.Counter()
+    closed: collections.Counter[str] = collections.Counter()
+    refused: collections.Counter[str] = collections.Counter()
+    for info in infos:
+        for key in ("accepted", "admitted", "refused", "closed", "errors", "live"):
+            totals[key] += getattr(info, key)
+        closed.update(info.closed_by_reason)
+        refused.update(info.refused_by_reason)
+    return ListenerInfo(name="all", state="stopped", address="", live=totals["live"], open=0, max_connections=0,
+                        ceiling=0, accepted=totals["accepted"], admitted=totals["admitted"],
+                        refused=totals["refused"], closed=totals["closed"], errors=totals["errors"], grown=0,
+                        refused_by_reason=dict(refused), closed_by_reason=dict(closed))

@@ -234,9 +234,22 @@ class Metrics:
         self._lock = threading.Lock()
         self._handler: Optional[_HandlerMetrics] = None
         self._wait: Optional[Histogram] = None
+        self._collectors: dict[int, Any] = {}  # by id() of what they export, for remove()
 
     def add_listener(self, listener: "Listener") -> None:
-        self.registry.register(ListenerCollector(listener))
+        self._register(listener, ListenerCollector(listener))
+
+    def remove(self, thing: Any) -> None:
+        """Stop exporting a listener or worker pool added before (a reload hands its series to its successor)."""
+        with self._lock:
+            collector = self._collectors.pop(id(thing), None)
+        if collector is not None:
+            self.registry.unregister(collector)
+
+    def _register(self, thing: Any, collector: Any) -> None:
+        self.registry.register(collector)
+        with self._lock:
+            self._collectors[id(thing)] = collector
 
     def add_pool(self, pool: "ConnectionPool") -> None:
         """Export the pool's counters and an acquire-wait histogram fed by every checkout."""
@@ -251,7 +264,7 @@ class Metrics:
         pool.observe_waits(child.observe)
 
     def add_worker_pool(self, pool: "WorkerPool") -> None:
-        self.registry.register(WorkerPoolCollector(pool))
+        self._register(pool, WorkerPoolCollector(pool))
 
     def add_breaker(self, breaker: CircuitBreaker) -> None:
         self.registry.register(BreakerCollector(breaker))

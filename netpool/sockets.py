@@ -11,11 +11,23 @@ import errno
 import os
 import socket
 import stat
+import struct
 
 from .config import ListenerConfig, format_address
 from .errors import ListenError
 
-__all__ = ["open_listening_socket", "remove_unix_socket"]
+__all__ = ["open_listening_socket", "adopt_listening_socket", "remove_unix_socket", "ACCEPT_WAKE"]
+
+# How often an acceptor blocked in accept() on an idle socket wakes to look
+# at its listener's state (SO_RCVTIMEO: accept() then fails with EAGAIN).
+# A listener that owns its socket wakes its acceptors at once with
+# shutdown(); one whose socket is shared (with worker processes, systemd or
+# the next generation of a rolling reload) must not, as shutdown() would
+# stop the socket for every holder and reset its backlog, so its acceptors
+# leave within this long. Four wake-ups a second per acceptor cost nothing
+# measurable on an idle server. Accepted sockets inherit the timeout, which
+# changes nothing: the loops use them non-blocking.
+ACCEPT_WAKE = 0.25
 
 
 def open_listening_socket(config: ListenerConfig, port: int | None = None) -> socket.socket:
@@ -47,10 +59,51 @@ def open_listening_socket(config: ListenerConfig, port: int | None = None) -> so
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
         sock.listen(config.backlog)
+        _wake_acceptors(sock)
     except OSError as exc:
         sock.close()
         raise ListenError(bind_error_message(format_address((config.host, port)), exc)) from None
     return sock
+
+
+def adopt_listening_socket(sock: socket.socket, config: ListenerConfig) -> socket.socket:
+    """A duplicate of an already listening ``sock`` (inherited, or passed by systemd), with ``config``'s options.
+
+    The caller keeps ``sock``; the listener closes only its duplicate. The
+    options are those of :func:`open_listening_socket` that can change on a
+    listening socket: Nagle off for TCP (copied to accepted sockets), the
+    backlog, and the acceptors' wake-up.
+    """
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) != 1:
+            raise ListenError(f"cannot serve on {_describe(sock)}: the socket is not listening")
+        dup = sock.dup()
+    except OSError as exc:
+        raise ListenError(f"cannot serve on the given socket: {exc.strerror or exc}") from None
+    try:
+        if dup.family in (socket.AF_INET, socket.AF_INET6):
+            dup.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        dup.listen(config.backlog)
+        dup.setblocking(True)  # accept() blocks (the kernel wakes one waiter per client); shared O_NONBLOCK would spin
+        _wake_acceptors(dup)
+    except OSError as exc:
+        dup.close()
+        raise ListenError(f"cannot serve on {_describe(sock)}: {exc.strerror or exc}") from None
+    return dup
+
+
+def _wake_acceptors(sock: socket.socket) -> None:
+    seconds = int(ACCEPT_WAKE)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", seconds, int((ACCEPT_WAKE - seconds) * 1_000_000)))
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return f"descriptor {sock.fileno()}"
+    return name if isinstance(name, str) else format_address(name[:2])
 
 
 def bind_error_message(address: str, exc: OSError) -> str:
@@ -77,6 +130,7 @@ def _open_unix(config: ListenerConfig) -> socket.socket:
             # Before listen(), so no client can connect under the wrong mode.
             os.chmod(path, config.unix_mode)
         sock.listen(config.backlog)
+        _wake_acceptors(sock)
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on {path}: {exc.strerror or exc}") from None

@@ -1,12 +1,19 @@
-"""Several worker processes on one port (SO_REUSEPORT), supervised by their parent.
+"""Several worker processes on one listening socket, supervised by their parent.
 
 One CPython process runs Python code on one core, so ``processes=N`` forks N
-workers that each bind the same address with SO_REUSEPORT (the kernel
-spreads new connections across them), each with its own acceptors, counter
-and ``max_connections``. The parent only supervises:
+workers, each with its own acceptors, counter and ``max_connections``. The
+parent binds the socket once (or takes it from systemd) and every worker
+accepts on it: the kernel wakes one blocked accept() per client, and a
+client queued on the socket waits there for whichever worker takes it, so a
+worker that dies or is replaced never takes queued clients down with it
+(with a socket per worker, SO_REUSEPORT, its backlog was reset). The parent
+only supervises:
 
-- it reserves the port first (so ``port=0`` gives every worker the same port),
+- it binds first (so ``port=0`` gives every worker the same port),
 - restarts a worker that dies, with a back-off if it keeps dying at once,
+- on SIGHUP replaces the workers one at a time (a rolling reload): the new
+  one listens before the old one is told to retire (SIGQUIT), so capacity
+  never drops, and a config or handler that cannot load changes nothing,
 - forwards SIGINT/SIGTERM for a graceful stop of all, and
 - logs one summary across all workers, which each report through a pipe.
 
@@ -15,7 +22,6 @@ The parent forks before it starts any thread, the only time fork is safe.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
@@ -25,20 +31,23 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .config import ListenerConfig, format_address
-from .errors import ListenError
-from .foreground import HELD_SIGNALS, StopRequested, run_until_signal
-from .listener_info import ListenerInfo
+from .errors import ConfigError, NetpoolError
+from .foreground import run_until_signal, same_address
+from .listener_info import ListenerInfo, combined
 from .sd_notify import forget as forget_notify_socket
 from .sd_notify import notify
-from .sockets import bind_error_message
+from .sockets import open_listening_socket, remove_unix_socket
 
 __all__ = ["serve_processes"]
 
 log = logging.getLogger("netpool.supervisor")
 
+# What the parent waits for: a worker's end, a reload, a stop.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+PARENT_SIGNALS = STOP_SIGNALS | {signal.SIGCHLD, signal.SIGHUP}
 # A worker that dies within this long of starting counts as a crash loop:
 # restarts slow down, up to MAX_RESTART_DELAY between tries.
 FAST_DEATH = 1.0
@@ -46,9 +55,13 @@ MAX_RESTART_DELAY = 5.0
 # How long stopped workers get beyond their own grace before SIGKILL.
 KILL_MARGIN = 5.0
 # What a worker writes to its report pipe once it listens, and how long the
-# parent waits for every worker's before telling systemd it is ready.
+# parent waits for it (before READY=1, or before retiring an old worker).
 LISTENING = b"+"
 READY_WAIT = 30.0
+# What a retiring worker writes once it takes no new clients (its acceptors
+# leave within sockets.ACCEPT_WAKE), and how long a reload waits for it.
+STOPPED_ACCEPTING = b"-"
+RETIRE_WAIT = 5.0
 
 
 @dataclasses.dataclass
@@ -57,92 +70,169 @@ class _Worker:
     pid: int
     report_fd: int
     started: float
+    retiring: bool = False
+    """Told to retire (a reload replaced it): its exit is expected, not restarted."""
 
 
-def _reserve_port(config: ListenerConfig) -> Optional[socket.socket]:
-    """Bind (never listen) with SO_REUSEPORT so every worker gets the same port, even for port 0."""
-    if config.unix is not None:
-        return None
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    holder = socket.socket(family, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        holder.bind((config.host, config.port))
-    except OSError as exc:
-        holder.close()
-        raise ListenError(bind_error_message(format_address((config.host, config.port)), exc)) from None
-    return holder
+@dataclasses.dataclass
+class _Supervisor:
+    """What the parent keeps while workers run; the config is the one new workers get."""
+
+    config: ListenerConfig
+    asked: ListenerConfig
+    """The config as given (port 0 stays 0), to tell what a reload changed."""
+    sock: socket.socket
+    grace: float
+    reload_config: Optional[Callable[[], ListenerConfig]]
+    workers: dict[int, _Worker] = dataclasses.field(default_factory=dict)
+    reports: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    restarts: int = 0
+    reloads: int = 0
+    delay: float = 0.0
+    """The pause before restarting a worker that keeps dying at once."""
 
 
-def serve_processes(config: ListenerConfig, processes: int, grace: float) -> int:
-    """Run ``processes`` workers of ``config`` until SIGINT/SIGTERM; returns the exit status."""
-    holder = _reserve_port(config)
-    if holder is not None:
-        config = config.replace(port=holder.getsockname()[1], reuse_port=True)
-    elif config.unix is not None:
-        raise ValueError("processes > 1 needs a TCP address: UNIX sockets cannot be shared with SO_REUSEPORT")
-    workers: dict[int, _Worker] = {}
-    reports: list[dict[str, Any]] = []
-    restarts = 0
-    delay = 0.0
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+def serve_processes(config: ListenerConfig, processes: int, grace: float, *,
+                    sock: Optional[socket.socket] = None,
+                    reload_config: Optional[Callable[[], ListenerConfig]] = None) -> int:
+    """Run ``processes`` workers of ``config`` until SIGINT/SIGTERM; returns the exit status.
+
+    ``sock`` is a listening socket to share (from systemd); without it the
+    parent binds ``config``'s address. SIGHUP replaces the workers with ones
+    built from ``reload_config()`` (``config`` again without it).
+    """
+    owned_inode: Optional[int] = None
+    owned = sock is None
+    if sock is None:
+        sock = open_listening_socket(config)
+        if config.unix is not None:
+            owned_inode = os.lstat(config.unix).st_ino
+    asked = config
+    name = sock.getsockname()
+    if not isinstance(name, str):
+        config = config.replace(port=name[1])
+    state = _Supervisor(config=config, asked=asked, sock=sock, grace=grace, reload_config=reload_config)
+    workers = state.workers
+    # The parent takes its signals synchronously (sigwaitinfo) instead of in
+    # handlers: a handler's exception can land anywhere, and one that landed
+    # between waitpid() and its bookkeeping once lost a worker's death or
+    # cut a reload in half. Blocked from before the first fork, so a signal
+    # sent at startup waits its turn instead of being missed.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
     try:
         for index in range(processes):
-            _spawn(config, index, grace, workers)
-        log.info("%s: %d worker processes serving %s (max_connections=%d each)",
-                 config.name, processes, config.address, config.max_connections)
-        _wait_listening(workers.values(), time.monotonic() + READY_WAIT)
+            _spawn(state, config, index)
+        log.info("%s: %d worker processes serving %s (max_connections=%d each)", config.name, processes,
+                 name if isinstance(name, str) else format_address(name[:2]), config.max_connections)
+        for worker in list(workers.values()):
+            _wait_for(worker, LISTENING, time.monotonic() + READY_WAIT)
         notify("READY=1", f"STATUS={processes} worker processes serving {config.address}")
-        signal.signal(signal.SIGINT, _raise_stop)
-        signal.signal(signal.SIGTERM, _raise_stop)
-        # SIGHUP: each worker reloads (today its TLS certificate; see foreground).
-        signal.signal(signal.SIGHUP, lambda signum, frame: _forward(workers, signum))
-        try:
-            # Inside the try: a SIGTERM held until now raises right here, and
-            # must stop the workers like any other (it once orphaned them).
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
-            while True:
-                pid, status = os.waitpid(-1, 0)
-                worker = workers.pop(pid, None)
-                if worker is None:
-                    continue
-                reports.extend(_read_report(worker))
-                lived = time.monotonic() - worker.started
-                log.warning("%s: worker %d (pid %d) %s after %.1fs; restarting it", config.name, worker.index,
-                            pid, _describe(status), lived)
-                delay = min(MAX_RESTART_DELAY, max(0.1, delay * 2)) if lived < FAST_DEATH else 0.0
-                if delay:
-                    time.sleep(delay)  # a crash loop must not become a fork storm
-                signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-                _spawn(config, worker.index, grace, workers)
-                restarts += 1
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
-        except StopRequested as stop:
-            log.info("%s received: stopping %d workers (grace %gs)", stop.signame, len(workers), grace)
-            notify("STOPPING=1", f"STATUS=stopping {len(workers)} workers (grace {grace:g} s)")
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        reports.extend(_stop_all(workers, grace))
+        while True:
+            signum = signal.sigwaitinfo(PARENT_SIGNALS).si_signo
+            if signum == signal.SIGCHLD:
+                _reap(state)
+            elif signum == signal.SIGHUP:
+                _roll(state)
+            else:
+                break
+        log.info("%s received: stopping %d workers (grace %gs)", signal.Signals(signum).name, len(workers), grace)
+        notify("STOPPING=1", f"STATUS=stopping {len(workers)} workers (grace {grace:g} s)")
+        state.reports.extend(_stop_all(workers, grace))
     finally:
-        if holder is not None:
-            holder.close()
-    log.info("%s: all workers stopped (%d restarts): %s", config.name, restarts, _summary(reports))
+        # Signals that came while stopping are spent: taken here, not let
+        # through to their default actions (a second SIGTERM would kill us).
+        while signal.sigpending() & PARENT_SIGNALS:
+            signal.sigtimedwait(PARENT_SIGNALS, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        if owned:
+            sock.close()
+            if config.unix is not None and owned_inode is not None:
+                remove_unix_socket(config.unix, owned_inode)
+    infos = [ListenerInfo(**report) for report in state.reports]
+    log.info("%s: all workers stopped (%d restarts, %d reloads): %s", state.config.name, state.restarts,
+             state.reloads, combined(infos).summary())
     return 0
 
 
-def _forward(workers: dict[int, _Worker], signum: int) -> None:
-    log.info("%s received: passing it to %d workers", signal.Signals(signum).name, len(workers))
-    for worker in list(workers.values()):
-        _kill(worker.pid, signum)
+def _reap(state: _Supervisor) -> None:
+    """Take every worker that ended: a retired one is done; any other is restarted (slower if it keeps dying)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        worker = state.workers.pop(pid, None)
+        if worker is None:
+            continue
+        state.reports.extend(_read_report(worker))
+        lived = time.monotonic() - worker.started
+        if worker.retiring:
+            log.info("%s: old worker %d (pid %d) %s after draining", state.config.name, worker.index, pid,
+                     _describe(status))
+            continue
+        log.warning("%s: worker %d (pid %d) %s after %.1fs; restarting it", state.config.name,
+                    worker.index, pid, _describe(status), lived)
+        state.delay = min(MAX_RESTART_DELAY, max(0.1, state.delay * 2)) if lived < FAST_DEATH else 0.0
+        if state.delay:
+            time.sleep(state.delay)  # a crash loop must not become a fork storm
+        _spawn(state, state.config, worker.index)
+        state.restarts += 1
 
 
-def _raise_stop(signum: int, _frame: Any) -> None:
-    raise StopRequested(signum)
+def _stop_pending() -> bool:
+    return bool(signal.sigpending() & STOP_SIGNALS)
 
 
-def _spawn(config: ListenerConfig, index: int, grace: float, workers: dict[int, _Worker]) -> None:
+def _roll(state: _Supervisor) -> None:
+    """A rolling reload: for each worker, start its successor, wait until it listens, then retire the old one."""
+    notify("RELOADING=1")
+    started = time.monotonic()
+    current = sorted((w for w in state.workers.values() if not w.retiring), key=lambda w: w.index)
+    log.info("SIGHUP received: reloading %d workers one at a time (config read and handler imported afresh)",
+             len(current))
+    try:
+        config = state.reload_config() if state.reload_config is not None else state.asked
+        problem = same_address(state.asked, config)
+        if problem is not None:
+            raise ConfigError("reload", problem)
+    except ConfigError as exc:
+        log.error("reload failed, so the running workers go on unchanged: %s", exc)
+        notify("READY=1", f"STATUS={len(current)} worker processes serving {state.config.address}")
+        return
+    config = config.replace(port=state.config.port)
+    replaced = 0
+    for old in current:
+        if _stop_pending():
+            log.warning("reload interrupted by a stop signal after %d of %d workers", replaced, len(current))
+            break
+        new = _spawn(state, config, old.index)
+        if not _wait_for(new, LISTENING, time.monotonic() + READY_WAIT):
+            new.retiring = True  # not to be restarted: its old worker still serves
+            _kill(new.pid, signal.SIGTERM)
+            log.error("reload stopped: the new worker %d (pid %d) did not start listening (its error is logged "
+                      "above); %d of %d workers were replaced, the others go on unchanged",
+                      old.index, new.pid, replaced, len(current))
+            break
+        old.retiring = True
+        _kill(old.pid, signal.SIGQUIT)  # the worker's run_until_signal: Listener.retire
+        # Next, or done, only once the old one takes nobody: after that every
+        # new client meets the new code.
+        if not _wait_for(old, STOPPED_ACCEPTING, time.monotonic() + RETIRE_WAIT):
+            log.warning("reload: the old worker %d (pid %d) did not say it stopped accepting within %gs",
+                        old.index, old.pid, RETIRE_WAIT)
+        replaced += 1
+        log.info("reload: worker %d replaced (new pid %d listening; old pid %d draining, grace %gs)",
+                 old.index, new.pid, old.pid, state.grace)
+    if replaced:
+        state.config = config
+        state.reloads += 1
+    log.info("reload done in %.2fs: %d of %d workers replaced", time.monotonic() - started, replaced, len(current))
+    notify("READY=1", f"STATUS={len(current)} worker processes serving {state.config.address}")
+
+
+def _spawn(state: _Supervisor, config: ListenerConfig, index: int) -> _Worker:
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -151,35 +241,46 @@ def _spawn(config: ListenerConfig, index: int, grace: float, workers: dict[int, 
         status = 1
         try:
             os.close(read_fd)
+            for other in state.workers.values():
+                os.close(other.report_fd)  # the parent's ends: a worker holds only its own pipe
             forget_notify_socket()  # systemd hears from the parent only (NotifyAccess=main)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            # The parent's blocked signals are inherited: run_until_signal
+            # takes over the stop and reload ones, SIGCHLD is the worker's own.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             worker_config = config.replace(name=f"{config.name}[{index}]")
-            # One byte once listening, for the parent's READY=1; the report follows at the end.
-            info = run_until_signal(worker_config, grace, on_started=lambda _: os.write(write_fd, LISTENING))
+            # One byte once listening, for the parent's READY=1 and reloads; the report follows at the end.
+            info = run_until_signal(worker_config, state.grace, on_started=lambda _: os.write(write_fd, LISTENING),
+                                    sock=state.sock, reloads=False,
+                                    on_stopped_accepting=lambda: os.write(write_fd, STOPPED_ACCEPTING))
             os.write(write_fd, json.dumps(dataclasses.asdict(info)).encode())
             status = 0
+        except NetpoolError as exc:  # a certificate, an address: the message says what to change
+            log.error("%s: worker %d cannot start: %s", config.name, index, exc)
         except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
             log.exception("worker %d failed", index)
         finally:
             logging.shutdown()
             os._exit(status)
     os.close(write_fd)
-    workers[pid] = _Worker(index, pid, read_fd, time.monotonic())
+    worker = state.workers[pid] = _Worker(index, pid, read_fd, time.monotonic())
     log.info("%s: worker %d started (pid %d)", config.name, index, pid)
+    return worker
 
 
-def _wait_listening(workers: Any, deadline: float) -> None:
-    """Wait (until ``deadline``) for each worker's byte saying it listens; a worker that died says nothing.
+def _wait_for(worker: _Worker, byte: bytes, deadline: float) -> bool:
+    """Wait (until ``deadline``) for the worker's ``byte`` (LISTENING, STOPPED_ACCEPTING); False if it died or took too long.
 
-    The byte is read here; one not read (a worker started later) is dropped
-    from the front of its report (_read_report).
+    The byte is read here; one not read (a worker restarted later) is
+    dropped from the front of its report (_read_report).
     """
-    for worker in workers:
+    while True:
         ready, _, _ = select.select([worker.report_fd], [], [], max(0.0, deadline - time.monotonic()))
-        if ready:
-            os.read(worker.report_fd, 1)
+        if not ready:
+            return False
+        got = os.read(worker.report_fd, 1)
+        if got != LISTENING or byte == LISTENING:
+            return got == byte
+        # A LISTENING nobody waited for (a restarted worker's): skip it.
 
 
 def _read_report(worker: _Worker) -> list[dict[str, Any]]:
@@ -189,7 +290,7 @@ def _read_report(worker: _Worker) -> list[dict[str, Any]]:
             chunks.append(chunk)
     finally:
         os.close(worker.report_fd)
-    data = b"".join(chunks).removeprefix(LISTENING)  # a JSON report never starts with it
+    data = b"".join(chunks).lstrip(LISTENING + STOPPED_ACCEPTING)  # a JSON report never starts with them
     if not data:
         return []  # killed before it could report
     try:
@@ -200,7 +301,8 @@ def _read_report(worker: _Worker) -> list[dict[str, Any]]:
 
 def _stop_all(workers: dict[int, _Worker], grace: float) -> list[dict[str, Any]]:
     for worker in workers.values():
-        _kill(worker.pid, signal.SIGTERM)
+        if not worker.retiring:  # those are draining already, within the same grace
+            _kill(worker.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace + KILL_MARGIN
     reports: list[dict[str, Any]] = []
     while workers:
@@ -231,19 +333,3 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exited with status {os.waitstatus_to_exitcode(status)}"
-
-
-def _summary(reports: list[dict[str, Any]]) -> str:
-    totals: collections.Counter[str] = collections.Counter()
-    closed: collections.Counter[str] = collections.Counter()
-    refused: collections.Counter[str] = collections.Counter()
-    for report in reports:
-        for key in ("accepted", "refused", "closed"):
-            totals[key] += report.get(key, 0)
-        closed.update(report.get("closed_by_reason", {}))
-        refused.update(report.get("refused_by_reason", {}))
-    info = ListenerInfo(name="all", state="stopped", address="", live=0, open=0, max_connections=0, ceiling=0,
-                        accepted=totals["accepted"], admitted=0, refused=totals["refused"],
-                        closed=totals["closed"], errors=0, grown=0, refused_by_reason=dict(refused),
-                        closed_by_reason=dict(closed))
-    return info.summary()

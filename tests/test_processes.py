@@ -77,5 +77,5 @@ def test_workers_share_the_port_and_a_killed_one_is_restarted(tmp_path: Path):
         returncode, stderr = srv.stop(signal.SIGTERM)
         assert returncode == 0, stderr
         assert "was killed by SIGKILL" in stderr
-        summary = re.search(r"all workers stopped \(1 restarts\): accepted (\d+)", stderr)
+        summary = re.search(r"all workers stopped \(1 restarts, 0 reloads\): accepted (\d+)", stderr)
         assert summary and int(summary[1]) >= 30

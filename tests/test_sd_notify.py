@@ -107,7 +107,7 @@ def test_sighup_reloads_and_says_so_instead_of_ending_the_process(tmp_path, noti
         srv.proc.send_signal(signal.SIGHUP)
         heard.until("RELOADING=1")
         heard.until("READY=1")
-        srv.expect("SIGHUP received: nothing to reload")
+        srv.expect("reload 1: the new listener serves")
         with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
             client.sendall(b"still serving\n")
             assert client.recv(100) == b"still serving\n"
