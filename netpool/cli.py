@@ -92,6 +92,9 @@ TLS_OPTIONS: list[tuple[str, str, Any, str]] = [
      "Ask for client certificates. [default: none]"),
     ("--tls-min-version", "min_version", click.Choice(["1.2", "1.3"]), "Lowest TLS version served. [default: 1.2]"),
     ("--alpn", "alpn", str, "Comma-separated ALPN protocols, in order of preference."),
+    ("--tls-reload-interval", "reload_interval", click.FloatRange(0, min_open=True),
+     "Look at the certificate and key files every N seconds; new handshakes take a renewed pair, live "
+     "connections go on. [default: only on SIGHUP]"),
     ("--tls-mode", "mode", click.Choice(["implicit", "starttls"]),
      "implicit: TLS from the first byte; starttls: plain until the handler calls conn.start_tls(). "
      "[default: implicit]"),

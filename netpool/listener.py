@@ -34,6 +34,7 @@ from .config import ListenerConfig, format_address
 from .conn_threads import ConnectionThreads
 from .connection import Connection
 from .errors import TLSError
+from .file_watch import FileWatch
 from .framing import RawFramer, framer_factory, with_message_deadline
 from . import hot_path
 from .io_loop import RECV_SIZE, IOLoop, LoopConnection
@@ -161,6 +162,7 @@ class Listener:
         self._broker: Optional[LocalBroker] = None
         self._broker_lock = threading.Lock()
         self._broker_handed_on = False
+        self._file_watch: Optional[FileWatch] = None
 
     def __repr__(self) -> str:
         return f"<Listener {self.config.name} {self.address} {self._state}>"
@@ -236,6 +238,10 @@ class Listener:
             self._spare.open()
             self._state = "running"
         self._started_at = time.monotonic()
+        tls = self.config.ssl
+        if tls is not None and tls.reload_interval is not None:
+            self._file_watch = FileWatch(tls.files(), tls.reload_interval, self.reload_tls,
+                                         name=self.config.name).start()
         for loop in self._loops:
             loop.start()
         for acceptor in self._acceptors:
@@ -339,6 +345,8 @@ class Listener:
             return self.info()
         self._stop_event.set()
         self._admission.close()
+        if self._file_watch is not None:
+            self._file_watch.stop()
         if was_running:
             self._stop_accepting()
         self._close_socket()

@@ -56,6 +56,16 @@ class TLSConfig:
     sni: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     mode: str = "implicit"
     """"implicit": TLS from the first byte; "starttls": plain until the handler calls conn.start_tls()."""
+    reload_interval: Optional[float] = None
+    """Seconds between looks at the certificate, key and CA files; once a change has settled, new handshakes
+    use the new files and live connections go on untouched (``Listener.reload_tls``). None: only on SIGHUP."""
+
+    def files(self) -> list[str]:
+        """Every file the TLS context is built from (what ``reload_interval`` watches)."""
+        paths = [self.certfile, self.keyfile, self.cafile]
+        for pair in self.sni.values():
+            paths += [pair.get("certfile"), pair.get("keyfile")]
+        return [path for path in paths if path]
 
     def __post_init__(self) -> None:
         def check_path(name: str, value: Any, required: bool = False) -> None:
@@ -88,6 +98,10 @@ class TLSConfig:
             if not isinstance(pair, Mapping) or not isinstance(pair.get("certfile"), str):
                 raise ConfigError(f"ssl.sni.{name}", "expected {certfile = ..., keyfile = ...}")
         object.__setattr__(self, "sni", {k.lower(): dict(v) for k, v in dict(self.sni).items()})
+        interval = self.reload_interval
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float))
+                                     or not interval > 0):
+            raise ConfigError("ssl.reload_interval", f"expected a number of seconds above 0, got {interval!r}")
 
     @classmethod
     def coerce(cls, value: Any) -> Optional["TLSConfig"]:
@@ -115,6 +129,8 @@ class TLSConfig:
             parts.append("alpn=" + ",".join(self.alpn))
         if self.sni:
             parts.append("sni=" + ",".join(sorted(self.sni)))
+        if self.reload_interval is not None:
+            parts.append(f"reload-interval={self.reload_interval:g}s")
         return " ".join(parts)
 
 

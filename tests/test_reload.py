@@ -353,3 +353,52 @@ def test_a_graceful_stop_over_unread_bytes_ends_with_a_fin_not_a_reset():
         stopper.join(DEADLINE)
         client.close()
     assert listener.info().closed_by_reason == {"server_stop": 1}
+
+
+def test_a_renewed_certificate_is_picked_up_by_new_handshakes_without_touching_live_connections(tmp_path: Path,
+                                                                                              caplog):
+    """ssl.reload_interval: the files are watched; a new pair serves new handshakes, a broken one is refused."""
+    import logging
+
+    import netpool
+    from netpool.devcert import write_dev_certificate
+
+    from .test_tls_cli import _serial
+
+    cert, key = write_dev_certificate(str(tmp_path))
+    config = {"port": 0, "handler": _named(b"tls"), "ssl": {"certfile": cert, "keyfile": key,
+                                                              "reload_interval": 0.1}}
+    with caplog.at_level(logging.INFO, logger="netpool.listener"):
+        listener = netpool.start_listener(config)
+        try:
+            first, live = _serial(cert, listener.port)
+            write_dev_certificate(str(tmp_path), force=True)  # renewed: a new key pair and serial
+            # Trusting only the renewed certificate, a handshake fails (0) until the server serves it.
+            renewed = wait_for(lambda: _handshake_serial(cert, listener.port),
+                               what="a handshake with the renewed certificate")
+            assert renewed != first
+            live.sendall(b"still")
+            assert live.recv(100) == b"tls still", "a connection from before the renewal goes on"
+
+            Path(key).write_text("not a key\n")  # broken: the last good pair stays
+            wait_for(lambda: "cannot use the new certificate" in caplog.text, what="the refusal logged")
+            assert _handshake_serial(cert, listener.port) == renewed
+            live.sendall(b"and on")
+            assert live.recv(100) == b"tls and on"
+            live.close()
+        finally:
+            listener.stop(grace=1.0)
+
+
+def _handshake_serial(cafile: str, port: int) -> int:
+    """A new handshake's certificate serial (0 if the client does not trust it yet: the old one is served)."""
+    import ssl
+
+    from .test_tls_cli import _serial
+
+    try:
+        serial, sock = _serial(cafile, port)
+    except ssl.SSLCertVerificationError:
+        return 0
+    sock.close()
+    return serial
