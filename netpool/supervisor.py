@@ -37,8 +37,9 @@ from .config import ListenerConfig, format_address
 from .errors import ConfigError, NetpoolError
 from .foreground import run_until_signal, same_address
 from .listener_info import ListenerInfo, combined
+from .live_board import LiveBoard
 from .sd_notify import forget as forget_notify_socket
-from .sd_notify import notify
+from .sd_notify import STATUS_EVERY, notify
 from .sockets import open_listening_socket, remove_unix_socket
 
 __all__ = ["serve_processes"]
@@ -70,6 +71,8 @@ class _Worker:
     pid: int
     report_fd: int
     started: float
+    slot: int
+    """Its counter on the live board (the slot its predecessor did not use, so the two never share one)."""
     retiring: bool = False
     """Told to retire (a reload replaced it): its exit is expected, not restarted."""
 
@@ -84,6 +87,9 @@ class _Supervisor:
     sock: socket.socket
     grace: float
     reload_config: Optional[Callable[[], ListenerConfig]]
+    address: str
+    """Where the shared socket listens (the socket's own address: systemd may have bound it)."""
+    board: LiveBoard
     workers: dict[int, _Worker] = dataclasses.field(default_factory=dict)
     reports: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     restarts: int = 0
@@ -111,7 +117,9 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float, *,
     name = sock.getsockname()
     if not isinstance(name, str):
         config = config.replace(port=name[1])
-    state = _Supervisor(config=config, asked=asked, sock=sock, grace=grace, reload_config=reload_config)
+    state = _Supervisor(config=config, asked=asked, sock=sock, grace=grace, reload_config=reload_config,
+                        address=name if isinstance(name, str) else format_address(name[:2]),
+                        board=LiveBoard(processes))
     workers = state.workers
     # The parent takes its signals synchronously (sigwaitinfo) instead of in
     # handlers: a handler's exception can land anywhere, and one that landed
@@ -121,14 +129,18 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float, *,
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
     try:
         for index in range(processes):
-            _spawn(state, config, index)
+            _spawn(state, config, index, state.board.slot(index, 0))
         log.info("%s: %d worker processes serving %s (max_connections=%d each)", config.name, processes,
-                 name if isinstance(name, str) else format_address(name[:2]), config.max_connections)
+                 state.address, config.max_connections)
         for worker in list(workers.values()):
             _wait_for(worker, LISTENING, time.monotonic() + READY_WAIT)
-        notify("READY=1", f"STATUS={processes} worker processes serving {config.address}")
+        notify("READY=1", f"STATUS={_status(state)}")
         while True:
-            signum = signal.sigwaitinfo(PARENT_SIGNALS).si_signo
+            received = signal.sigtimedwait(PARENT_SIGNALS, STATUS_EVERY)
+            if received is None:
+                notify(f"STATUS={_status(state)}")
+                continue
+            signum = received.si_signo
             if signum == signal.SIGCHLD:
                 _reap(state)
             elif signum == signal.SIGHUP:
@@ -167,6 +179,7 @@ def _reap(state: _Supervisor) -> None:
         if worker is None:
             continue
         state.reports.extend(_read_report(worker))
+        state.board.write(worker.slot, 0)  # a killed worker could not clear its own
         lived = time.monotonic() - worker.started
         if worker.retiring:
             log.info("%s: old worker %d (pid %d) %s after draining", state.config.name, worker.index, pid,
@@ -177,7 +190,7 @@ def _reap(state: _Supervisor) -> None:
         state.delay = min(MAX_RESTART_DELAY, max(0.1, state.delay * 2)) if lived < FAST_DEATH else 0.0
         if state.delay:
             time.sleep(state.delay)  # a crash loop must not become a fork storm
-        _spawn(state, state.config, worker.index)
+        _spawn(state, state.config, worker.index, worker.slot)
         state.restarts += 1
 
 
@@ -199,7 +212,7 @@ def _roll(state: _Supervisor) -> None:
             raise ConfigError("reload", problem)
     except ConfigError as exc:
         log.error("reload failed, so the running workers go on unchanged: %s", exc)
-        notify("READY=1", f"STATUS={len(current)} worker processes serving {state.config.address}")
+        notify("READY=1", f"STATUS={_status(state)}")
         return
     config = config.replace(port=state.config.port)
     replaced = 0
@@ -207,7 +220,7 @@ def _roll(state: _Supervisor) -> None:
         if _stop_pending():
             log.warning("reload interrupted by a stop signal after %d of %d workers", replaced, len(current))
             break
-        new = _spawn(state, config, old.index)
+        new = _spawn(state, config, old.index, old.slot ^ 1)
         if not _wait_for(new, LISTENING, time.monotonic() + READY_WAIT):
             new.retiring = True  # not to be restarted: its old worker still serves
             _kill(new.pid, signal.SIGTERM)
@@ -229,10 +242,16 @@ def _roll(state: _Supervisor) -> None:
         state.config = config
         state.reloads += 1
     log.info("reload done in %.2fs: %d of %d workers replaced", time.monotonic() - started, replaced, len(current))
-    notify("READY=1", f"STATUS={len(current)} worker processes serving {state.config.address}")
+    notify("READY=1", f"STATUS={_status(state)}")
 
 
-def _spawn(state: _Supervisor, config: ListenerConfig, index: int) -> _Worker:
+def _status(state: _Supervisor) -> str:
+    """What systemd shows (STATUS=): the workers, the address, and the connections all of them hold."""
+    serving = sum(1 for worker in state.workers.values() if not worker.retiring)
+    return f"{serving} worker processes serving {state.address}: {state.board.total()} live connections"
+
+
+def _spawn(state: _Supervisor, config: ListenerConfig, index: int, slot: int) -> _Worker:
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -249,8 +268,11 @@ def _spawn(state: _Supervisor, config: ListenerConfig, index: int) -> _Worker:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
             worker_config = config.replace(name=f"{config.name}[{index}]")
             # One byte once listening, for the parent's READY=1 and reloads; the report follows at the end.
-            info = run_until_signal(worker_config, state.grace, on_started=lambda _: os.write(write_fd, LISTENING),
-                                    sock=state.sock, reloads=False,
+            def started(listener: Any) -> None:
+                state.board.keep_writing(slot, lambda: listener.info().live, listener.wait)
+                os.write(write_fd, LISTENING)
+
+            info = run_until_signal(worker_config, state.grace, on_started=started, sock=state.sock, reloads=False,
                                     on_stopped_accepting=lambda: os.write(write_fd, STOPPED_ACCEPTING))
             os.write(write_fd, json.dumps(dataclasses.asdict(info)).encode())
             status = 0
@@ -262,7 +284,7 @@ def _spawn(state: _Supervisor, config: ListenerConfig, index: int) -> _Worker:
             logging.shutdown()
             os._exit(status)
     os.close(write_fd)
-    worker = state.workers[pid] = _Worker(index, pid, read_fd, time.monotonic())
+    worker = state.workers[pid] = _Worker(index, pid, read_fd, time.monotonic(), slot)
     log.info("%s: worker %d started (pid %d)", config.name, index, pid)
     return worker
 

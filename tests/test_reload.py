@@ -402,3 +402,37 @@ def _handshake_serial(cafile: str, port: int) -> int:
         return 0
     sock.close()
     return serial
+
+
+@pytest.mark.skipif(not os.path.exists(ACTIVATOR), reason="systemd-socket-activate is not installed")
+def test_an_activated_unix_socket_is_served_by_two_workers_and_left_to_its_owner(tmp_path: Path):
+    """A UNIX socket systemd bound: both workers take clients from it, and netpool does not remove its path."""
+    import shutil
+    import tempfile
+
+    from .test_cli import NETPOOL
+
+    write_app(tmp_path, "v1")
+    folder = tempfile.mkdtemp(prefix="np-", dir="/tmp")  # UNIX socket paths must be short
+    path = os.path.join(folder, "s.sock")
+    try:
+        argv = ["-l", path, "-E", "PYTHONDONTWRITEBYTECODE=1", NETPOOL, "run", "app:handler", "--framing", "line",
+                "--processes", "2"]
+        with server(*argv, cwd=tmp_path, argv0=[ACTIVATOR], env=FRESH_ENV) as srv:
+            srv.expect(rf"Listening on {re.escape(path)}")
+            pids = set()
+            for _ in range(200):
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(DEADLINE)
+                    sock.connect(path)
+                    sock.sendall(b"who\n")
+                    pids.add(int(sock.recv(100).split()[1]))
+                if len(pids) == 2:
+                    break
+            assert len(pids) == 2, "both workers take clients from the passed socket"
+            assert srv.expect(r"serving (\S+), the socket systemd passed")[1] == path
+            returncode, stderr = srv.stop()
+            assert returncode == 0, stderr
+        assert os.path.exists(path), "the socket file belongs to whoever bound it (systemd), not to netpool"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

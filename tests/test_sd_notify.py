@@ -7,6 +7,7 @@ check that only the process systemd started speaks (NotifyAccess=main).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import time
@@ -42,6 +43,20 @@ class NotifySocket:
             if line in self.heard[-1][1]:
                 return self.heard[-1]
         raise AssertionError(f"never heard {line!r}; heard {self.heard}")  # pragma: no cover
+
+    def until_status(self, pattern: str, timeout: float) -> str:
+        """The next STATUS= line matching ``pattern`` (a regular expression), within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data, _ = self.sock.recvfrom(4096)
+            except socket.timeout:
+                break
+            for line in data.decode().split("\n"):
+                if line.startswith("STATUS=") and re.search(pattern, line):
+                    return line
+        raise AssertionError(f"no STATUS= matching {pattern!r} within {timeout}s")
 
     def close(self) -> None:
         self.sock.close()
@@ -111,5 +126,28 @@ def test_sighup_reloads_and_says_so_instead_of_ending_the_process(tmp_path, noti
         with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
             client.sendall(b"still serving\n")
             assert client.recv(100) == b"still serving\n"
+        returncode, _ = srv.stop()
+        assert returncode == 0
+
+
+def test_worker_processes_status_counts_the_connections_of_all_of_them(tmp_path, notify_socket):
+    """The parent serves no connection itself; the workers' counts reach its STATUS= through shared memory."""
+    heard, path = notify_socket
+    env = {**os.environ, "NOTIFY_SOCKET": path}
+    with server("echo", "--port", "0", "--processes", "2", cwd=tmp_path, env=env) as srv:
+        port = int(srv.expect(r"worker processes serving 127\.0\.0\.1:(\d+)")[1])
+        heard.until("READY=1")
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) for _ in range(3)]
+        try:
+            for client in clients:
+                client.sendall(b"x")
+                assert client.recv(10) == b"x"
+            # The parent refreshes STATUS= every 5 s; the workers write their counts every second.
+            line = heard.until_status(r": 3 live connections$", timeout=3 * 5.0)
+            assert line.startswith("STATUS=2 worker processes serving 127.0.0.1:")
+        finally:
+            for client in clients:
+                client.close()
+        heard.until_status(r": 0 live connections$", timeout=3 * 5.0)
         returncode, _ = srv.stop()
         assert returncode == 0
