@@ -126,9 +126,12 @@ def test_a_worker_killed_with_clients_queued_resets_only_its_own(tmp_path: Path)
 
     Each worker may hold 5 connections (overflow=wait: at the limit it stops
     accepting), so after 10 held connections every further client waits in
-    the shared backlog. With a socket per worker (SO_REUSEPORT) a killed
-    worker's backlog was reset with it.
+    the shared backlog: 20 queued ones, and new ones arriving all along from
+    churn threads (connect, echo once, close, again). With a socket per
+    worker (SO_REUSEPORT) a killed worker's backlog was reset with it.
     """
+    import threading
+    from collections import Counter
     write_app(tmp_path, "v1")
     with server("run", "app:handler", "--on-connect", "app:hello", "--port", "0", "--framing", "line",
                 "--processes", "2", "--max-connections", "5", "--overflow", "wait", "--backlog", "64",
@@ -148,6 +151,24 @@ def test_a_worker_killed_with_clients_queued_resets_only_its_own(tmp_path: Path)
                 sock.sendall(b"queued\n")
                 queued.append(sock)
             victim, survivor = sorted(held)
+            churned: Counter[str] = Counter()
+            stop_churn = threading.Event()
+
+            def churn() -> None:
+                while not stop_churn.is_set():
+                    try:
+                        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
+                            _line(sock)  # the greeting
+                            sock.sendall(b"churn\n")
+                            churned["served" if _line(sock).endswith(b"churn") else "garbled"] += 1
+                    except ConnectionResetError:
+                        churned["reset"] += 1
+                    except OSError as exc:
+                        churned[type(exc).__name__] += 1
+
+            churners = [threading.Thread(target=churn, daemon=True) for _ in range(2)]
+            for thread in churners:
+                thread.start()
             os.kill(victim, signal.SIGKILL)
             restarted = srv.expect(r"worker \d started \(pid (\d+)\)")
             new_pid = int(restarted[1])
@@ -180,6 +201,11 @@ def test_a_worker_killed_with_clients_queued_resets_only_its_own(tmp_path: Path)
             assert resets_of_queued == 0, f"{resets_of_queued} of 20 queued clients were reset"
             assert sum(served_by.values()) == 20 and set(served_by) <= {survivor, new_pid}, served_by
             assert resets_of_held <= 5
+            wait_for(lambda: churned["served"] >= 20, what="new clients served after the kill")
+            stop_churn.set()
+            for thread in churners:
+                thread.join(DEADLINE)
+            assert set(churned) == {"served"}, f"new clients during and after the kill: {dict(churned)}"
         finally:
             for sock in [*queued, *(s for socks in held.values() for s in socks)]:
                 sock.close()
