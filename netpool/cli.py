@@ -1,8 +1,11 @@
 """The ``netpool`` command: click wiring only; all behaviour lives in the library.
 
 Settings are layered: ListenerConfig's defaults, then ``--config FILE.toml``,
-then the flags given on the command line. A bad setting or a handler that
-cannot be imported exits with status 2 and one clear line, never a traceback.
+then the flags given on the command line. Whatever stops a server from
+starting (a bad setting, a handler that cannot be imported, a certificate
+that cannot be used, an address in use) exits with status 2 and one
+``Error: ...`` line, never a traceback; click's usage lines are kept for
+what they help with, a misspelt option.
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ from .socket_activation import choose_socket, describe, inherited_sockets
 from .supervisor import serve_processes
 
 log = logging.getLogger("netpool.cli")
+
+
+class StartupError(click.ClickException):
+    """The server cannot start: one ``Error: ...`` line and exit status 2 (a UsageError adds two usage lines)."""
+
+    exit_code = 2
 
 CLI_DEFAULT_PORT = 5555
 ECHO_HANDLER = "netpool.echo:echo"
@@ -235,9 +244,9 @@ def cert(out_dir: str, hosts: tuple[str, ...], days: int, force: bool) -> None:
     try:
         cert_path, key_path = write_dev_certificate(out_dir, hosts or DEFAULT_HOSTS, days, force=force)
     except FileExistsError as exc:
-        raise click.UsageError(f"{exc}: pass --force to overwrite them") from None
+        raise StartupError(f"{exc}: pass --force to overwrite them") from None
     except (OSError, ValueError) as exc:
-        raise click.UsageError(f"cannot write the certificate: {exc}") from None
+        raise StartupError(f"cannot write the certificate: {exc}") from None
     click.echo(f"wrote {cert_path} and {key_path} (self-signed, for {', '.join(hosts or DEFAULT_HOSTS)}; "
                f"valid {days} days; development only)")
     click.echo(f"serve it: netpool echo --certfile {cert_path} --keyfile {key_path}")
@@ -248,7 +257,7 @@ def _first(read_settings: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         return read_settings()
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise StartupError(str(exc)) from None
 
 
 def settings_from_flags(config_file: Optional[str], flags: dict[str, Any], default_name: str) -> dict[str, Any]:
@@ -317,9 +326,9 @@ def serve_settings(settings: dict[str, Any], grace: float, log_level: str, metri
     try:
         config = build(settings)
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise StartupError(str(exc)) from None
     if metrics_port is not None and config.processes > 1:
-        raise click.UsageError("--metrics-port serves one process's metrics; it cannot be combined with --processes")
+        raise StartupError("--metrics-port serves one process's metrics; it cannot be combined with --processes")
     servers: list[Any] = []
     on_started: Optional[Callable[[Any], None]] = None
     on_replaced: Optional[Callable[[Any, Any], None]] = None
@@ -332,9 +341,7 @@ def serve_settings(settings: dict[str, Any], grace: float, log_level: str, metri
 
         def attach_metrics(listener: Any) -> None:
             export(listener)
-            server = metrics.serve(metrics_port, metrics_host)
-            servers.append(server)
-            log.info("metrics on %s", server.url)
+            servers.append(metrics.serve(metrics_port, metrics_host))  # which logs where it serves
 
         def move_metrics(old: Any, new: Any) -> None:
             metrics.remove(old)
@@ -350,8 +357,7 @@ def serve_settings(settings: dict[str, Any], grace: float, log_level: str, metri
             sys.exit(serve_processes(config, config.processes, grace, sock=sock, reload_config=reload_config))
         run_until_signal(config, grace, on_started, sock=sock, reload_config=reload_config, on_replaced=on_replaced)
     except (ListenError, TLSError) as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+        raise StartupError(str(exc)) from None
     finally:
         for server in servers:
             server.stop()

@@ -10,7 +10,10 @@ reads.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional
@@ -43,14 +46,62 @@ def _timeout(name: str, value: Any, *, optional: bool) -> None:
         raise ConfigError(name, f"must be a positive number of seconds, got {value!r}")
 
 
+# How each callable field is called, for the message that refuses an async one.
+_SIGNATURES = {
+    "handler": "def handler(message, conn)",
+    "on_connect": "def on_connect(conn)",
+    "on_close": "def on_close(conn, reason)",
+    "on_alarm": "def on_alarm(listener, live)",
+}
+
+
+def _is_async(obj: Any) -> bool:
+    """Whether calling ``obj`` only makes a coroutine (or async generator) that nobody would run.
+
+    Sees through ``functools.partial`` and bound methods, and looks at an
+    instance's ``__call__``; a class is never async (calling it builds an instance).
+    """
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    if inspect.iscoroutinefunction(obj) or inspect.isasyncgenfunction(obj):
+        return True
+    if inspect.isroutine(obj) or inspect.isclass(obj):
+        return False
+    call = getattr(type(obj), "__call__", None)
+    return call is not None and (inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call))
+
+
+def _refuse_async(name: str, value: Any, spec: Optional[str]) -> None:
+    """Raise ConfigError if ``value`` (imported from ``spec``, if given) is async: netpool never awaits it."""
+    if not _is_async(value):
+        return
+    if spec is not None:
+        what = repr(spec)
+    else:
+        while isinstance(value, functools.partial):
+            value = value.func
+        qualname = getattr(value, "__qualname__", None)
+        what = qualname if isinstance(qualname, str) else f"{type(value).__qualname__}.__call__"
+    kind = "handlers" if name == "handler" else "hooks"
+    hint = " (blocking calls are fine in io='threads')" if name == "handler" else ""
+    raise ConfigError(
+        name,
+        f"{what} is an async function, but netpool calls {kind} from its own threads and does not run coroutines; "
+        f"write `{_SIGNATURES[name]}`{hint}, or run your asyncio code with "
+        "asyncio.run_coroutine_threadsafe from a plain function",
+    )
+
+
 def _hook(name: str, value: Any) -> Any:
     """The hook ``value`` names: itself, or the object a ``"module:attr"`` string imports; callable or None."""
+    spec = None
     if isinstance(value, str):
         spec, value = value, load_object(value, field=name)
         if not callable(value):
             raise ConfigError(name, f"expected a callable or None, {spec!r} is {value!r}")
     if value is not None and not callable(value):
         raise ConfigError(name, f"expected a callable or None, got {value!r}")
+    _refuse_async(name, value, spec)
     return value
 
 
@@ -65,7 +116,8 @@ class ListenerConfig:
     """
 
     handler: Handler | str
-    """``handler(message: bytes, conn: Connection)``, or a ``"module:attr"`` spec."""
+    """``handler(message: bytes, conn: Connection)``, or a ``"module:attr"`` spec; a plain function, not
+    ``async def`` (netpool never awaits)."""
 
     host: str = "127.0.0.1"
     """Address to bind: loopback by default; ``"0.0.0.0"`` or ``"::"`` to serve the network."""
@@ -184,12 +236,13 @@ class ListenerConfig:
     """Free-form settings for handlers (``listener.config.extra``); netpool ignores them."""
 
     def __post_init__(self) -> None:
-        handler = self.handler
+        handler, spec = self.handler, None
         if isinstance(handler, str):
-            handler = load_object(handler, field="handler")
+            spec, handler = handler, load_object(handler, field="handler")
             object.__setattr__(self, "handler", handler)
         if not callable(handler):
             raise ConfigError("handler", f"expected a callable handler(message, conn), got {handler!r}")
+        _refuse_async("handler", handler, spec)
 
         if not isinstance(self.host, str):
             raise ConfigError("host", f"expected a host name or address, got {self.host!r}")
@@ -296,7 +349,13 @@ class ListenerConfig:
 
 
 def load_toml(path: str) -> dict[str, Any]:
-    """Read a TOML file of listener settings (same keys as ListenerConfig)."""
+    """Read a TOML file of listener settings (same keys as ListenerConfig).
+
+    Relative file paths in it (``unix``, and ``certfile``, ``keyfile``,
+    ``cafile`` and each ``sni`` pair's files under ``[ssl]``) are taken
+    relative to the file's own folder, not to the current directory, and
+    returned absolute; absolute paths are kept as written.
+    """
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -305,7 +364,32 @@ def load_toml(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     _reject_unknown(data, f" in {path}")
+    _resolve_file_paths(data, os.path.dirname(os.path.abspath(path)))
     return data
+
+
+def _resolve_file_paths(data: dict[str, Any], folder: str) -> None:
+    """Make the relative paths of a TOML file's settings relative to ``folder``, in place.
+
+    Values of the wrong type or empty are left alone for validation to refuse,
+    naming the field; so is an abstract UNIX socket name (leading NUL).
+    """
+    def resolve(table: Any, key: str) -> None:
+        value = table.get(key)
+        if isinstance(value, str) and value and not value.startswith("\0"):
+            table[key] = os.path.join(folder, value)  # join keeps an absolute value as it is
+
+    resolve(data, "unix")
+    ssl = data.get("ssl")
+    if isinstance(ssl, dict):
+        for key in ("certfile", "keyfile", "cafile"):
+            resolve(ssl, key)
+        sni = ssl.get("sni")
+        if isinstance(sni, dict):
+            for pair in sni.values():
+                if isinstance(pair, dict):
+                    resolve(pair, "certfile")
+                    resolve(pair, "keyfile")
 
 
 def format_address(address: Any) -> str:

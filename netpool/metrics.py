@@ -24,13 +24,15 @@ global), so two listeners, or two tests, never collide on metric names::
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from .breaker import STATES, CircuitBreaker
@@ -197,6 +199,8 @@ class MetricsServer:
 def serve_metrics(port: int = 9100, registry: Optional[CollectorRegistry] = None, host: str = "127.0.0.1") -> MetricsServer:
     """Serve ``registry`` on ``http://host:port/metrics`` from a background thread (port 0 picks one).
 
+    Only ``/metrics`` (with or without a query string) answers, to GET and
+    HEAD; other paths get 404 and other methods 405.
     Loopback by default, like the listener: metrics say a lot about a
     service, so exposing them to the network is an explicit ``host=``.
     Raises ListenError when the port cannot be bound.
@@ -204,13 +208,82 @@ def serve_metrics(port: int = 9100, registry: Optional[CollectorRegistry] = None
     if registry is None:
         raise ValueError("pass the registry to serve (Metrics().registry); the process-global one is not used")
     try:
-        httpd, thread = start_http_server(port, addr=host, registry=registry)
+        # The same wsgiref server prometheus_client's start_http_server
+        # builds, assembled here because that function takes no app: ours
+        # wraps make_wsgi_app, which answers any path with the metrics. The
+        # family comes from the address (as start_http_server does), so
+        # host="::1" works; TCPServer reads it from the class when it makes
+        # the socket, hence a subclass per call.
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        server_class = type("_MetricsHTTPServer", (_ThreadingWSGIServer,), {"address_family": family})
+        httpd = make_server(sockaddr[0], port, _only_metrics(make_wsgi_app(registry)), server_class, _QuietHandler)
     except OSError as exc:
         raise ListenError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-    thread.name = f"netpool-metrics-{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, name=f"netpool-metrics-{httpd.server_address[1]}", daemon=True)
+    thread.start()
     server = MetricsServer(httpd, thread)
     log.info("serving metrics on %s", server.url)
     return server
+
+
+_METRICS_PATH = "/metrics"
+_ALLOWED_METHODS = "GET, HEAD"
+
+
+def _only_metrics(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    """Wrap prometheus_client's WSGI app so that only GET/HEAD ``/metrics`` reach it.
+
+    The app itself serves every path (and a 200 for /favicon.ico), so a
+    typo in a scrape config, or a probe of ``/``, would look like a working
+    target; a 404 naming the right path makes the mistake visible. The app
+    also refuses HEAD (405), which ``curl -I`` and health checks use, so
+    HEAD is answered here from a GET.
+    """
+
+    def metrics_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
+        # wsgiref has already split off the query string, so "/metrics?name[]=x" is "/metrics" here.
+        if environ.get("PATH_INFO") != _METRICS_PATH:
+            # The path is checked before the method: an unknown resource has no methods to list in Allow.
+            return _plain(start_response, "404 Not Found", f"not found: metrics are at {_METRICS_PATH}\n", [], method)
+        if method not in ("GET", "HEAD"):
+            return _plain(
+                start_response, "405 Method Not Allowed",
+                f"method not allowed: use {_ALLOWED_METHODS} on {_METRICS_PATH}\n", [("Allow", _ALLOWED_METHODS)], method,
+            )
+        if method == "GET":
+            return app(environ, start_response)
+        # HEAD: run the app as GET so the headers (type, encoding, length) are
+        # exactly the ones a GET gets, then drop the body, as HTTP requires.
+        # wsgiref keeps a Content-Length the app set, and sends no body for [].
+        got: list[Any] = []
+        body = b"".join(app(dict(environ, REQUEST_METHOD="GET"), lambda status, headers, exc_info=None: got.append((status, headers))))
+        status, headers = got[0]
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"] + [("Content-Length", str(len(body)))]
+        start_response(status, headers)
+        return []
+
+    return metrics_app
+
+
+def _plain(start_response: Callable[..., Any], status: str, text: str, headers: list[tuple[str, str]], method: str) -> list[bytes]:
+    body = text.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers])
+    return [] if method == "HEAD" else [body]
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    # A thread per scrape, so one slow scraper does not hold up the others;
+    # daemon threads, so ThreadingMixIn does not keep every finished thread
+    # in a list to join at close (and a stuck scrape cannot block exit).
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        # wsgiref writes a line per request to stderr; a scrape every few
+        # seconds is not worth logging (prometheus_client's handler is silent too).
+        pass
 
 
 class _HandlerMetrics:

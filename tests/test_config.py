@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import pytest
@@ -172,3 +173,109 @@ def test_toml_errors_name_file_and_key(tmp_path):
         load_toml(str(bad_syntax))
     with pytest.raises(ConfigError, match="cannot read"):
         load_toml(str(tmp_path / "missing.toml"))
+
+
+# -- async callables: netpool never awaits them, so they are refused up front --
+
+
+async def async_handler(message, conn):
+    conn.send(message)
+
+
+class AsyncCallable:
+    async def __call__(self, message, conn):
+        conn.send(message)
+
+
+class SyncCallable:
+    def __call__(self, message, conn):
+        conn.send(message)
+
+
+ASYNC_CALLABLES = {
+    "async-def": async_handler,
+    "async-call": AsyncCallable(),
+    "partial": functools.partial(async_handler),
+    "partial-of-async-call": functools.partial(AsyncCallable(), b"x"),
+}
+
+
+@pytest.mark.parametrize("field", ["handler", *HOOKS])
+@pytest.mark.parametrize("value", list(ASYNC_CALLABLES.values()), ids=list(ASYNC_CALLABLES))
+def test_async_callables_are_refused_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match="does not run coroutines") as info:
+        ListenerConfig(**{"handler": echo, field: value})
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+    assert f"`def {field}(" in str(info.value) and "run_coroutine_threadsafe" in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["handler", *HOOKS])
+def test_async_callable_named_by_a_spec_is_refused(field, tmp_path, monkeypatch):
+    (tmp_path / "async_app_mod.py").write_text("async def handle(*args):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"'async_app_mod:handle' is an async function") as info:
+        ListenerConfig(**{"handler": echo, field: "async_app_mod:handle"})
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("field", ["handler", *HOOKS])
+@pytest.mark.parametrize(
+    "value", [echo, SyncCallable(), functools.partial(echo), SyncCallable], ids=["def", "call", "partial", "class"]
+)
+def test_plain_callables_are_still_accepted(field, value):
+    assert getattr(ListenerConfig(**{"handler": echo, field: value}), field) is value
+
+
+# -- paths in a TOML file are relative to the file, not to the current directory --
+
+
+def test_toml_ssl_paths_are_relative_to_the_file(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    absolute = str(tmp_path / "abs" / "ca.pem")
+    (conf / "server.toml").write_text(
+        'unix = "run/server.sock"\n'
+        "[ssl]\n"
+        'certfile = "cert.pem"\n'
+        'keyfile = "keys/key.pem"\n'
+        f'cafile = "{absolute}"\n'
+        'verify_client = "optional"\n'
+        "[ssl.sni.\"example.org\"]\n"
+        'certfile = "sni/example.pem"\n'
+        'keyfile = "sni/example.key"\n'
+    )
+    monkeypatch.chdir(elsewhere)
+    data = load_toml("../conf/server.toml")  # a relative path to the file, too
+    cfg = ListenerConfig.from_mapping({"handler": echo, **data})
+    assert cfg.ssl.certfile == str(conf / "cert.pem")
+    assert cfg.ssl.keyfile == str(conf / "keys" / "key.pem")
+    assert cfg.ssl.cafile == absolute
+    assert cfg.ssl.sni["example.org"] == {"certfile": str(conf / "sni" / "example.pem"),
+                                          "keyfile": str(conf / "sni" / "example.key")}
+    assert cfg.unix == str(conf / "run" / "server.sock")
+
+
+def test_toml_absolute_paths_and_bad_values_are_kept(tmp_path):
+    path = tmp_path / "server.toml"
+    path.write_text('unix = "/run/netpool.sock"\n[ssl]\ncertfile = "/etc/ssl/cert.pem"\nkeyfile = ""\ncafile = 5\n')
+    data = load_toml(str(path))
+    assert data["unix"] == "/run/netpool.sock"
+    assert data["ssl"] == {"certfile": "/etc/ssl/cert.pem", "keyfile": "", "cafile": 5}
+    with pytest.raises(ConfigError, match="ssl.keyfile"):
+        ListenerConfig.from_mapping({"handler": echo, **data})
+
+
+def test_command_line_paths_stay_relative_to_the_current_directory(tmp_path, monkeypatch):
+    """Flags are not from the file: --certfile over a --config file keeps its path; the file's keyfile is resolved."""
+    from netpool.cli import read_settings_and_flags
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "server.toml").write_text('[ssl]\ncertfile = "cert.pem"\nkeyfile = "key.pem"\n')
+    monkeypatch.chdir(tmp_path)
+    settings = read_settings_and_flags("conf/server.toml", {"tls_certfile": "cli.pem", "unix": "cli.sock"}, "t")
+    assert settings["ssl"] == {"certfile": "cli.pem", "keyfile": str(conf / "key.pem")}
+    assert settings["unix"] == "cli.sock"

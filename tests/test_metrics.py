@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import urllib.request
@@ -15,7 +16,7 @@ from netpool.client_pool import ConnectionPool
 from netpool.metrics import Metrics, instrument_handler, serve_metrics
 from netpool.workers import WorkerPool
 
-from .conftest import connect, recv_exactly, serving, wait_for
+from .conftest import DEADLINE, connect, recv_exactly, recv_until_closed, serving, wait_for
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -135,3 +136,65 @@ def test_metrics_port_in_use_is_a_listen_error():
         port = taken.getsockname()[1]
         with pytest.raises(netpool.ListenError, match=f"127.0.0.1:{port}"):
             serve_metrics(port, Metrics().registry)
+
+
+def fetch(server, method: str, path: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request to the metrics server over a fresh connection: (status, headers, body)."""
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=DEADLINE)
+    try:
+        conn.request(method, path, body=b"x=1" if method == "POST" else None)
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def metrics_server():
+    metrics = Metrics()
+    metrics.instrument_handler(lambda m, c: None, listener="api")  # so the registry has a netpool_ series
+    with metrics.serve(port=0) as server:
+        yield server
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/metrics?x=1", "/metrics?name[]=netpool_handler_errors_total"])
+def test_metrics_path_answers_with_the_exposition(metrics_server, path):
+    """/metrics, with or without a query string, is 200 with the Prometheus text format."""
+    status, headers, body = fetch(metrics_server, "GET", path)
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert b"netpool_handler_errors_total" in body
+
+
+@pytest.mark.parametrize("path", ["/", "/anything", "/metricsfoo", "/metrics/", "/favicon.ico", "/x?/metrics"])
+def test_other_paths_are_404_naming_metrics(metrics_server, path):
+    """Any path but /metrics is a 404 whose short plain-text body points at /metrics, not the metrics."""
+    status, headers, body = fetch(metrics_server, "GET", path)
+    assert status == 404
+    assert headers["Content-Type"].startswith("text/plain")
+    assert body == b"not found: metrics are at /metrics\n"
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
+def test_other_methods_on_metrics_are_405_with_allow(metrics_server, method):
+    """Methods other than GET and HEAD get 405 and an Allow header listing both."""
+    status, headers, body = fetch(metrics_server, method, "/metrics")
+    assert status == 405
+    assert headers["Allow"] == "GET, HEAD"
+    assert b"/metrics" in body and b"netpool_" not in body
+
+
+def test_head_metrics_is_200_with_the_get_headers_and_no_body(metrics_server):
+    """HEAD /metrics answers like GET, with the same type and length, and sends no body bytes on the wire."""
+    get_status, get_headers, get_body = fetch(metrics_server, "GET", "/metrics")
+    status, headers, body = fetch(metrics_server, "HEAD", "/metrics")
+    assert (get_status, status) == (200, 200)
+    assert headers["Content-Type"] == get_headers["Content-Type"]
+    assert int(headers["Content-Length"]) == len(get_body) > 0
+    # http.client never reads a body for HEAD, so look at the raw bytes too
+    # (the server speaks HTTP/1.0 and closes after the response).
+    with socket.create_connection((metrics_server.host, metrics_server.port), timeout=DEADLINE) as s:
+        s.sendall(b"HEAD /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        raw = recv_until_closed(s)
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 ") and sep and rest == b""

@@ -15,7 +15,7 @@ import pytest
 
 from netpool.tls import TLSConfig, build_server_context
 
-from .test_cli import NETPOOL, assert_clean_usage_error, run_cli, server
+from .test_cli import NETPOOL, assert_one_error_line, run_cli, server
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl is installed by `make test` (Debian package)")
@@ -101,15 +101,22 @@ def test_bad_certificate_on_the_command_line_names_the_file(tmp_path):
         [NETPOOL, "echo", "--port", "0", "--certfile", str(missing)],
         cwd=tmp_path, capture_output=True, text=True, timeout=30,
     )
-    assert result.returncode == 1, result.stderr
-    assert f"{missing}: cannot read it" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert_one_error_line(result, f"{missing}: cannot read it")
+
+
+def test_a_key_that_does_not_match_is_one_error_line(tmp_path, dev_cert):
+    from netpool.devcert import write_dev_certificate
+
+    cert, _key = dev_cert
+    _other_cert, other_key = write_dev_certificate(str(tmp_path / "other"))
+    result = run_cli("echo", "--port", "0", "--certfile", cert, "--keyfile", other_key, cwd=tmp_path)
+    assert_one_error_line(result, other_key)
 
 
 def test_verify_client_without_cafile_is_a_usage_error(tmp_path, dev_cert):
     cert, key = dev_cert
     result = run_cli("echo", "--certfile", cert, "--keyfile", key, "--verify-client", "required", cwd=tmp_path)
-    assert_clean_usage_error(result, "cafile")
+    assert_one_error_line(result, "cafile")
 
 
 
@@ -215,7 +222,7 @@ def test_netpool_cert_keeps_existing_files_unless_forced(tmp_path, dev_cert):
     cert, key = dev_cert
     before = Path(key).read_bytes()
     result = run_cli("cert", "--out", str(Path(cert).parent), cwd=tmp_path)
-    assert_clean_usage_error(result, "already exist", "--force")
+    assert_one_error_line(result, "already exist", "--force")
     assert Path(key).read_bytes() == before
     result = run_cli("cert", "--out", str(Path(cert).parent), "--force", cwd=tmp_path)
     assert result.returncode == 0 and Path(key).read_bytes() != before

@@ -18,7 +18,7 @@ import click
 from netpool import ConfigError
 from netpool.broker import redact_url
 from netpool.broker_url import shares_sessions
-from netpool.cli import listener_options, serve_settings, settings_from_flags
+from netpool.cli import StartupError, listener_options, serve_settings, settings_from_flags
 from netpool.config import load_toml
 
 from .jid import InvalidJID, localpart
@@ -45,7 +45,7 @@ def serve(xmpp: dict[str, Any], config_file: Optional[str], grace: float, log_le
         try:
             users = UserStore.open(xmpp["users_file"])
         except UserStoreError as exc:
-            raise click.UsageError(
+            raise StartupError(
                 f"{exc}. Add users with `netpool xmpp adduser NAME --users {xmpp['users_file']}`, "
                 "or pass --accept-any-password for a quick prototype"
             ) from None
@@ -64,12 +64,12 @@ def serve(xmpp: dict[str, Any], config_file: Optional[str], grace: float, log_le
             listener["port"] = LISTENER_DEFAULTS["port"]
         settings = server.listener_settings(**listener)
     except (ConfigError, ValueError) as exc:
-        raise click.UsageError(str(exc)) from None
+        raise StartupError(str(exc)) from None
     processes = settings.get("processes", 1)
     if processes > 1 and not shares_sessions(settings.get("broker")):
         # Each worker process would have its own session table: users on
         # different processes could neither see nor reach each other.
-        raise click.UsageError(f"--processes {processes} needs a shared session table: add "
+        raise StartupError(f"--processes {processes} needs a shared session table: add "
                                "--broker redis://HOST:PORT/DB (a Redis server every process reaches)")
     s = server.settings
     if s.accept_any_password:
@@ -98,14 +98,14 @@ def add_user(users_file: str, name: str, password_stdin: bool, replace: bool) ->
     try:
         user = localpart(name)
     except InvalidJID as exc:
-        raise click.UsageError(f"{name!r} cannot be a user name: {exc}") from None
+        raise StartupError(f"{name!r} cannot be a user name: {exc}") from None
     store = UserStore(users_file)
     try:
         existed = user in store
     except UserStoreError as exc:
         raise click.ClickException(str(exc)) from None
     if existed and not replace:
-        raise click.UsageError(f"{user} is already in {users_file}: pass --replace to change the password")
+        raise StartupError(f"{user} is already in {users_file}: pass --replace to change the password")
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -113,7 +113,7 @@ def add_user(users_file: str, name: str, password_stdin: bool, replace: bool) ->
     try:
         store.add(user, password, replace=replace)
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise StartupError(str(exc)) from None
     except (KeyError, UserStoreError) as exc:  # KeyError: added by someone else meanwhile
         raise click.ClickException(f"cannot add {user}: {exc}") from None
     click.echo(f"{'changed the password of' if existed else 'added'} {user} in {users_file}")
