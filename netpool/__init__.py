@@ -5,8 +5,9 @@
     def echo(message: bytes, conn: netpool.Connection) -> None:
         conn.send(message)
 
-    listener = netpool.start_listener(netpool.ListenerConfig(handler=echo, port=5555))
-    listener.wait()
+    netpool.serve(netpool.ListenerConfig(handler=echo, port=5555))   # until Ctrl-C or SIGTERM
+
+or, to keep the running listener in hand: ``listener = netpool.start_listener(...)``.
 
 This module only re-exports the public names.
 """
@@ -27,6 +28,7 @@ from .errors import (
 )
 from .framing import Framer, LengthPrefixFramer, LineFramer, RawFramer
 from .listener import Listener, ListenerInfo, start_listener
+from .serve import serve
 from .tls_config import TLSConfig, TLSInfo
 
 __version__ = "0.1.0"
@@ -54,6 +56,7 @@ __all__ = [
     "TLSError",
     "TLSInfo",
     "load_toml",
+    "serve",
     "start_listener",
 ]
 

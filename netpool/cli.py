@@ -11,10 +11,12 @@ what they help with, a misspelt option.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import re
 import sys
 from importlib.metadata import entry_points
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Mapping, Optional
 
 import click
 
@@ -24,6 +26,7 @@ from .errors import ConfigError, ListenError, TLSError
 from .framing import FRAMERS
 from .foreground import run_until_signal
 from .fresh_import import FreshImports
+from .serve import configure_logging
 from .socket_activation import choose_socket, describe, inherited_sockets
 from .supervisor import serve_processes
 
@@ -43,7 +46,9 @@ COMMANDS_GROUP = "netpool.commands"
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ListenerConfig)}
 
 
-def _default(name: str) -> str:
+def _default(name: str, command_defaults: Mapping[str, str]) -> str:
+    if name in command_defaults:
+        return f"[default: {command_defaults[name]}]"
     if name == "name":
         return "[default: echo, or MODULE for run]"
     value = CLI_DEFAULT_PORT if name == "port" else _DEFAULTS[name]
@@ -110,9 +115,23 @@ TLS_OPTIONS: list[tuple[str, str, Any, str]] = [
 ]
 
 
-def listener_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the flags that mirror ListenerConfig and its TLS options, plus --config, --grace and --log-level."""
+def listener_options(func: Optional[Callable[..., Any]] = None, *, exclude: Collection[str] = (),
+                     defaults: Optional[Mapping[str, str]] = None) -> Any:
+    """Add the flags that mirror ListenerConfig and its TLS options, plus --config, --grace and --log-level.
+
+    As ``@listener_options``, or ``@listener_options(exclude=..., defaults=...)``
+    for a command that fixes some settings itself (their flags are left out:
+    keys as in ListenerConfig, TLS ones as ``tls_KEY``) or has defaults of its
+    own (shown in its help instead of ListenerConfig's).
+    """
+    if func is None:
+        return functools.partial(listener_options, exclude=exclude, defaults=defaults)
+    command_defaults = defaults or {}
     for flag, key, kind, text in reversed(TLS_OPTIONS):
+        if f"tls_{key}" in exclude:
+            continue
+        if f"tls_{key}" in command_defaults:
+            text = re.sub(r"\[default: [^]]*\]", f"[default: {command_defaults[f'tls_{key}']}]", text)
         func = click.option(flag, f"tls_{key}", type=kind, default=None, help=text)(func)
     extra = [
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -127,7 +146,9 @@ def listener_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Address for --metrics-port."),
     ]
     for flag, key, kind, text in reversed(LISTENER_OPTIONS):
-        func = click.option(flag, key, type=kind, default=None, help=f"{text} {_default(key)}")(func)
+        if key not in exclude:
+            func = click.option(flag, key, type=kind, default=None,
+                                help=f"{text} {_default(key, command_defaults)}")(func)
     for option in extra:
         func = option(func)
     return func
@@ -304,9 +325,7 @@ def serve_settings(settings: dict[str, Any], grace: float, log_level: str, metri
     again (the same ``settings`` without it), and the server's own modules
     are imported afresh (``fresh_import``).
     """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(log_level)
     imports = FreshImports()
     metrics: Any = None
     if metrics_port is not None:

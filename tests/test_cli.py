@@ -590,3 +590,16 @@ def test_installed_wheel_serves_echo_and_finds_the_example_commands(tmp_path: Pa
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
     assert xmpp.returncode == 0, xmpp.stderr
     assert "XMPP example" in xmpp.stdout and "--domain" in xmpp.stdout
+
+
+def test_the_xmpp_help_shows_only_what_it_accepts_with_its_own_defaults(tmp_path: Path) -> None:
+    """`netpool xmpp --help` leaves out --framing (always raw there) and shows its own defaults, not echo's."""
+    text = run_cli("xmpp", "--help", cwd=tmp_path).stdout
+    flat = " ".join(text.split())  # help text wraps anywhere
+    assert not re.search(r"^\s+--framing\s", text, re.M), text
+    assert "[default: echo, or MODULE for run]" not in flat
+    assert re.search(r"--name TEXT .*?\[default: xmpp\]", flat), flat
+    assert re.search(r"--port INTEGER RANGE .*?\[default: 5222\]", flat), flat
+    assert re.search(r"--tls-mode \[implicit\|starttls\] .*?\[default: starttls\]", flat), flat
+    refused = run_cli("xmpp", "--framing", "line", cwd=tmp_path)
+    assert refused.returncode == 2 and "No such option '--framing'" in refused.stderr

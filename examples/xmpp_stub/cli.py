@@ -136,7 +136,11 @@ def command() -> click.Group:
                   help="Seconds a logged-in client may stay silent (clients keep alive every ~300 s).")
     @click.option("--max-stanza-size", type=click.IntRange(256), default=65536, show_default=True,
                   help="Largest stanza in bytes; a larger one closes the stream (policy-violation).")
-    @listener_options
+    # The stream parser frames the bytes itself (framing is always raw), and
+    # a certificate means STARTTLS unless --tls-mode says otherwise.
+    @listener_options(exclude={"framing"}, defaults={
+        "name": LISTENER_DEFAULTS["name"], "port": str(LISTENER_DEFAULTS["port"]), "tls_mode": "starttls",
+        "idle_timeout": "the session timeout + 60"})
     @click.pass_context
     def xmpp(ctx: click.Context, domain: str, users_file: str, accept_any_password: bool, require_tls: bool,
              login_timeout: float, session_timeout: float, max_stanza_size: int, config_file: Optional[str],
@@ -173,12 +177,4 @@ def command() -> click.Group:
         """Add user NAME to the user file, asking for the password (stored as a salted scrypt hash)."""
         parent = ctx.parent.params if ctx.parent is not None else {}
         add_user(users_file or parent.get("users_file") or DEFAULT_USERS_FILE, name, password_stdin, replace)
-
-    # listener_options describes netpool's defaults; these two differ here.
-    for param in xmpp.params:
-        if param.name == "port":
-            param.help = "TCP port; 0 picks a free one. [default: 5222]"
-        elif param.name == "idle_timeout":
-            param.help = ("Socket-level backstop behind --session-timeout; 0 = none. "
-                          "[default: session timeout + 60]")
     return xmpp
