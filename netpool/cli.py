@@ -59,6 +59,8 @@ def _default(name: str, command_defaults: Mapping[str, str]) -> str:
 
 # (flag, config key, click type, help). Every flag defaults to "not given", so
 # a value from --config is only overridden by a flag the user really typed.
+# FLAG marks an on/off switch.
+FLAG = "flag"
 LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--host", "host", str, "Address to bind; 0.0.0.0 or :: serves the network."),
     ("--port", "port", click.IntRange(0, 65535), "TCP port; 0 picks a free one."),
@@ -85,6 +87,16 @@ LISTENER_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--outbox-limit", "outbox_limit", click.IntRange(1),
      "Bytes conn.post may queue for one peer before it is closed as not reading (outbox_overflow)."),
     ("--backlog", "backlog", click.IntRange(1), "Kernel accept queue length."),
+    ("--reuse-port", "reuse_port", FLAG,
+     "Set SO_REUSEPORT, so independent servers can share the port (--processes needs no such thing)."),
+    ("--acceptor-nice", "acceptor_nice", click.IntRange(0, 19),
+     "How many nice steps below the rest of the process the acceptors run."),
+    ("--worker-queue", "worker_queue", click.IntRange(1), "Calls queued per --workers thread before senders wait."),
+    ("--handshake-timeout", "handshake_timeout", click.FloatRange(0, min_open=True),
+     "Seconds a TLS (or PROXY) handshake may take."),
+    ("--alarm-threshold", "alarm_threshold", click.IntRange(1),
+     "Live connections at which on_alarm is called (and a warning logged)."),
+    ("--alarm-cooldown", "alarm_cooldown", click.FloatRange(0), "Seconds between two alarms."),
     ("--processes", "processes", click.IntRange(1, 256),
      "Worker processes accepting on one shared socket; max-connections applies to each."),
     ("--proxy-protocol", "proxy_protocol", click.Choice(["off", "v1", "v2", "any"]),
@@ -106,6 +118,8 @@ TLS_OPTIONS: list[tuple[str, str, Any, str]] = [
      "Ask for client certificates. [default: none]"),
     ("--tls-min-version", "min_version", click.Choice(["1.2", "1.3"]), "Lowest TLS version served. [default: 1.2]"),
     ("--alpn", "alpn", str, "Comma-separated ALPN protocols, in order of preference."),
+    ("--ciphers", "ciphers", str,
+     "OpenSSL cipher list for TLS 1.2. [default: Mozilla's intermediate suites, ECDHE with AEAD only]"),
     ("--tls-reload-interval", "reload_interval", click.FloatRange(0, min_open=True),
      "Look at the certificate and key files every N seconds; new handshakes take a renewed pair, live "
      "connections go on. [default: only on SIGHUP]"),
@@ -132,7 +146,7 @@ def listener_options(func: Optional[Callable[..., Any]] = None, *, exclude: Coll
             continue
         if f"tls_{key}" in command_defaults:
             text = re.sub(r"\[default: [^]]*\]", f"[default: {command_defaults[f'tls_{key}']}]", text)
-        func = click.option(flag, f"tls_{key}", type=kind, default=None, help=text)(func)
+        func = _option(flag, f"tls_{key}", kind, text)(func)
     extra = [
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
                      default="info", show_default=True, help="Logging verbosity."),
@@ -147,11 +161,26 @@ def listener_options(func: Optional[Callable[..., Any]] = None, *, exclude: Coll
     ]
     for flag, key, kind, text in reversed(LISTENER_OPTIONS):
         if key not in exclude:
-            func = click.option(flag, key, type=kind, default=None,
-                                help=f"{text} {_default(key, command_defaults)}")(func)
+            func = _option(flag, key, kind, f"{text} {_default(key, command_defaults)}")(func)
     for option in extra:
         func = option(func)
     return func
+
+
+def _option(flag: str, key: str, kind: Any, text: str) -> Callable[..., Any]:
+    if kind == FLAG:
+        return click.option(flag, key, is_flag=True, default=None, help=text)
+    return click.option(flag, key, type=kind, default=None, help=text)
+
+
+# Settings without a flag, and why; `--help` of echo and run names them.
+CONFIG_FILE_ONLY = {
+    "ssl.password": "the key's password, kept off the command line where ps shows it",
+    "ssl.sni": "a table of server names to certificates",
+    "extra": "free-form settings for your handlers",
+}
+CONFIG_FILE_EPILOG = ("Settings only a --config file sets: " + "; ".join(
+    f"{name} ({why})" for name, why in CONFIG_FILE_ONLY.items()) + ". help(netpool.ListenerConfig) documents every field.")
 
 
 class _Commands(click.Group):
@@ -210,7 +239,7 @@ def main() -> None:
     """
 
 
-@main.command()
+@main.command(epilog=CONFIG_FILE_EPILOG)
 @listener_options
 def echo(config_file: Optional[str], grace: float, log_level: str, metrics_port: Optional[int],
          metrics_host: str, **flags: Any) -> None:
@@ -224,20 +253,22 @@ def echo(config_file: Optional[str], grace: float, log_level: str, metrics_port:
     serve_settings(_first(read_settings), grace, log_level, metrics_port, metrics_host, reload_settings=read_settings)
 
 
-@main.command()
+@main.command(epilog=CONFIG_FILE_EPILOG)
 @click.argument("handler", metavar="MODULE:HANDLER")
 @listener_options
 @click.option("--on-connect", "on_connect", metavar="MODULE:FN", default=None,
               help="Call on_connect(conn) from MODULE:FN before a connection's first read.")
 @click.option("--on-close", "on_close", metavar="MODULE:FN", default=None,
               help="Call on_close(conn, reason) from MODULE:FN once when a connection has closed.")
+@click.option("--on-alarm", "on_alarm", metavar="MODULE:FN", default=None,
+              help="Call on_alarm(listener, live) from MODULE:FN when --alarm-threshold is reached.")
 def run(handler: str, config_file: Optional[str], grace: float, log_level: str, metrics_port: Optional[int],
         metrics_host: str, **flags: Any) -> None:
     """Serve handler(message, conn) imported from MODULE:HANDLER.
 
     The current directory is importable, so `netpool run mymodule:handler`
-    finds ./mymodule.py; --on-connect and --on-close (or on_connect,
-    on_close, on_alarm in --config) name hooks the same way.
+    finds ./mymodule.py; --on-connect, --on-close and --on-alarm (or
+    on_connect, on_close, on_alarm in --config) name hooks the same way.
     """
     def read_settings() -> dict[str, Any]:
         default_name = handler.partition(":")[0]

@@ -21,6 +21,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 from .broker_url import check_broker_url
 from .checks import whole_number
 from .errors import ConfigError
+from .field_docs import document_fields
 from .framing import FRAMERS, FramerFactory
 from .loader import load_object
 from .proxy_protocol import parse_networks
@@ -105,6 +106,7 @@ def _hook(name: str, value: Any) -> Any:
     return value
 
 
+@document_fields  # the field docstrings below, into the class docstring help() shows
 @dataclass(frozen=True, kw_only=True)
 class ListenerConfig:
     """How a listener listens, admits, frames and hands messages to ``handler``.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
+from .field_docs import document_fields
 
 __all__ = ["TLSConfig", "TLSInfo", "VERIFY_MODES", "MIN_VERSIONS", "INTERMEDIATE_CIPHERS"]
 
@@ -29,6 +30,7 @@ INTERMEDIATE_CIPHERS = ":".join((
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
 ))
 
+@document_fields  # the field docstrings below, into the class docstring help() shows
 @dataclass(frozen=True, kw_only=True)
 class TLSConfig:
     """TLS options of a listener (``ListenerConfig.ssl``); the same keys work in a dict or TOML.
@@ -39,6 +41,7 @@ class TLSConfig:
     """
 
     certfile: str
+    """PEM certificate (chain) served to clients; the key too, unless ``keyfile`` is given."""
     keyfile: Optional[str] = None
     """None when the key is in ``certfile``."""
     password: Optional[str | bytes] = dataclasses.field(default=None, repr=False)
@@ -54,6 +57,7 @@ class TLSConfig:
     alpn: tuple[str, ...] = ()
     """Protocols offered by ALPN, in the server's order of preference."""
     sni: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
+    """Server name -> ``{"certfile": ..., "keyfile": ...}``: other certificates, chosen by the name a client asks for."""
     mode: str = "implicit"
     """"implicit": TLS from the first byte; "starttls": plain until the handler calls conn.start_tls()."""
     reload_interval: Optional[float] = None

@@ -8,6 +8,7 @@ sleeps; every subprocess is killed in a ``finally``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import re
@@ -24,6 +25,7 @@ from typing import Iterator, Optional
 
 import pytest
 
+import netpool
 from netpool import cli
 
 from .conftest import recv_exactly, recv_until_closed, wait_for
@@ -250,10 +252,20 @@ def test_help_documents_every_option(tmp_path: Path, command: list[str]) -> None
     flags = [flag for flag, *_ in cli.LISTENER_OPTIONS]
     flags += [flag for flag, *_ in getattr(cli, "TLS_OPTIONS", [])]
     flags += ["--config", "--grace", "--log-level"]
+    # Every setting has a flag, or the help names it as config-file only.
+    keys = {key for _, key, *_ in cli.LISTENER_OPTIONS} | {"handler", "ssl", "on_connect", "on_close", "on_alarm"}
+    keys |= {f"ssl.{key}" for _, key, *_ in cli.TLS_OPTIONS}
+    for field in dataclasses.fields(netpool.ListenerConfig):
+        assert field.name in keys or field.name in cli.CONFIG_FILE_ONLY, f"{field.name}: no flag, not documented"
+    for field in dataclasses.fields(netpool.TLSConfig):
+        name = f"ssl.{field.name}"
+        assert name in keys or name in cli.CONFIG_FILE_ONLY, f"{name}: no flag, not documented"
+    for name in cli.CONFIG_FILE_ONLY:
+        assert name in " ".join(text.split()), f"{name} not named as config-file only in:\n{text}"
     for flag in flags:
         # An option's own entry starts its line; mentions in other help texts do not count.
         assert re.search(rf"^\s+{re.escape(flag)}(?=\s)", text, re.M), f"{flag} missing from:\n{text}"
-    hook_flags = ("--on-connect", "--on-close")
+    hook_flags = ("--on-connect", "--on-close", "--on-alarm")
     if command == ["run"]:
         assert "MODULE:HANDLER" in text
         for flag in hook_flags:

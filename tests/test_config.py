@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 
 import pytest
 
@@ -279,3 +280,18 @@ def test_command_line_paths_stay_relative_to_the_current_directory(tmp_path, mon
     settings = read_settings_and_flags("conf/server.toml", {"tls_certfile": "cli.pem", "unix": "cli.sock"}, "t")
     assert settings["ssl"] == {"certfile": "cli.pem", "keyfile": str(conf / "key.pem")}
     assert settings["unix"] == "cli.sock"
+
+
+@pytest.mark.parametrize("cls", [netpool.ListenerConfig, netpool.TLSConfig], ids=["ListenerConfig", "TLSConfig"])
+def test_help_shows_every_field_with_its_default_and_documentation(cls: type) -> None:
+    """help() shows each field's docstring (attribute docstrings alone reach only Sphinx-like tools)."""
+    import dataclasses
+    import pydoc
+
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    assert "(undocumented)" not in text
+    for field in dataclasses.fields(cls):
+        match = re.search(rf"^ \|  {field.name}( = .*| \(required\))\n \|      \S", text, re.M)
+        assert match, f"{field.name} is not documented in help({cls.__name__})"
+    assert re.search(r"^ \|  handshake_timeout = 10\.0\n \|      Seconds a TLS handshake may take\.", text, re.M) \
+        or cls is netpool.TLSConfig
