@@ -22,6 +22,7 @@ The parent forks before it starts any thread, the only time fork is safe.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -46,6 +47,7 @@ __all__ = ["serve_processes"]
 
 log = logging.getLogger("netpool.supervisor")
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
 # What the parent waits for: a worker's end, a reload, a stop.
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 PARENT_SIGNALS = STOP_SIGNALS | {signal.SIGCHLD, signal.SIGHUP}
@@ -251,7 +253,25 @@ def _status(state: _Supervisor) -> str:
     return f"{serving} worker processes serving {state.address}: {state.board.total()} live connections"
 
 
+def _die_with(parent: int) -> None:
+    """In a worker: be sent SIGTERM (a graceful stop) if the supervisor dies without stopping us.
+
+    A supervisor killed outright (SIGKILL, the OOM killer) cannot pass its
+    stop on; without this its workers went on serving, orphaned, holding the
+    port. Linux's PR_SET_PDEATHSIG does it; elsewhere nothing happens.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)  # held until run_until_signal handles it
+
+
 def _spawn(state: _Supervisor, config: ListenerConfig, index: int, slot: int) -> _Worker:
+    parent = os.getpid()
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -260,6 +280,7 @@ def _spawn(state: _Supervisor, config: ListenerConfig, index: int, slot: int) ->
         status = 1
         try:
             os.close(read_fd)
+            _die_with(parent)
             for other in state.workers.values():
                 os.close(other.report_fd)  # the parent's ends: a worker holds only its own pipe
             forget_notify_socket()  # systemd hears from the parent only (NotifyAccess=main)

@@ -7,7 +7,7 @@ import re
 import signal
 from pathlib import Path
 
-from .conftest import ask_line
+from .conftest import ask_line, wait_for
 from .test_cli import server
 
 PID_HANDLER = '''
@@ -79,3 +79,29 @@ def test_workers_share_the_port_and_a_killed_one_is_restarted(tmp_path: Path):
         assert "was killed by SIGKILL" in stderr
         summary = re.search(r"all workers stopped \(1 restarts, 0 reloads\): accepted (\d+)", stderr)
         assert summary and int(summary[1]) >= 30
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path):
+    """SIGKILL of the parent (no chance to pass a stop on): its workers stop by themselves, gracefully."""
+    (tmp_path / "pidmod.py").write_text(PID_HANDLER)
+    with server("run", "pidmod:handler", "--port", "0", "--processes", "2", "--framing", "line", "--grace", "1",
+                cwd=tmp_path) as srv:
+        lines = await_lines(srv, {
+            "w0": r"worker 0 started \(pid (\d+)\)",
+            "w1": r"worker 1 started \(pid (\d+)\)",
+            "l0": r"\[0\] listening on",
+            "l1": r"\[1\] listening on",
+        })
+        workers = {int(lines["w0"][1]), int(lines["w1"][1])}
+        srv.proc.kill()
+        for _ in range(2):
+            srv.expect(r"SIGTERM received: stopping")  # each worker's own graceful stop
+
+        def gone(pid: int) -> bool:
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    return fh.read().split(") ", 1)[1].startswith("Z")  # exited, not yet reaped by init
+            except FileNotFoundError:
+                return True
+
+        wait_for(lambda: all(gone(pid) for pid in workers), what="the orphaned workers to exit")
