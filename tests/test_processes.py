@@ -32,6 +32,18 @@ def await_lines(srv, patterns: dict[str, str], limit: int = 50) -> dict[str, re.
     return found
 
 
+def await_workers(srv, **more: str) -> tuple[set[int], dict[str, re.Match]]:
+    """Wait until both workers started and listen (and ``more`` named patterns matched); their pids, and the matches."""
+    lines = await_lines(srv, {
+        "w0": r"worker 0 started \(pid (\d+)\)",
+        "w1": r"worker 1 started \(pid (\d+)\)",
+        "l0": r"\[0\] listening on",
+        "l1": r"\[1\] listening on",
+        **more,
+    })
+    return {int(lines["w0"][1]), int(lines["w1"][1])}, lines
+
+
 def whose(port: int) -> int:
     """One client: which worker process answered it."""
     return int(ask_line(port, b"who")[0])
@@ -51,15 +63,8 @@ def test_workers_share_the_port_and_a_killed_one_is_restarted(tmp_path: Path):
     (tmp_path / "pidmod.py").write_text(PID_HANDLER)
     with server("run", "pidmod:handler", "--port", "0", "--processes", "2", "--framing", "line",
                 cwd=tmp_path) as srv:
-        lines = await_lines(srv, {
-            "serving": r"2 worker processes serving 127\.0\.0\.1:(\d+)",
-            "w0": r"worker 0 started \(pid (\d+)\)",
-            "w1": r"worker 1 started \(pid (\d+)\)",
-            "l0": r"\[0\] listening on",
-            "l1": r"\[1\] listening on",
-        })
+        pids, lines = await_workers(srv, serving=r"2 worker processes serving 127\.0\.0\.1:(\d+)")
         port = int(lines["serving"][1])
-        pids = {int(lines["w0"][1]), int(lines["w1"][1])}
         assert seen_pids(port, pids) == pids, "the kernel spreads clients over both workers"
 
         victim = min(pids)
@@ -86,13 +91,7 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path):
     (tmp_path / "pidmod.py").write_text(PID_HANDLER)
     with server("run", "pidmod:handler", "--port", "0", "--processes", "2", "--framing", "line", "--grace", "1",
                 cwd=tmp_path) as srv:
-        lines = await_lines(srv, {
-            "w0": r"worker 0 started \(pid (\d+)\)",
-            "w1": r"worker 1 started \(pid (\d+)\)",
-            "l0": r"\[0\] listening on",
-            "l1": r"\[1\] listening on",
-        })
-        workers = {int(lines["w0"][1]), int(lines["w1"][1])}
+        workers, _ = await_workers(srv)
         srv.proc.kill()
         for _ in range(2):
             srv.expect(r"SIGTERM received: stopping")  # each worker's own graceful stop
