@@ -21,45 +21,13 @@ from .listener_info import combined
 from .sd_notify import StatusReporter, notify
 from .sockets import open_listening_socket, remove_unix_socket
 
-__all__ = ["run_until_signal", "StopRequested", "STOP_SIGNALS", "HELD_SIGNALS", "same_address"]
+__all__ = ["run_until_signal", "STOP_SIGNALS", "HELD_SIGNALS", "same_address"]
 
 log = logging.getLogger("netpool.cli")
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-# Held from before a listener starts until their handlers are in place (the
-# default action of SIGHUP or SIGQUIT would end the process).
+# What the serving thread waits for: a stop, a reload, a retire.
 HELD_SIGNALS = STOP_SIGNALS | {signal.SIGHUP, signal.SIGQUIT}
-
-
-class ReloadRequested(BaseException):
-    """Raised in the main thread by the SIGHUP handler to leave wait() and reload."""
-
-
-def _on_reload(signum: int, _frame: Any) -> None:
-    raise ReloadRequested()
-
-
-class StopRequested(BaseException):
-    """Raised in the main thread by the SIGINT/SIGTERM (or SIGQUIT: retire) handler to leave wait()."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signame = signal.Signals(signum).name
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    # From now on further signals only log: the graceful stop must not be
-    # interrupted half-way by an impatient second Ctrl-C.
-    for held in STOP_SIGNALS | {signal.SIGQUIT}:
-        signal.signal(held, _already_stopping)
-    raise StopRequested(signum)
-
-
-def _already_stopping(signum: int, _frame: Any) -> None:
-    # Written straight to stderr: a signal handler can run in the middle of
-    # a logging call's write, and the stream refuses to be entered twice.
-    os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} WARNING netpool.cli: {signal.Signals(signum).name} "
-                "received while stopping; still waiting for connections (SIGKILL aborts)\n".encode())
 
 
 def _status(listener: Listener) -> str:
@@ -178,12 +146,19 @@ def run_until_signal(config: ListenerConfig, grace: float,
     it takes no new clients. With ``reloads=False`` (a supervisor's worker:
     the supervisor reloads) SIGHUP is ignored.
 
-    Stop signals are held from before the "listening" line until their
-    handlers are in place: a SIGTERM sent the moment the server reports it
-    is up is still handled gracefully, not fatal. Raises ListenError or
-    TLSError if the listener cannot start.
+    The calling thread takes the signals (they are blocked in every thread
+    of the process meanwhile): a SIGTERM sent the moment the server reports
+    it is up is still handled gracefully, and signals that come during a
+    reload or a stop wait their turn. Call it from the main thread. Raises
+    ListenError or TLSError if the listener cannot start.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    # Signals are taken synchronously (sigtimedwait) by this thread, never
+    # by handlers: a handler's exception lands wherever the main thread is,
+    # and one that landed outside the code meant to catch it (a second
+    # SIGHUP as a reload ended) crashed the server. Blocked before the
+    # listener starts, so its threads inherit the mask and a signal sent at
+    # any moment waits its turn here.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     owned: Optional[socket.socket] = None
     owned_inode: Optional[int] = None
     try:
@@ -201,49 +176,76 @@ def run_until_signal(config: ListenerConfig, grace: float,
                 listener.stop(0)
                 raise
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         if owned is not None:
             _close_owned(owned, config, owned_inode)
         raise
     generations = _Generations(listener, sock, grace, reload_config, on_replaced)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGQUIT, _on_signal)
-    signal.signal(signal.SIGHUP, _on_reload if reloads else signal.SIG_IGN)
     # systemd (Type=notify), if it started us: up now, and what it serves.
     notify("READY=1", f"STATUS={_status(listener)}")
     status = StatusReporter(lambda: _status(generations.listener))
-    retire = False
     try:
-        held = True
-        while True:
-            try:
-                if held:  # a signal held until now is handled right here, inside this try
-                    held = False
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
-                generations.listener.wait()
-                break
-            except ReloadRequested:
-                # One at a time: a SIGHUP meanwhile waits, then reloads again.
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-                try:
-                    generations.reload()
-                finally:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-    except StopRequested as stop:
-        retire = stop.signame == "SIGQUIT"
-        if retire:
+        signum = _serve(generations, reloads)
+        retire = signum == signal.SIGQUIT
+        if signum is None:
+            log.info("%s was stopped by the program; stopping", generations.listener.config.name)
+        elif retire:
             log.info("SIGQUIT received: retiring (no new connections; live ones get %gs to finish)", grace)
         else:
-            log.info("%s received: stopping (grace %gs)", stop.signame, grace)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # stopping: a reload now would only get in the way
-    status.stop()
-    notify("STOPPING=1", f"STATUS=stopping: {generations.listener.info().live} live connections get {grace:g} s")
-    try:
-        return generations.stop(retire=retire, on_stopped_accepting=on_stopped_accepting)
+            log.info("%s received: stopping (grace %gs)", signal.Signals(signum).name, grace)
+        status.stop()
+        notify("STOPPING=1", f"STATUS=stopping: {generations.listener.info().live} live connections get {grace:g} s")
+        return _stop_and_wait(lambda: generations.stop(retire=retire, on_stopped_accepting=on_stopped_accepting))
     finally:
+        status.stop()
+        while signal.sigpending() & HELD_SIGNALS:  # spent: not let through to their default actions
+            signal.sigtimedwait(HELD_SIGNALS, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         if owned is not None:
             _close_owned(owned, config, owned_inode)
+
+
+# How often the signal wait also looks whether the program stopped the
+# listener itself (listener.stop() from a handler, say).
+LOOK_EVERY = 0.5
+
+
+def _serve(generations: _Generations, reloads: bool) -> Optional[int]:
+    """Wait for signals, reloading on SIGHUP; the stop signal that ended it, or None if the listener stopped."""
+    while True:
+        received = signal.sigtimedwait(HELD_SIGNALS, LOOK_EVERY)
+        if received is None:
+            if generations.listener.wait(0):
+                return None
+            continue
+        if received.si_signo != signal.SIGHUP:
+            return received.si_signo
+        if reloads:  # a supervisor's worker leaves reloads to the supervisor
+            generations.reload()
+
+
+def _stop_and_wait(stop: Callable[[], ListenerInfo]) -> ListenerInfo:
+    """Run ``stop`` on a thread while this one says what becomes of signals that come meanwhile."""
+    result: list[ListenerInfo] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(stop())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            failure.append(exc)
+
+    stopper = threading.Thread(target=run, name="netpool-stop")
+    stopper.start()
+    while stopper.is_alive():
+        received = signal.sigtimedwait(HELD_SIGNALS, LOOK_EVERY)
+        if received is not None:
+            log.warning("%s received while stopping; still waiting for connections (SIGKILL aborts)",
+                        signal.Signals(received.si_signo).name)
+    stopper.join()
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 def _close_owned(sock: socket.socket, config: ListenerConfig, inode: Optional[int]) -> None:

@@ -462,3 +462,24 @@ def test_an_activated_unix_socket_is_served_by_two_workers_and_left_to_its_owner
         assert os.path.exists(path), "the socket file belongs to whoever bound it (systemd), not to netpool"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_burst_of_sighups_reloads_in_turn_and_never_crashes(tmp_path: Path, processes: str):
+    """Signals that come while a reload runs wait their turn (they once escaped the code that handles them)."""
+    write_app(tmp_path, "v1")
+    with server("run", "app:handler", "--port", "0", "--framing", "line", "--processes", processes, "--grace", "1",
+                cwd=tmp_path, env=FRESH_ENV) as srv:
+        port = int(srv.expect(r"(?:listening on|worker processes serving) 127\.0\.0\.1:(\d+)")[1])
+        if processes == "2":
+            await_lines(srv, {"l0": r"\[0\] listening on", "l1": r"\[1\] listening on"})
+        for _ in range(5):
+            srv.proc.send_signal(signal.SIGHUP)
+        done = r"reload done in .*: 2 of 2 workers replaced" if processes == "2" else r"reload \d: the new listener"
+        srv.expect(done, timeout=30)
+        assert version_of(ask(port)) == b"v1"
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.send_signal(signal.SIGINT)  # an impatient second signal: noted, not fatal
+        returncode, stderr = srv.stop(signal.SIGTERM, timeout=30)
+    assert returncode == 0, stderr
+    assert "Traceback" not in stderr
