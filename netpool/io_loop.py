@@ -416,7 +416,7 @@ class LoopConnection(Connection):
         if reason not in ("reset", "tls_error"):
             self.transport.told_to_close(True)  # TLS: close_notify, without waiting for the peer's
             if self._quitting:
-                _discard_unread(sock)
+                self.transport.end_with_fin()
         # Nobody may be inside send() when the descriptor goes. A sender
         # holding the lock may be waiting for the peer: shutdown() wakes it,
         # and it lets go. With the lock free, close() alone does (one system
@@ -456,25 +456,6 @@ class LoopConnection(Connection):
                 raise ConnectionClosed(f"connection {self.id} is closed ({self.close_reason})")
             if not poll_until(poller, deadline):
                 raise self._send_timed_out()
-
-
-def _discard_unread(sock: socket.socket) -> None:
-    """End a connection told to quit (stop, reload, quit queue) with a FIN, never a reset.
-
-    Closing a TCP socket over unread bytes makes the kernel send a reset
-    instead of a FIN: a client whose request crossed our graceful close
-    would see "connection reset" where it should see the end of the stream.
-    So the FIN goes first (bytes arriving after it can still draw a reset,
-    but the client reads its end of stream first), then what the peer sent
-    is read away. Bounded: a peer that keeps sending cannot hold the close up.
-    """
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        for _ in range(16):
-            if not sock.recv(65536, socket.MSG_DONTWAIT):
-                return
-    except OSError:
-        pass
 
 
 class _HandedOff(BaseException):

@@ -28,6 +28,7 @@ from OpenSSL import SSL
 
 from .deadline import poll_until
 from .errors import TLSError, TLSHandshakeError, TLSHandshakeTimeout
+from .transport import end_with_fin
 from .tls_config import INTERMEDIATE_CIPHERS, TLSConfig, TLSInfo
 
 __all__ = [
@@ -305,6 +306,8 @@ class TLSTransport:
             # Told to close: stop without another SSL_read on a half-shut socket.
             return b""
         with self._lock:
+            if self.closing:  # told while this reader waited for the lock: the close may be reading the socket
+                return b""
             try:
                 return self._ssl.recv(size)
             except (SSL.WantReadError, SSL.WantWriteError):
@@ -372,6 +375,17 @@ class TLSTransport:
         self.closing = True
         if abort:
             self.notify_close()
+
+    def end_with_fin(self) -> None:
+        """As PlainTransport's, holding the session: a reader inside SSL_read now finishes first.
+
+        Raw reads racing an SSL_read would hand OpenSSL the tail of a record
+        whose head was read away, and it would answer the client with a
+        decode_error alert (seen once under load). Readers that come later
+        see ``closing`` (set before this) and never call SSL_read.
+        """
+        with self._lock:
+            end_with_fin(self.socket)
 
     def notify_close(self) -> None:
         """Send close_notify once, without waiting for the peer's (never blocks)."""

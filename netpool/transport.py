@@ -67,3 +67,26 @@ class PlainTransport(socket.socket):
 
     def told_to_close(self, abort: bool) -> None:
         """Nothing to do: the connection's socket shutdown is all a plain stream needs."""
+
+    def end_with_fin(self) -> None:
+        """Before the close of a connection told to quit: a FIN, then the unread bytes read away (see end_with_fin)."""
+        end_with_fin(self)
+
+
+def end_with_fin(sock: socket.socket) -> None:
+    """End a connection told to quit (stop, reload, quit queue) with a FIN, never a reset.
+
+    Closing a TCP socket over unread bytes makes the kernel send a reset
+    instead of a FIN: a client whose request crossed our graceful close
+    would see "connection reset" where it should see the end of the stream.
+    So the FIN goes first (bytes arriving after it can still draw a reset,
+    but the client reads its end of stream first), then what the peer sent
+    is read away. Bounded: a peer that keeps sending cannot hold the close up.
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(16):
+            if not sock.recv(65536, socket.MSG_DONTWAIT):
+                return
+    except OSError:
+        pass

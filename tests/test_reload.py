@@ -347,11 +347,14 @@ def test_a_given_socket_outlives_its_listeners_and_keeps_its_queued_clients():
         sock.close()
 
 
-def test_a_graceful_stop_over_unread_bytes_ends_with_a_fin_not_a_reset():
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_graceful_stop_over_unread_bytes_ends_with_a_fin_not_a_reset(tmp_path: Path, tls: bool):
     """Bytes a client sent after its connection was told to quit are read away, so the close is not a reset."""
+    import ssl
     import threading
 
     import netpool
+    from netpool.devcert import write_dev_certificate
 
     started, release = threading.Event(), threading.Event()
 
@@ -360,8 +363,14 @@ def test_a_graceful_stop_over_unread_bytes_ends_with_a_fin_not_a_reset():
         release.wait(DEADLINE)
         conn.send(b"done")
 
-    listener = netpool.start_listener({"port": 0, "handler": slow, "io": "threads"})
+    config: dict = {"port": 0, "handler": slow, "io": "threads"}
+    if tls:
+        cert, key = write_dev_certificate(str(tmp_path))
+        config["ssl"] = {"certfile": cert, "keyfile": key}
+    listener = netpool.start_listener(config)
     client = socket.create_connection(("127.0.0.1", listener.port), timeout=DEADLINE)
+    if tls:
+        client = ssl.create_default_context(cafile=cert).wrap_socket(client, server_hostname="localhost")
     stopper = threading.Thread(target=listener.stop, kwargs={"grace": DEADLINE})
     try:
         client.sendall(b"first")
