@@ -291,11 +291,11 @@ def _spawn(state: _Supervisor, config: ListenerConfig, index: int, slot: int) ->
             # One byte once listening, for the parent's READY=1 and reloads; the report follows at the end.
             def started(listener: Any) -> None:
                 state.board.keep_writing(slot, lambda: listener.info().live, listener.wait)
-                os.write(write_fd, LISTENING)
+                _tell(write_fd, LISTENING)
 
             info = run_until_signal(worker_config, state.grace, on_started=started, sock=state.sock, reloads=False,
-                                    on_stopped_accepting=lambda: os.write(write_fd, STOPPED_ACCEPTING))
-            os.write(write_fd, json.dumps(dataclasses.asdict(info)).encode())
+                                    on_stopped_accepting=lambda: _tell(write_fd, STOPPED_ACCEPTING))
+            _tell(write_fd, json.dumps(dataclasses.asdict(info)).encode())
             status = 0
         except NetpoolError as exc:  # a certificate, an address: the message says what to change
             log.error("%s: worker %d cannot start: %s", config.name, index, exc)
@@ -308,6 +308,14 @@ def _spawn(state: _Supervisor, config: ListenerConfig, index: int, slot: int) ->
     worker = state.workers[pid] = _Worker(index, pid, read_fd, time.monotonic(), slot)
     log.info("%s: worker %d started (pid %d)", config.name, index, pid)
     return worker
+
+
+def _tell(report_fd: int, data: bytes) -> None:
+    """In a worker: write to the supervisor's end of the report pipe, unless the supervisor is gone."""
+    try:
+        os.write(report_fd, data)
+    except BrokenPipeError:
+        pass  # killed outright: nobody to tell, and the worker stops anyway (_die_with)
 
 
 def _wait_for(worker: _Worker, byte: bytes, deadline: float) -> bool:

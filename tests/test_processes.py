@@ -104,3 +104,6 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path):
                 return True
 
         wait_for(lambda: all(gone(pid) for pid in workers), what="the orphaned workers to exit")
+        returncode, stderr = srv.stop()  # the parent is dead already: this reads stderr to its end
+    assert returncode == -signal.SIGKILL
+    assert "Traceback" not in stderr, stderr  # a worker that finds its supervisor gone says nothing more
