@@ -7,7 +7,6 @@ supervisor.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import threading
@@ -19,7 +18,7 @@ from .errors import ConfigError, ListenError, TLSError
 from .listener import Listener, ListenerInfo, start_listener
 from .listener_info import combined
 from .sd_notify import StatusReporter, notify
-from .sockets import open_listening_socket, remove_unix_socket
+from .sockets import open_shared_socket
 
 __all__ = ["run_until_signal", "STOP_SIGNALS", "HELD_SIGNALS", "same_address"]
 
@@ -159,15 +158,12 @@ def run_until_signal(config: ListenerConfig, grace: float,
     # listener starts, so its threads inherit the mask and a signal sent at
     # any moment waits its turn here.
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-    owned: Optional[socket.socket] = None
-    owned_inode: Optional[int] = None
+    close_owned: Optional[Callable[[], None]] = None
     try:
         if sock is None:
             # Bound here rather than by the listener, so that the generations
             # of a reload can share it.
-            sock = owned = open_listening_socket(config)
-            if config.unix is not None:
-                owned_inode = os.lstat(config.unix).st_ino
+            sock, close_owned = open_shared_socket(config)
         listener = start_listener(config, sock=sock)
         if on_started is not None:
             try:
@@ -177,8 +173,8 @@ def run_until_signal(config: ListenerConfig, grace: float,
                 raise
     except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        if owned is not None:
-            _close_owned(owned, config, owned_inode)
+        if close_owned is not None:
+            close_owned()
         raise
     generations = _Generations(listener, sock, grace, reload_config, on_replaced)
     # systemd (Type=notify), if it started us: up now, and what it serves.
@@ -201,8 +197,8 @@ def run_until_signal(config: ListenerConfig, grace: float,
         while signal.sigpending() & HELD_SIGNALS:  # spent: not let through to their default actions
             signal.sigtimedwait(HELD_SIGNALS, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        if owned is not None:
-            _close_owned(owned, config, owned_inode)
+        if close_owned is not None:
+            close_owned()
 
 
 # How often the signal wait also looks whether the program stopped the
@@ -246,9 +242,3 @@ def _stop_and_wait(stop: Callable[[], ListenerInfo]) -> ListenerInfo:
     if failure:
         raise failure[0]
     return result[0]
-
-
-def _close_owned(sock: socket.socket, config: ListenerConfig, inode: Optional[int]) -> None:
-    sock.close()
-    if config.unix is not None and inode is not None:
-        remove_unix_socket(config.unix, inode)

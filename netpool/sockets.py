@@ -12,11 +12,13 @@ import os
 import socket
 import stat
 import struct
+from typing import Callable
 
 from .config import ListenerConfig, format_address
 from .errors import ListenError
 
-__all__ = ["open_listening_socket", "adopt_listening_socket", "remove_unix_socket", "ACCEPT_WAKE"]
+__all__ = ["open_listening_socket", "open_shared_socket", "adopt_listening_socket", "remove_unix_socket",
+           "ACCEPT_WAKE"]
 
 # How often an acceptor blocked in accept() on an idle socket wakes to look
 # at its listener's state (SO_RCVTIMEO: accept() then fails with EAGAIN).
@@ -64,6 +66,25 @@ def open_listening_socket(config: ListenerConfig, port: int | None = None) -> so
         sock.close()
         raise ListenError(bind_error_message(format_address((config.host, port)), exc)) from None
     return sock
+
+
+def open_shared_socket(config: ListenerConfig) -> tuple[socket.socket, Callable[[], None]]:
+    """Bind as :func:`open_listening_socket` does, for listeners to be given it; and the call that ends it.
+
+    What a supervisor's workers, or the generations of a reload, share: the
+    caller owns it, so ``close()`` closes it and removes the UNIX socket file
+    it made (unless another server has since replaced it).
+    """
+    sock = open_listening_socket(config)
+    path = config.unix
+    inode = os.lstat(path).st_ino if path is not None else None
+
+    def close() -> None:
+        sock.close()
+        if path is not None and inode is not None:
+            remove_unix_socket(path, inode)
+
+    return sock, close
 
 
 def adopt_listening_socket(sock: socket.socket, config: ListenerConfig) -> socket.socket:

@@ -41,7 +41,7 @@ from .listener_info import ListenerInfo, combined
 from .live_board import LiveBoard
 from .sd_notify import forget as forget_notify_socket
 from .sd_notify import STATUS_EVERY, notify
-from .sockets import open_listening_socket, remove_unix_socket
+from .sockets import open_shared_socket
 
 __all__ = ["serve_processes"]
 
@@ -109,12 +109,9 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float, *,
     parent binds ``config``'s address. SIGHUP replaces the workers with ones
     built from ``reload_config()`` (``config`` again without it).
     """
-    owned_inode: Optional[int] = None
-    owned = sock is None
+    close_owned: Optional[Callable[[], None]] = None
     if sock is None:
-        sock = open_listening_socket(config)
-        if config.unix is not None:
-            owned_inode = os.lstat(config.unix).st_ino
+        sock, close_owned = open_shared_socket(config)
     asked = config
     name = sock.getsockname()
     if not isinstance(name, str):
@@ -158,10 +155,8 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float, *,
         while signal.sigpending() & PARENT_SIGNALS:
             signal.sigtimedwait(PARENT_SIGNALS, 0)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        if owned:
-            sock.close()
-            if config.unix is not None and owned_inode is not None:
-                remove_unix_socket(config.unix, owned_inode)
+        if close_owned is not None:
+            close_owned()
     infos = [ListenerInfo(**report) for report in state.reports]
     log.info("%s: all workers stopped (%d restarts, %d reloads): %s", state.config.name, state.restarts,
              state.reloads, combined(infos).summary())
