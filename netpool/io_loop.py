@@ -914,6 +914,11 @@ class IOLoop:
                 self._hand_to_threads(conn)  # bytes OpenSSL holds raise no event: a thread reads them now
         while self._later:
             conn, reason = self._later.popleft()
+            # Out of the handler threads' epoll before it stops being busy: a
+            # thread may hold an event for it that was taken while its last
+            # turn ran (a hang-up gets through a disarmed one-shot
+            # registration), and would read it again as it ends.
+            self._forget(conn)
             conn._busy = False
             self._end(conn, reason)
         services = self.services

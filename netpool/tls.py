@@ -9,7 +9,8 @@ holds its lock across blocking calls, which is what makes its sends wait on
 reads).
 
 Waking a reader works as for plain sockets: shutting the socket down makes
-``poll()`` return and ``SSL_read`` report the end of the stream.
+``poll()`` return; the reader then sees ``closing`` and stops without another
+``SSL_read`` (see ``TLSTransport.told_to_close``).
 """
 
 from __future__ import annotations
@@ -123,8 +124,13 @@ def _context_for(tls: TLSConfig, certfile: str, keyfile: Optional[str], password
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(OPENSSL_VERSIONS[tls.min_version])
     # No renegotiation (a DoS and injection vector), no compression (CRIME),
-    # and the server's cipher order.
-    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    # and the server's cipher order. A TCP FIN without close_notify is the
+    # end of the stream, as netpool reads it anyway: without
+    # OP_IGNORE_UNEXPECTED_EOF, OpenSSL 3 answers it with a decode_error
+    # alert, which a client that half-closed its side reads in place of the
+    # replies still due to it.
+    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+                    | getattr(SSL, "OP_IGNORE_UNEXPECTED_EOF", 0))
     # Idle connections give their read/write buffers back: memory per
     # connection matters when thousands sit idle.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
@@ -371,8 +377,17 @@ class TLSTransport:
                 raise TLSError(f"TLS error: {_ssl_reason(exc)}") from None
 
     def told_to_close(self, abort: bool) -> None:
-        """The connection is closing: the reader stops (``closing``); ``abort``: close_notify now."""
-        self.closing = True
+        """The connection is closing: the reader stops (``closing``); ``abort``: close_notify now.
+
+        ``closing`` is set holding the session, and the caller shuts the
+        socket down only after this returns: an SSL_read already running
+        finishes first, and none starts after. An SSL_read that met the
+        shutdown midway would take it for the peer's EOF (OpenSSL 3 then
+        sends the client a decode_error alert where a close_notify was
+        due: seen under load in reloads).
+        """
+        with self._lock:
+            self.closing = True
         if abort:
             self.notify_close()
 

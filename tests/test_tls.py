@@ -200,6 +200,24 @@ def test_close_sends_close_notify(pki):
             assert sock.recv(10) == b""  # close_notify; a bare FIN would raise SSLEOFError
 
 
+def test_a_half_close_without_close_notify_still_gets_its_replies_and_a_clean_end(pki):
+    """A client that ends its side with a bare FIN (no close_notify) reads every reply, then a clean close.
+
+    OpenSSL 3 would otherwise answer the bare FIN with a decode_error alert,
+    which the client reads where its close_notify should be.
+    """
+    with serving(handler=lambda message, conn: conn.send(message), framing="line", **tls_settings(pki)) as listener:
+        with tls_connect(listener, client_context(pki), suppress_ragged_eofs=False) as sock:
+            sock.sendall(b"one\ntwo\n")
+            # The FIN goes out on the TCP socket under the TLS session, which
+            # stays open for reading.
+            with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+                raw.shutdown(socket.SHUT_WR)
+            assert recv_exactly(sock, 8) == b"one\ntwo\n"
+            assert sock.recv(10) == b""  # close_notify: an alert would raise SSLError here
+        assert wait_for(lambda: listener.info().closed_by_reason) == {"eof": 1}
+
+
 def test_silent_and_garbage_clients_hit_the_deadline_and_do_not_slow_others(pki):
     """50 silent TCP clients and a garbage sender; a real TLS client is still served at once."""
     with serving(handshake_timeout=3.0, acceptors=4, **tls_settings(pki)) as listener:
