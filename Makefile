@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test venv clean bench bench-tools bench-instructions soak
+.PHONY: run test venv clean bench bench-tools bench-instructions soak docs
 
 venv: $(STAMP)
 
@@ -84,8 +84,18 @@ SOAK_ARGS ?=
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
+# The API reference, built from the docstrings by Sphinx autodoc (docs/api).
+# -W: a docstring Sphinx cannot read fails the build instead of rendering
+# garbled; --keep-going lists every such warning in one run. Pages are
+# rebuilt when the modules they document change. Offline: no intersphinx,
+# the built-in theme.
+DOCS_HTML := docs/_build/html
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -q -b html -d docs/_build/doctrees docs/api $(DOCS_HTML)
+	@echo "API reference: $(DOCS_HTML)/index.html"
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis $(LOADGEN) netpool/*.so
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis $(LOADGEN) netpool/*.so docs/_build
 
 # The gateway example (examples/gateway): an HTTP front end calling a netpool
 # TCP back end over pooled connections, users in SQLite. `make gateway` seeds

@@ -5,7 +5,8 @@ to CPU 1. Servers are interleaved round by round (A B C ... A B C ...) so
 noise on the machine hits all of them alike; each figure is the median of
 the rounds with the min-max spread beside it, and netpool's figures are
 given as ratios to each reference measured in the same run. Results go to
-bench/results.md (and bench/results.json).
+bench/results.md (and bench/results.json), with a bar chart under each table
+(bench/charts/, drawn by bench/charts.py).
 
 Every run is bounded: the load generator stops itself after its duration,
 servers are killed after each run, and only 127.0.0.1 is used.
@@ -362,6 +363,22 @@ def with_against(plan: list[Config], short: str, tree: str) -> None:
         cfg.servers = [*cfg.servers, *old]
 
 
+def draw_charts(results: dict[str, dict[str, list[dict]]], out: Path, machine: str, started: float) -> dict[str, str]:
+    """One bar chart per table (bench/charts.py) beside the report: bench/charts/ for bench/results.md, else
+    REPORT-charts/. Returns each table's chart as a link relative to the report; none, with a warning, if they
+    cannot be drawn: the run's numbers are written either way.
+    """
+    try:
+        import charts  # bench/charts.py (matplotlib, from the bench extra); not needed by bench/chat.py
+
+        drawn = charts.draw_charts(results, charts.default_outdir(out.with_suffix(".json")),
+                                   charts.run_facts(machine, time.strftime("%Y-%m-%d", time.gmtime(started))))
+    except Exception as exc:  # noqa: BLE001 - a missing chart must not lose a finished run
+        print(f"charts not drawn: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {}
+    return {chart.key: os.path.relpath(chart.path, out.parent) for chart in drawn}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -411,12 +428,17 @@ def main() -> int:
                     cfg.results.setdefault(server.name, []).append(result)
                     shown = result.get(cfg.metric, result.get("error"))
                     print(f"[{cfg.key} round {rnd + 1}/{args.rounds}] {server.name}: {shown}", flush=True)
+    elapsed = time.time() - started
+    machine = describe_machine()
+    results = {cfg.key: cfg.results for cfg in plan}
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    drawn = draw_charts(results, out, machine, started)
     lines = [
         "# netpool benchmark results",
         "",
-        f"Machine: {describe_machine()}.",
+        f"Machine: {machine}.",
         f"Run: `{shlex.join([Path(PY).name, 'bench/run.py', *sys.argv[1:]])}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, {time.time() - started:.0f} s; "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, {elapsed:.0f} s; "
         f"{args.rounds} interleaved rounds, {args.seconds:g} s per run; servers pinned to CPU {SERVER_CPU}, "
         f"the load generator (bench/loadgen.c) to CPU {CLIENT_CPU}.",
         "Each server is the few lines in bench/servers/; netpool runs the bundled echo example unchanged. "
@@ -427,10 +449,10 @@ def main() -> int:
         lines += summarise(cfg)
         example = next((r["command"] for runs in cfg.results.values() for r in runs if "command" in r), "")
         lines += [f"Load generator: `{example}`", ""]
+        if cfg.key in drawn:
+            lines += [f"![{cfg.title}]({drawn[cfg.key]})", ""]
     lines += mixed_summary(plan)
     out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(
-        json.dumps({cfg.key: cfg.results for cfg in plan}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -138,8 +138,9 @@ class ConnectionPool:
     :param acquire_timeout: seconds a caller waits for a free connection
         before :class:`PoolTimeout`, unless its own deadline is sooner.
     :param connect_timeout: seconds a dial may take (target tuples only).
-    :param read_timeout: / :param write_timeout: seconds a single read or
-        write may make no progress, whatever the call's deadline.
+    :param read_timeout: seconds a single read may make no progress,
+        whatever the call's deadline.
+    :param write_timeout: the same for a single write.
     :param health_check_interval: seconds between background checks of idle
         connections; None = only check on checkout.
     :param health_check: optional ``health_check(conn) -> bool`` (a ping) run
