@@ -107,7 +107,7 @@ class Acceptor:
                 listening, kind = sock, (int(sock.family), int(sock.type), sock.proto)
             try:
                 # socket.accept() without its per-call property lookups.
-                fd, peer = sock._accept()
+                fd, peer = sock._accept()  # type: ignore[attr-defined]  # _socket.socket's, not in typeshed
                 try:
                     client = client_class(*kind, fileno=fd)
                 except OSError:

@@ -8,7 +8,7 @@ machines; redis-py is imported only then.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, TypeGuard
 
 from .broker import LocalBroker
 from .errors import ConfigError
@@ -34,11 +34,11 @@ def open_broker(url: Optional[str], **options: Any) -> LocalBroker:
     if shares_sessions(url):
         from .redis_broker import RedisBroker
 
-        return RedisBroker(url, **options)  # type: ignore[arg-type]
+        return RedisBroker(url, **options)
     return LocalBroker(**{k: v for k, v in options.items() if k in ("node", "on_gone")})
 
 
-def shares_sessions(url: Optional[str]) -> bool:
+def shares_sessions(url: Optional[str]) -> TypeGuard[str]:
     """Whether a broker at ``url`` reaches sessions in other processes (what --processes N needs)."""
     return url is not None and url != "local"
 

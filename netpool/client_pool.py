@@ -249,13 +249,12 @@ class ConnectionPool:
             if self._in_use.pop(conn.id, None) is None:
                 raise ValueError(f"{conn!r} is not checked out of pool {self.name} (released twice?)")
             if self._closed:
-                reason: Optional[str] = "pool_closed"
+                reason = "pool_closed"
             elif discard or conn.broken:
                 reason = "error"
             elif self.max_lifetime is not None and now - conn.created_at >= self.max_lifetime:
                 reason = "max_lifetime"
             else:
-                reason = None
                 if touch:
                     conn.last_used = now
                 if self._waiters:

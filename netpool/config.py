@@ -302,8 +302,9 @@ class ListenerConfig:
         _timeout("message_timeout", self.message_timeout, optional=True)
         _timeout("handshake_timeout", self.handshake_timeout, optional=False)
         whole_number("outbox_limit", self.outbox_limit)
-        object.__setattr__(self, "ssl", TLSConfig.coerce(self.ssl))
-        if self.workers and self.ssl is not None and self.ssl.mode == "starttls":
+        tls = TLSConfig.coerce(self.ssl)
+        object.__setattr__(self, "ssl", tls)
+        if self.workers and tls is not None and tls.mode == "starttls":
             raise ConfigError("workers", "STARTTLS must run between reads, on the reading thread: "
                                          "use workers=0 with ssl mode starttls")
 
@@ -347,7 +348,8 @@ class ListenerConfig:
 
     @classmethod
     def coerce(cls, config: "ListenerConfig | Mapping[str, Any]") -> "ListenerConfig":
-        return config if isinstance(config, cls) else cls.from_mapping(config)
+        # mypy keeps ListenerConfig in the else (cls may be a subclass): from_mapping refuses any non-mapping.
+        return config if isinstance(config, cls) else cls.from_mapping(config)  # type: ignore[arg-type]
 
 
 def load_toml(path: str) -> dict[str, Any]:

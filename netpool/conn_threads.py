@@ -88,7 +88,7 @@ class ConnectionThreads:
                     fn(*args)
                 except BaseException:  # the connection loop handles its own errors; this is a last guard
                     log.exception("connection thread %s: unexpected error", threading.current_thread().name)
-                fn = None  # drop references to the finished connection while parked
+                del fn  # drop references to the finished connection while parked
                 args = ()
                 with self._lock:
                     if self._queued:

@@ -38,7 +38,7 @@ __all__ = ["Connection", "QuitQueue"]
 _ids = itertools.count(1)
 
 
-class QuitQueue(queue.SimpleQueue):
+class QuitQueue(queue.SimpleQueue[Any]):
     """The connection's ``quit`` queue: anything put here closes the connection.
 
     It behaves as a queue (the items stay readable, for instance by

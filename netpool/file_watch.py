@@ -43,7 +43,7 @@ class FileWatch:
             self._thread.join()
 
     def _signature(self) -> Signature:
-        marks = []
+        marks: list[Optional[tuple[int, int, int]]] = []
         for path in self._paths:
             try:
                 st = os.stat(path)

@@ -71,6 +71,7 @@ OFFLOAD_AFTER = 50e-6
 OFFLOAD_LONG = 250e-6
 
 try:
+    # A C module without a stub: to mypy it is Any, so its uses below need no narrowing.
     from . import _speedups
 except ImportError:  # not compiled: the Python versions serve
     _speedups = None
@@ -78,7 +79,7 @@ except ImportError:  # not compiled: the Python versions serve
 
 # The C dispatch while the C version is in use, else None (the loop serves every event itself).
 _active: Optional[Callable[..., Outcome]] = None
-_conn_class: Optional[type] = None
+_conn_class: Optional[type[Any]] = None  # type[Any]: use_speedups sets its send methods
 _python_sends: tuple[Any, Any] = (None, None)
 
 
@@ -109,10 +110,10 @@ def use_speedups(on: bool) -> bool:
     """
     global _active, _recv_active
     on = on and _speedups is not None and _conn_class is not None
-    _active = _speedups.dispatch if on else None  # type: ignore[union-attr]
-    _recv_active = _speedups.recv_nowait if on else _recv_nowait  # type: ignore[union-attr]
+    _active = _speedups.dispatch if on else None
+    _recv_active = _speedups.recv_nowait if on else _recv_nowait
     if _conn_class is not None:
-        send, send_bytes = _speedups.send_methods(_conn_class) if on else _python_sends  # type: ignore[union-attr]
+        send, send_bytes = _speedups.send_methods(_conn_class) if on else _python_sends
         _conn_class.send = send
         _conn_class.send_bytes = send_bytes
     return on
@@ -208,7 +209,7 @@ def since_mark() -> tuple[float, int]:
     computation) or was preempted.
     """
     if _speedups is not None:
-        return _speedups.since_mark()  # type: ignore[no-any-return]
+        return _speedups.since_mark()
     wall, cpu, voluntary = _usage()
     then = getattr(_marks, "usage", None) or (wall, cpu, voluntary)
     _marks.usage = wall, cpu, voluntary
@@ -224,14 +225,14 @@ def offloaded_server() -> Optional[Callable[..., Any]]:
     """The C turn of a handler thread with a plain, raw-framed offloaded connection, or None (see io_loop)."""
     if _active is None:
         return None
-    return _speedups.serve_offloaded  # type: ignore[union-attr, no-any-return]
+    return _speedups.serve_offloaded
 
 
 def poller(ep: "select.epoll") -> Callable[[float], list]:
     """The wait of a loop on ``ep``: ``poll(timeout) -> [(fd, events), ...]``."""
     if _active is None:
         return ep.poll
-    return functools.partial(_speedups.epoll_wait, ep.fileno())  # type: ignore[union-attr]
+    return functools.partial(_speedups.epoll_wait, ep.fileno())
 
 
 def speedups_active() -> bool:

@@ -47,6 +47,7 @@ from .worker_dispatch import WorkerDispatch
 from .workers import WorkerPool
 from .services import ConnectionServices
 from .sockets import adopt_listening_socket, open_listening_socket, remove_unix_socket
+from .tls_config import TLSConfig
 from .transport import PlainTransport
 
 __all__ = ["Listener", "ListenerInfo", "start_listener", "install_hot_path", "ERROR_REASONS"]
@@ -88,6 +89,7 @@ class Listener:
         # Built here, before any socket is bound, so a bad certificate or key
         # fails start_listener with the file named and nothing half-started.
         tls = config.ssl
+        assert tls is None or isinstance(tls, TLSConfig)  # ListenerConfig.__post_init__ turned a mapping into one
         self._tls_context = None
         if tls is not None:
             from .tls import build_server_context  # pyOpenSSL is loaded only for TLS listeners
@@ -137,6 +139,7 @@ class Listener:
         self._fault_logs = fault_logs()
         self.workers: Optional[WorkerPool] = None
         handler, after_queued_calls = config.handler, _at_once
+        assert not isinstance(handler, str)  # ListenerConfig.__post_init__ imported what a "module:attr" string names
         if config.workers:
             self.workers = WorkerPool(config.workers, name=config.name)
             dispatch = WorkerDispatch(self.workers, config, self._fault_logs)
@@ -186,6 +189,7 @@ class Listener:
         tls = self.config.ssl
         if tls is None:
             return False
+        assert isinstance(tls, TLSConfig)  # ListenerConfig.__post_init__ turned a mapping into one
         from .tls import build_server_context
 
         try:
@@ -239,6 +243,7 @@ class Listener:
             self._state = "running"
         self._started_at = time.monotonic()
         tls = self.config.ssl
+        assert tls is None or isinstance(tls, TLSConfig)  # ListenerConfig.__post_init__ turned a mapping into one
         if tls is not None and tls.reload_interval is not None:
             self._file_watch = FileWatch(tls.files(), tls.reload_interval, self.reload_tls,
                                          name=self.config.name).start()
@@ -254,7 +259,7 @@ class Listener:
             c.acceptors, c.max_connections, c.overflow,
             c.framing if isinstance(c.framing, str) else getattr(c.framing, "__name__", "custom"),
             c.max_message_size, "none" if c.idle_timeout is None else f"{c.idle_timeout:g}s",
-            "off" if c.ssl is None else f"on ({c.ssl.describe()})",
+            "off" if tls is None else f"on ({tls.describe()})",
             f", broker={redact_url(c.broker)}" if shares_sessions(c.broker) else "",
         )
         return self
@@ -624,6 +629,7 @@ class Listener:
         callback = self.config.on_alarm
         if callback is None:
             return
+        assert not isinstance(callback, str)  # ListenerConfig.__post_init__ imported what a "module:attr" string names
         try:
             callback(self, self._admission.live)
         except Exception:
@@ -633,7 +639,8 @@ class Listener:
         """``on_close``, the counters, the slot: once per connection, after its descriptor is closed."""
         if self.config.on_close is not None:
             try:
-                self.config.on_close(conn, reason)
+                # Callable: __post_init__ imported what a "module:attr" string names (mypy sees the field's str).
+                self.config.on_close(conn, reason)  # type: ignore[operator]
             except Exception:
                 log.exception("on_close raised for connection %d", conn.id)
         with self._lock:

@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
@@ -215,8 +215,10 @@ def serve_metrics(port: int = 9100, registry: Optional[CollectorRegistry] = None
         # host="::1" works; TCPServer reads it from the class when it makes
         # the socket, hence a subclass per call.
         family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        server_class = type("_MetricsHTTPServer", (_ThreadingWSGIServer,), {"address_family": family})
-        httpd = make_server(sockaddr[0], port, _only_metrics(make_wsgi_app(registry)), server_class, _QuietHandler)
+        server_class: type[_ThreadingWSGIServer] = type("_MetricsHTTPServer", (_ThreadingWSGIServer,),
+                                                        {"address_family": family})
+        address = cast(str, sockaddr[0])  # the host, a str: getaddrinfo gives IPv4 and IPv6 addresses only
+        httpd = make_server(address, port, _only_metrics(make_wsgi_app(registry)), server_class, _QuietHandler)
     except OSError as exc:
         raise ListenError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
     thread = threading.Thread(target=httpd.serve_forever, name=f"netpool-metrics-{httpd.server_address[1]}", daemon=True)

@@ -181,6 +181,8 @@ def _parse_v2(data: bytes) -> ProxyHeader:
     family, transport, size = _V2_FAMILIES[fam]
     if len(body) < size:
         raise ProxyHeaderError(f"PROXY v2 {transport} header too short for its addresses")
+    src: tuple[str, int] | tuple[str]  # (host, port), or a UNIX socket's (path,)
+    dst: tuple[str, int] | tuple[str]
     if family == socket.AF_INET:
         src = (socket.inet_ntop(family, body[0:4]), struct.unpack_from(">H", body, 8)[0])
         dst = (socket.inet_ntop(family, body[4:8]), struct.unpack_from(">H", body, 10)[0])

@@ -327,11 +327,13 @@ class RedisBroker(LocalBroker):
         self.start()
         origin = self.session_of(sender) if sender is not None and bounce is not None else None
         header = {"to": key}
+        back: Optional[tuple[str, bytes]] = None
         if origin is not None:
+            assert bounce is not None  # origin is looked up only when there is a bounce to send back
             header["from"] = origin.key
-            header["bounce"] = bounce.decode("latin-1")  # type: ignore[union-attr]
-        return self._queue(self._key("n:", node), _envelope(_DELIVER, header, message),
-                           (origin.key, bounce) if origin is not None else None)
+            header["bounce"] = bounce.decode("latin-1")
+            back = (origin.key, bounce)
+        return self._queue(self._key("n:", node), _envelope(_DELIVER, header, message), back)
 
     def publish(self, topic: str, message: bytes, *, exclude: Any = None) -> int:
         """Post to ``topic``'s sessions here at once, and to other nodes' through the outgoing queue.

@@ -62,7 +62,7 @@ _WILDCARD_FAMILIES: dict[str, tuple[int, ...]] = {
 
 # What each non-stream socket type is, and why it cannot be served, for the
 # error message: systemd's directive is named so the unit can be fixed.
-_SOCKET_TYPES = {
+_SOCKET_TYPES: dict[int, str] = {  # int keys: getsockopt(SO_TYPE) gives a plain int
     socket.SOCK_DGRAM: "a datagram socket",
     socket.SOCK_SEQPACKET: "a SOCK_SEQPACKET socket",
     socket.SOCK_RAW: "a raw socket",

@@ -346,6 +346,7 @@ def _read_report(worker: _Worker) -> list[dict[str, Any]]:
 
 
 def _stop_all(workers: dict[int, _Worker], grace: float) -> list[dict[str, Any]]:
+    worker: Optional[_Worker]  # None too: what waitpid reaped may be no worker of ours
     for worker in workers.values():
         if not worker.retiring:  # those are draining already, within the same grace
             _kill(worker.pid, signal.SIGTERM)

@@ -87,7 +87,8 @@ def _load_pair(ctx: SSL.Context, certfile: str, keyfile: Optional[str], password
             f"ssl.{key_option} {key_path}: cannot load the private key (is it PEM, and is the password right?): {exc}"
         ) from None
     try:
-        ctx.use_privatekey(key)
+        # A key type pyOpenSSL cannot use (DH, X25519, ...) raises TypeError, caught below.
+        ctx.use_privatekey(key)  # type: ignore[arg-type]
         ctx.check_privatekey()
     except (SSL.Error, TypeError):
         raise TLSError(f"ssl.{key_option} {key_path} does not match the certificate in {certfile}") from None
@@ -159,7 +160,7 @@ def _context_for(tls: TLSConfig, certfile: str, keyfile: Optional[str], password
     if tls.alpn:
         ours = [p.encode() for p in tls.alpn]
 
-        def select_alpn(_conn: SSL.Connection, offered: list[bytes]) -> bytes:
+        def select_alpn(_conn: SSL.Connection, offered: list[bytes]) -> "bytes | SSL._NoOverlappingProtocols":
             for proto in ours:
                 if proto in offered:
                     return proto
@@ -268,9 +269,9 @@ def _session_reused(ssl_conn: SSL.Connection) -> bool:
     # pyOpenSSL has no public accessor; its cffi binding of
     # SSL_session_reused does the job where present.
     try:
-        from OpenSSL.SSL import _lib  # type: ignore[attr-defined]
+        from OpenSSL.SSL import _lib
 
-        return bool(_lib.SSL_session_reused(ssl_conn._ssl))  # type: ignore[attr-defined]
+        return bool(_lib.SSL_session_reused(ssl_conn._ssl))
     except (ImportError, AttributeError):
         return False
 
@@ -359,7 +360,7 @@ class TLSTransport:
             if not poll_until(poller, deadline):
                 raise TimeoutError("send timed out")
 
-    def _send_once(self, data: memoryview) -> tuple[int, int]:
+    def _send_once(self, data: "bytes | memoryview") -> tuple[int, int]:
         """One SSL_write: (bytes sent, 0), or (0, the poll event to wait for)."""
         with self._lock:
             try:

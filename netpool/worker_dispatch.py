@@ -39,7 +39,9 @@ class WorkerDispatch:
         try:
             # Threads: a full lane holds the reader (TCP then slows the peer).
             # Events: the loop must never wait, so a full lane closes the connection.
-            lane.submit(config.handler, message, conn, timeout=config.send_timeout if config.io == "threads" else 0)
+            # config.handler is callable: __post_init__ imported what a "module:attr" string names.
+            lane.submit(config.handler, message, conn,  # type: ignore[arg-type]
+                        timeout=config.send_timeout if config.io == "threads" else 0)
         except Overloaded as exc:
             conn.close("overloaded")
             raise ConnectionClosed(f"connection {conn.id}: {exc}") from None

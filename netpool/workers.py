@@ -378,6 +378,7 @@ class Lane:
 
     def _drain(self) -> None:
         cond = self._cond
+        callbacks: Optional[list[Callable[[], Any]]]
         while True:
             for _ in range(self.batch):
                 with cond:
