@@ -304,3 +304,15 @@ def test_one_command_starts_both_and_stops_both(tmp_path):
             proc.kill()
             proc.wait(5)
         proc.stderr.close()
+
+
+def test_every_gateway_option_says_what_it_does():
+    """`python -m netpool.examples.gateway COMMAND --help`: no option without a line of help."""
+    from netpool.examples.gateway.__main__ import main
+
+    bare = [f"{name} {param.opts[0]}" for name, command in main.commands.items() for param in command.params
+            if getattr(param, "help", None) is None and param.param_type_name == "option"]
+    assert bare == []
+    shown = subprocess.run([sys.executable, "-m", "netpool.examples.gateway", "frontend", "--help"],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "Where the back end listens." in shown.stdout, shown.stderr

@@ -37,7 +37,11 @@ def test_ten_rolling_reloads_under_load_lose_nothing(tmp_path: Path, processes: 
     assert isinstance(clients, dict)
     failures = {k: v for k, v in clients.items()
                 if k not in ("connected", "long_echoes", "served", "graceful", "churn_closed_after_answer")}
-    assert failures == {}, f"resets, refusals, failed handshakes, TLS alerts or lost answers: {failures}"
+    if failures:
+        # What the server logged around them tells which generation and which step.
+        (tmp_path / "server.log").write_text(str(result["stderr"]))
+    assert failures == {}, (f"resets, refusals, failed handshakes, TLS alerts or lost answers: {failures}; "
+                            f"the server's log ends with:\n{str(result['stderr'])[-6000:]}")
     assert result["returncode"] == 0
     assert result["server_reloads"] == RELOADS
     # Every connection a client made was accepted by some generation, and none refused.

@@ -47,6 +47,14 @@ def _wait_for_signal() -> str:
     return got[0]
 
 
+# Help for the options several commands share.
+DB_HELP = "SQLite file of the users."
+BACKEND_PORT_HELP = "TCP port of the back end."
+POOL_HELP = "Reuse back-end connections, or dial one per request."
+METRICS_HELP = "Serve Prometheus metrics on 127.0.0.1:PORT/metrics."
+LOG_LEVEL_HELP = "debug, info, warning or error."
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """The gateway example: HTTP front end -> pooled TCP back end -> SQLite users."""
@@ -74,12 +82,13 @@ def seed(db: str, count: int, scheme: HashScheme, batch: int, processes: Optiona
 
 
 @main.command()
-@click.option("--db", default=DEFAULT_DB, show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(0, 65535), default=7001, show_default=True)
+@click.option("--db", default=DEFAULT_DB, show_default=True, help=DB_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=7001, show_default=True,
+              help="TCP port of the back end (0: any free port).")
 @click.option("--scheme", default=str(DEFAULT_SCHEME), show_default=True, callback=_scheme,
               help="Hashing scheme for new registrations.")
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--log-level", default="info", show_default=True, help=LOG_LEVEL_HELP)
 def backend(db: str, host: str, port: int, scheme: HashScheme, log_level: str) -> None:
     """Serve the TCP back end (length-prefixed protocol, SQLite users)."""
     from .backend import start_backend
@@ -96,19 +105,20 @@ def backend(db: str, host: str, port: int, scheme: HashScheme, log_level: str) -
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option("--backend-host", default="127.0.0.1", show_default=True)
-@click.option("--backend-port", type=click.IntRange(1, 65535), default=7001, show_default=True)
-@click.option("--pool/--no-pool", default=True, show_default=True,
-              help="Reuse back-end connections, or dial one per request.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="HTTP port (0: any free port).")
+@click.option("--backend-host", default="127.0.0.1", show_default=True, help="Where the back end listens.")
+@click.option("--backend-port", type=click.IntRange(1, 65535), default=7001, show_default=True,
+              help=BACKEND_PORT_HELP)
+@click.option("--pool/--no-pool", default=True, show_default=True, help=POOL_HELP)
 @click.option("--max-open", type=click.IntRange(1), default=8, show_default=True,
               help="Pool size: a few per back-end core (more only adds threads fighting for its GIL).")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True,
               help="Deadline of each back-end call, seconds.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-              help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.")
-@click.option("--log-level", default="info", show_default=True)
+              help=METRICS_HELP)
+@click.option("--log-level", default="info", show_default=True, help=LOG_LEVEL_HELP)
 def frontend(host: str, port: int, backend_host: str, backend_port: int, pool: bool, max_open: int,
              timeout: float, metrics_port: Optional[int], log_level: str) -> None:
     """Serve the HTTP front end, calling the back end over a connection pool."""
@@ -147,14 +157,15 @@ def _serve_frontend(host: str, port: int, backend_host: str, backend_port: int, 
 
 
 @main.command()
-@click.option("--db", default=DEFAULT_DB, show_default=True)
+@click.option("--db", default=DEFAULT_DB, show_default=True, help=DB_HELP)
 @click.option("--users", "count", type=click.IntRange(1), default=100_000, show_default=True,
               help="Users to seed when the database does not exist yet.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="HTTP port.")
-@click.option("--backend-port", type=click.IntRange(1, 65535), default=7001, show_default=True)
-@click.option("--pool/--no-pool", default=True, show_default=True)
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None)
-@click.option("--log-level", default="info", show_default=True)
+@click.option("--backend-port", type=click.IntRange(1, 65535), default=7001, show_default=True,
+              help=BACKEND_PORT_HELP)
+@click.option("--pool/--no-pool", default=True, show_default=True, help=POOL_HELP)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help=METRICS_HELP)
+@click.option("--log-level", default="info", show_default=True, help=LOG_LEVEL_HELP)
 def run(db: str, count: int, port: int, backend_port: int, pool: bool, metrics_port: Optional[int], log_level: str) -> None:
     """Seed if needed, start the back end (its own process) and the front end; Ctrl-C stops both."""
     _logging(log_level)
