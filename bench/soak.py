@@ -1,7 +1,7 @@
 """`make soak`: mixed traffic against one netpool listener for a while, then a report.
 
 The server runs as its own process (bench/soak_handler.py through `netpool
-run`), a line protocol with STARTTLS. Against it, for --seconds (600 by
+run`), a line protocol with STARTTLS. Against it, for --minutes (10 by
 default), all on 127.0.0.1:
 
 - echo clients on long-lived connections, checking every reply in order;
@@ -11,9 +11,14 @@ default), all on 127.0.0.1:
   clients that ask for a flood and never read, and garbage senders.
 
 At the end the report gives the server's RSS, threads and descriptors at the
-start and the end, its counters against what the clients counted, and
-whether anything was lost: every line a client sent and the server answered
-must have come back, in order. The run stops by itself.
+start, after the warm-up and at the end, with their slope per hour after the
+warm-up (a least-squares fit over the samples); with tracemalloc on (the
+default) the server traces its allocations from the start, the RSS slope is
+also given without tracemalloc's own memory, and the report names the
+largest allocation sites after the warm-up and at the end, and those that
+grew most in between. Then its counters against what the clients counted,
+and whether anything was lost: every line a client sent and the server
+answered must have come back, in order. The run stops by itself.
 """
 
 from __future__ import annotations
@@ -179,15 +184,43 @@ def hostile_client(port: int, stop: threading.Event, stats: Stats) -> None:
 CONTROL_CONNECTIONS = Counter()
 
 
-def server_info(port: int) -> dict:
-    CONTROL_CONNECTIONS["info"] += 1
+def control(port: int, line: bytes) -> dict:
+    """One control connection (counted, so the server's accepted count still adds up): INFO or TRACEMALLOC ..."""
+    CONTROL_CONNECTIONS["control"] += 1
     with connect(port) as sock:
-        return json.loads(LineSocket(sock).request(b"INFO"))
+        return json.loads(LineSocket(sock).request(line))
+
+
+def server_info(port: int) -> dict:
+    return control(port, b"INFO")
+
+
+def slope_per_hour(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, value) points, per hour; 0 with fewer than two."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    return 0.0 if not var else 3600 * sum((t - mean_t) * (v - mean_v) for t, v in points) / var
+
+
+def sites_table(title: str, sites: list[dict]) -> list[str]:
+    lines = [f"{title}:", "", "| site | KiB | blocks |", "| --- | --- | --- |"]
+    lines += [f"| {s['site'].replace(str(HERE.parent), '.')} | {s['kib']} | {s['blocks']} |" for s in sites]
+    return lines + [""]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=600)
+    ap.add_argument("--minutes", type=float, default=10, help="how long the traffic runs")
+    ap.add_argument("--seconds", type=float, default=None, help="the same in seconds (short runs)")
+    ap.add_argument("--warmup", type=float, default=5,
+                    help="minutes before the slopes are measured (at most a third of the run)")
+    ap.add_argument("--every", type=float, default=30, help="seconds between samples (at least 20 per run)")
+    ap.add_argument("--tracemalloc", action=argparse.BooleanOptionalAction, default=True,
+                    help="trace allocations in the server, to name where memory went")
     ap.add_argument("--io", choices=["threads", "events"], default="threads")
     ap.add_argument("--echo", type=int, default=16)
     ap.add_argument("--tls", type=int, default=8)
@@ -195,6 +228,9 @@ def main() -> int:
     ap.add_argument("--hostile", type=int, default=8)
     ap.add_argument("--out", default=str(HERE / "soak-report.md"))
     args = ap.parse_args()
+    seconds = args.seconds if args.seconds is not None else args.minutes * 60
+    warmup = min(args.warmup * 60, seconds / 3)
+    every = min(args.every, seconds / 20)
 
     tmp = tempfile.mkdtemp(prefix="netpool-soak-")
     from netpool.devcert import write_dev_certificate
@@ -207,6 +243,7 @@ def main() -> int:
          "--certfile", cert, "--keyfile", key, "--tls-mode", "starttls", "--max-connections", "3000",
          "--idle-timeout", "30", "--message-timeout", "5", "--send-timeout", "3", "--grace", "5"],
         cwd=HERE, stderr=log_file, stdout=subprocess.DEVNULL,
+        env={**os.environ, **({"PYTHONTRACEMALLOC": "1"} if args.tracemalloc else {})},
     )
     try:
         port = 0
@@ -231,10 +268,19 @@ def main() -> int:
         for t in threads:
             t.start()
         samples = []
-        while time.monotonic() - started < args.seconds:
-            stop.wait(min(30.0, args.seconds))
-            samples.append((round(time.monotonic() - started), proc_status(server.pid)))
-            print(f"[{samples[-1][0]:>4}s] server {samples[-1][1]}, clients {dict(stats.counts)}", flush=True)
+        start_sites: dict = {}
+        while time.monotonic() - started < seconds:
+            stop.wait(min(every, max(0.0, seconds - (time.monotonic() - started))))
+            elapsed = time.monotonic() - started
+            status = proc_status(server.pid)
+            if args.tracemalloc:
+                # tracemalloc's own bookkeeping is in the RSS: the slope is taken without it.
+                status["trace_mb"] = round(control(port, b"TRACEMALLOC MEM")["overhead_kib"] / 1024, 1)
+                if not start_sites and elapsed >= warmup:
+                    start_sites = control(port, b"TRACEMALLOC START")
+            samples.append((round(elapsed), status))
+            print(f"[{samples[-1][0]:>4}s] server {status}, clients {dict(stats.counts)}", flush=True)
+        end_sites = control(port, b"TRACEMALLOC TOP") if args.tracemalloc else {}
         stop.set()
         for t in threads:
             t.join(60)
@@ -249,21 +295,41 @@ def main() -> int:
         counts = stats.counts
         client_connects = counts["connects"]
         lost = counts["sent"] - counts["echoed"] - counts["mismatched"]
+        measured = [(t, st) for t, st in samples if t >= warmup]
+        slopes = {
+            "rss": slope_per_hour([(t, st["rss_mb"]) for t, st in measured]),
+            "rss_less": slope_per_hour([(t, st["rss_mb"] - st.get("trace_mb", 0.0)) for t, st in measured]),
+            "threads": slope_per_hour([(t, st["threads"]) for t, st in measured]),
+            "fds": slope_per_hour([(t, st["fds"]) for t, st in measured]),
+        }
+        first = measured[0][1] if measured else before
         report = [
             "# netpool soak report",
             "",
-            f"{args.seconds:g} s of mixed traffic against one listener (io={args.io}, line framing, STARTTLS, "
-            f"max_connections=3000, idle 30 s, message 5 s, send 3 s), on {os.cpu_count()} CPUs.",
+            f"{seconds / 60:g} minutes of mixed traffic against one listener (io={args.io}, line framing, STARTTLS, "
+            f"max_connections=3000, idle 30 s, message 5 s, send 3 s), on {os.cpu_count()} CPUs"
+            + (", the server tracing its allocations (tracemalloc)." if args.tracemalloc else "."),
             "",
-            "| | start | end |",
-            "| --- | --- | --- |",
-            f"| server RSS (MB) | {before['rss_mb']} | {after['rss_mb']} |",
-            f"| server threads | {before['threads']} | {after['threads']} |",
-            f"| server descriptors | {before['fds']} | {after['fds']} |",
+            f"Slopes are least-squares fits over the samples after a warm-up of {warmup / 60:g} minutes.",
             "",
-            "Samples (s, RSS MB, threads, fds): " + "; ".join(
-                f"{t}: {s['rss_mb']}/{s['threads']}/{s['fds']}" for t, s in samples),
+            "| | start | after warm-up | end | slope per hour after warm-up |",
+            "| --- | --- | --- | --- | --- |",
+            f"| server RSS (MB) | {before['rss_mb']} | {first['rss_mb']} | {after['rss_mb']} | {slopes['rss']:+.2f} |",
+            *([f"| server RSS less tracemalloc's own (MB) | | {first['rss_mb'] - first.get('trace_mb', 0):.1f} | "
+               f"{samples[-1][1]['rss_mb'] - samples[-1][1]['trace_mb']:.1f} | {slopes['rss_less']:+.2f} |"]
+              if args.tracemalloc and samples else []),
+            f"| server threads | {before['threads']} | {first['threads']} | {after['threads']} | "
+            f"{slopes['threads']:+.2f} |",
+            f"| server descriptors | {before['fds']} | {first['fds']} | {after['fds']} | {slopes['fds']:+.2f} |",
             "",
+            "Samples (s, RSS MB, threads, fds" + (", tracemalloc MB" if args.tracemalloc else "") + "): " + "; ".join(
+                f"{t}: {s['rss_mb']}/{s['threads']}/{s['fds']}" + (f"/{s['trace_mb']}" if "trace_mb" in s else "")
+                for t, s in samples),
+            "",
+            *(sites_table("Largest allocation sites after the warm-up", start_sites.get("largest", []))
+              + sites_table("Largest allocation sites at the end", end_sites.get("largest", []))
+              + sites_table("Sites that grew most from the warm-up to the end", end_sites.get("grown", []))
+              if args.tracemalloc else []),
             f"Clients: {dict(sorted(counts.items()))}",
             "",
             f"Server info: accepted {info['accepted']}, admitted {info['admitted']}, refused {info['refused']}, "
@@ -271,8 +337,8 @@ def main() -> int:
             f"Closed by reason: {dict(sorted(info['closed_by_reason'].items()))}",
             f"Refused by reason: {dict(sorted(info['refused_by_reason'].items()))}",
             "",
-            f"- client connections {client_connects} + {CONTROL_CONNECTIONS['info']} INFO control connections "
-            f"= {client_connects + CONTROL_CONNECTIONS['info']}; server accepted {info['accepted']}",
+            f"- client connections {client_connects} + {CONTROL_CONNECTIONS['control']} control connections "
+            f"= {client_connects + CONTROL_CONNECTIONS['control']}; server accepted {info['accepted']}",
             f"- lines sent {counts['sent']}, echoed intact {counts['echoed']}, mismatched {counts['mismatched']}, "
             f"lost {lost} (a line whose connection failed before its answer counts as lost)",
             f"- closed + live = {info['closed'] + info['live']} vs admitted {info['admitted']}",
@@ -284,7 +350,7 @@ def main() -> int:
         server.wait(timeout=30)
         print(log_path.read_text().strip().splitlines()[-1])
         ok = (counts["mismatched"] == 0 and info["closed"] + info["live"] == info["admitted"]
-              and info["accepted"] == client_connects + CONTROL_CONNECTIONS["info"])
+              and info["accepted"] == client_connects + CONTROL_CONNECTIONS["control"])
         return 0 if ok else 1
     finally:
         if server.poll() is None:
