@@ -81,7 +81,9 @@ class HttpFramer:
             if req is None:
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
-                    if len(buf) > MAX_HEAD:
+                    # Up to 3 bytes may be the start of the CRLF CRLF: a head within the
+                    # limit must not be refused because a recv ended inside its terminator.
+                    if len(buf) > MAX_HEAD + 3:
                         out.append(self._fail(431, "headers_too_large"))
                     break
                 if end > MAX_HEAD:
@@ -140,10 +142,15 @@ def _parse_head(head: bytes, max_body: int) -> HttpRequest:
         return req
     length = headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        try:
+            # isdigit() alone passes "\xb2" (a superscript 2 in latin-1), and int() refuses more
+            # digits than sys.get_int_max_str_digits(): bad lengths, not exceptions out of feed().
+            if not (length.isascii() and length.isdigit()):
+                raise ValueError(length)
+            req.content_length = int(length)
+        except ValueError:
             req.error, req.keep_alive = (400, "bad_content_length"), False
             return req
-        req.content_length = int(length)
         if req.content_length > max_body:
             req.error, req.keep_alive = (413, "body_too_large"), False
     return req

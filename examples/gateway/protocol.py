@@ -55,8 +55,11 @@ class Reply(NamedTuple):
 
 
 def encode_request(op: int, username: str = "", password: str = "") -> bytes:
-    user = username.encode()
-    pw = password.encode()
+    try:
+        user = username.encode()
+        pw = password.encode()
+    except UnicodeEncodeError:  # a lone surrogate, as json.loads makes from "\ud800"
+        raise ProtocolViolation("username and password must be valid Unicode text") from None
     if len(user) > MAX_USERNAME or len(pw) > MAX_PASSWORD:
         raise ProtocolViolation(f"username at most {MAX_USERNAME} bytes, password at most {MAX_PASSWORD}")
     return _HEAD.pack(op, len(user), len(pw)) + user + pw

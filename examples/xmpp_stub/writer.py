@@ -53,7 +53,9 @@ def escape_attribute(value: str) -> str:
 
 def _split(name: str) -> tuple[str, str]:
     if name[:1] == "{":
-        namespace, _, local = name[1:].partition("}")
+        # The last "}": a namespace may contain one (the parser allows it), a local name may not;
+        # splitting at the first would write the rest of a peer's namespace as raw markup.
+        namespace, _, local = name[1:].rpartition("}")
         return namespace, local
     return "", name
 

@@ -1,0 +1,1 @@
+"""One module per parser, each with ``check(data)`` and an atheris entry point."""
