@@ -29,6 +29,7 @@ from .fresh_import import FreshImports
 from .serve import configure_logging
 from .socket_activation import choose_socket, describe, inherited_sockets
 from .supervisor import serve_processes
+from .tls_config import TLSConfig
 
 log = logging.getLogger("netpool.cli")
 
@@ -404,6 +405,12 @@ def serve_settings(settings: dict[str, Any], grace: float, log_level: str, metri
     try:
         sock = _activated_socket(config)
         if config.processes > 1:
+            if isinstance(config.ssl, TLSConfig):  # what ListenerConfig made of the ssl settings
+                # Only workers serve TLS, but a certificate they cannot load is
+                # a start-up error, not workers failing (and restarted) forever.
+                from .tls import build_server_context
+
+                build_server_context(config.ssl, config.name)
             sys.exit(serve_processes(config, config.processes, grace, sock=sock, reload_config=reload_config))
         run_until_signal(config, grace, on_started, sock=sock, reload_config=reload_config, on_replaced=on_replaced)
     except (ListenError, TLSError) as exc:

@@ -10,7 +10,7 @@ worker that dies or is replaced never takes queued clients down with it
 only supervises:
 
 - it binds first (so ``port=0`` gives every worker the same port),
-- restarts a worker that dies, with a back-off if it keeps dying at once,
+- restarts a worker that dies, with a back-off per worker if it keeps dying at start,
 - on SIGHUP replaces the workers one at a time (a rolling reload): the new
   one listens before the old one is told to retire (SIGQUIT), so capacity
   never drops, and a config or handler that cannot load changes nothing,
@@ -51,9 +51,16 @@ PR_SET_PDEATHSIG = 1  # prctl(2)
 # What the parent waits for: a worker's end, a reload, a stop.
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 PARENT_SIGNALS = STOP_SIGNALS | {signal.SIGCHLD, signal.SIGHUP}
-# A worker that dies within this long of starting counts as a crash loop:
-# restarts slow down, up to MAX_RESTART_DELAY between tries.
-FAST_DEATH = 1.0
+# A worker that dies before it listened, or within FAST_DEATH of its start,
+# is failing at start (a module no forked child survives, a certificate only
+# workers load): its restart waits, twice as long each time, from
+# MIN_RESTART_DELAY up to MAX_RESTART_DELAY, so a crash loop costs a fork
+# every few seconds instead of a fork storm. One that served for longer is
+# restarted at once and its delay starts over. The parent keeps taking
+# signals while a restart waits (it is due, not slept on): a stop or a
+# reload is never held up by a back-off.
+FAST_DEATH = 5.0
+MIN_RESTART_DELAY = 0.1
 MAX_RESTART_DELAY = 5.0
 # How long stopped workers get beyond their own grace before SIGKILL.
 KILL_MARGIN = 5.0
@@ -77,6 +84,8 @@ class _Worker:
     """Its counter on the live board (the slot its predecessor did not use, so the two never share one)."""
     retiring: bool = False
     """Told to retire (a reload replaced it): its exit is expected, not restarted."""
+    listened: bool = False
+    """It said LISTENING: it got as far as serving."""
 
 
 @dataclasses.dataclass
@@ -96,8 +105,10 @@ class _Supervisor:
     reports: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     restarts: int = 0
     reloads: int = 0
-    delay: float = 0.0
-    """The pause before restarting a worker that keeps dying at once."""
+    delays: dict[int, float] = dataclasses.field(default_factory=dict)
+    """Per worker index: the wait before its last restart (0: it did not fail at start)."""
+    due: dict[int, tuple[float, int]] = dataclasses.field(default_factory=dict)
+    """Per worker index waiting out its back-off: (when it restarts, monotonic; its live board slot)."""
 
 
 def serve_processes(config: ListenerConfig, processes: int, grace: float, *,
@@ -134,10 +145,15 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float, *,
         for worker in list(workers.values()):
             _wait_for(worker, LISTENING, time.monotonic() + READY_WAIT)
         notify("READY=1", f"STATUS={_status(state)}")
+        next_status = time.monotonic() + STATUS_EVERY
         while True:
-            received = signal.sigtimedwait(PARENT_SIGNALS, STATUS_EVERY)
+            wake = min([next_status, *(when for when, _ in state.due.values())])
+            received = signal.sigtimedwait(PARENT_SIGNALS, max(0.0, wake - time.monotonic()))
             if received is None:
-                notify(f"STATUS={_status(state)}")
+                _restart_due(state)
+                if time.monotonic() >= next_status:
+                    notify(f"STATUS={_status(state)}")
+                    next_status = time.monotonic() + STATUS_EVERY
                 continue
             signum = received.si_signo
             if signum == signal.SIGCHLD:
@@ -164,7 +180,7 @@ def serve_processes(config: ListenerConfig, processes: int, grace: float, *,
 
 
 def _reap(state: _Supervisor) -> None:
-    """Take every worker that ended: a retired one is done; any other is restarted (slower if it keeps dying)."""
+    """Take every worker that ended: a retired one is done; any other is restarted, after a back-off if it failed at start."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -182,13 +198,26 @@ def _reap(state: _Supervisor) -> None:
             log.info("%s: old worker %d (pid %d) %s after draining", state.config.name, worker.index, pid,
                      _describe(status))
             continue
-        log.warning("%s: worker %d (pid %d) %s after %.1fs; restarting it", state.config.name,
-                    worker.index, pid, _describe(status), lived)
-        state.delay = min(MAX_RESTART_DELAY, max(0.1, state.delay * 2)) if lived < FAST_DEATH else 0.0
-        if state.delay:
-            time.sleep(state.delay)  # a crash loop must not become a fork storm
-        _spawn(state, state.config, worker.index, worker.slot)
-        state.restarts += 1
+        if worker.listened and lived >= FAST_DEATH:
+            delay = 0.0
+        else:
+            delay = min(MAX_RESTART_DELAY, max(MIN_RESTART_DELAY, state.delays.get(worker.index, 0.0) * 2))
+        state.delays[worker.index] = delay
+        log.warning("%s: worker %d (pid %d) %s after %.1fs%s; restarting it%s", state.config.name,
+                    worker.index, pid, _describe(status), lived, "" if worker.listened else " before it listened",
+                    f" in {delay:.1f}s (back-off: it keeps failing at start)" if delay else "")
+        state.due[worker.index] = (time.monotonic() + delay, worker.slot)
+    _restart_due(state)
+
+
+def _restart_due(state: _Supervisor) -> None:
+    """Start the workers whose back-off is over (the main loop wakes for the next one)."""
+    now = time.monotonic()
+    for index, (when, slot) in sorted(state.due.items()):
+        if when <= now:
+            del state.due[index]
+            _spawn(state, state.config, index, slot)
+            state.restarts += 1
 
 
 def _stop_pending() -> bool:
@@ -324,6 +353,8 @@ def _wait_for(worker: _Worker, byte: bytes, deadline: float) -> bool:
         if not ready:
             return False
         got = os.read(worker.report_fd, 1)
+        if got == LISTENING:
+            worker.listened = True
         if got != LISTENING or byte == LISTENING:
             return got == byte
         # A LISTENING nobody waited for (a restarted worker's): skip it.
@@ -336,7 +367,10 @@ def _read_report(worker: _Worker) -> list[dict[str, Any]]:
             chunks.append(chunk)
     finally:
         os.close(worker.report_fd)
-    data = b"".join(chunks).lstrip(LISTENING + STOPPED_ACCEPTING)  # a JSON report never starts with them
+    data = b"".join(chunks)
+    if data.startswith(LISTENING):  # nobody waited for it (a restarted worker's)
+        worker.listened = True
+    data = data.lstrip(LISTENING + STOPPED_ACCEPTING)  # a JSON report never starts with them
     if not data:
         return []  # killed before it could report
     try:

@@ -2,10 +2,12 @@
 
 Each test runs the server in a child process that lowers its own
 RLIMIT_NOFILE (soft limit only) before starting the listener, so the parent
-(pytest) keeps its own descriptors. The child speaks the line protocol: every
-line is echoed, except ``info``, which answers one JSON line of counters from
-``conn.listener.info()``. It prints its port on stdout, logs to stderr, and
-stops cleanly (exit 0) on SIGTERM.
+(pytest) keeps its own descriptors; once in each I/O mode (the io_modes
+marker), since each mode has its own read path for what the acceptors admit.
+The child speaks the line protocol: every line is echoed, except ``info``,
+which answers one JSON line of counters from ``conn.listener.info()``. It
+prints its port on stdout, logs to stderr, and stops cleanly (exit 0) on
+SIGTERM.
 
 Every wait has a deadline. The one timed wait that is not waiting *for*
 something is the CPU-time window, where the wait is the measurement.
@@ -33,7 +35,7 @@ from netpool.admission import FD_RESERVE
 
 from .conftest import wait_for
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.io_modes]
 
 HOST = "127.0.0.1"
 REPO_ROOT = str(Path(netpool.__file__).resolve().parent.parent)
@@ -202,13 +204,16 @@ class Control:
 
 
 @pytest.fixture
-def child_factory(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """Start server subprocesses; each is killed at teardown whatever happened."""
+def child_factory(tmp_path: Path, io_mode: str) -> Iterator[Callable[..., Child]]:
+    """Start server subprocesses in this test's I/O mode; each is killed at teardown whatever happened."""
     children: list[Child] = []
 
     def start(nofile: int, **settings: Any) -> Child:
-        child = Child(tmp_path, nofile, **settings)
+        child = Child(tmp_path, nofile, io=io_mode, **settings)
         children.append(child)
+        # The child really serves in that mode (its listening line says so).
+        child.wait_line(child.stderr, lambda line: " listening on " in line, 10.0, "the listening line")
+        assert f"(io={io_mode}," in child.lines_with(" listening on ")[0]
         return child
 
     try:

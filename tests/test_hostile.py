@@ -52,7 +52,7 @@ def assert_recovered(listener, fds_before: int) -> None:
 
 
 def test_slow_loris_is_cut_while_real_clients_stay_fast():
-    """1,000 clients trickle a byte every 0.4 s and never finish a line; a real client's p99 stays under 50 ms."""
+    """1,000 clients trickle a byte every 0.4 s and never finish a line; a real client stays fast (median, p99)."""
     slow_count = 1000
     with serving(framing="line", max_connections=1100, acceptors=8,
                  idle_timeout=5.0, message_timeout=2.0) as listener:
@@ -89,8 +89,16 @@ def test_slow_loris_is_cut_while_real_clients_stay_fast():
             stop.set()
             trickler.join(10)
         rtts.sort()
-        p99 = rtts[int(len(rtts) * 0.99)]
-        assert len(rtts) > 100 and p99 < 0.050, f"p99 {p99 * 1000:.1f} ms over {len(rtts)} round trips"
+        median, p99 = rtts[len(rtts) // 2], rtts[int(len(rtts) * 0.99)]
+        # The round trips are timed in this process, which also runs the
+        # 1,000 trickling clients and the server: on a loaded 2-core machine
+        # its scheduling adds tens of milliseconds to a few of them (six CPU
+        # hogs added: p99 37-93 ms, so 50 ms failed), not to the typical one
+        # (under 1 ms). A loop the slow clients overwhelm (1 ms per partial
+        # line: round trips of 1.7 s) fails either bound. A strict latency
+        # figure is a benchmark's business, on a quiet machine.
+        assert len(rtts) > 100 and median < 0.050 and p99 < 0.250, (
+            f"median {median * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms over {len(rtts)} round trips")
         assert info.closed_by_reason == {"message_timeout": slow_count}
         for sock in random.Random(5).sample(slow, 50):
             sock.settimeout(5)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import signal
+import time
+from datetime import datetime
 from pathlib import Path
 
 from .conftest import ask_line, wait_for
-from .test_cli import server
+from .test_cli import assert_one_error_line, run_cli, server
 
 PID_HANDLER = '''
 import os
@@ -107,3 +110,83 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path):
         returncode, stderr = srv.stop()  # the parent is dead already: this reads stderr to its end
     assert returncode == -signal.SIGKILL
     assert "Traceback" not in stderr, stderr  # a worker that finds its supervisor gone says nothing more
+
+
+# A module the supervisor imports without trouble, but which no forked child
+# survives (as with a library that is not fork-safe): every worker dies at
+# start, before it listens, with exit status 3.
+DIES_IN_EVERY_WORKER = '''
+import os
+
+os.register_at_fork(after_in_child=lambda: os._exit(3))
+
+
+def handler(message, conn):
+    conn.send(message)
+'''
+
+# "2026-01-02 03:04:05,678 WARNING netpool.supervisor: ..." (logging's default asctime)
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+STARTED = re.compile(r"worker (?P<index>\d) started \(pid \d+\)")
+FAILED = re.compile(r"worker (?P<index>\d) \(pid \d+\) (?P<how>exited with status \d+|was killed by \w+) "
+                    r"after [\d.]+s(?P<early> before it listened)?; restarting it(?: in (?P<delay>[\d.]+)s)?")
+
+
+def stamp(line: str) -> float:
+    match = STAMP.match(line)
+    assert match, f"no timestamp on {line!r}"
+    return datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def test_a_worker_that_dies_at_every_start_is_restarted_with_a_back_off_not_a_fork_storm(tmp_path: Path):
+    """Each death is one log line with the exit status and the delay; the delays double; SIGTERM still stops it."""
+    (tmp_path / "unforkable.py").write_text(DIES_IN_EVERY_WORKER)
+    with server("run", "unforkable:handler", "--port", "0", "--processes", "2", cwd=tmp_path) as srv:
+        srv.expect(r"2 worker processes serving")
+        # Until each slot's restarts are a second or more apart (about 3 s
+        # into the back-off), bounded: a tight loop never gets there.
+        slow_enough = re.compile(r"worker (\d) .* restarting it in (\d+\.\d+)s")
+        waiting: set[str] = {"0", "1"}
+        deadline = time.monotonic() + 30
+        while waiting:
+            match = srv.expect(slow_enough, timeout=max(0.1, deadline - time.monotonic()))
+            if float(match[2]) >= 1.6:
+                waiting.discard(match[1])
+        asked = time.monotonic()
+        returncode, stderr = srv.stop(signal.SIGTERM)
+        took = time.monotonic() - asked
+    assert returncode == 0, stderr
+    # Waiting out a back-off must not make the supervisor deaf to a stop.
+    assert took < 5.0, f"the supervisor took {took:.1f}s to stop"
+    assert "SIGTERM received: stopping" in stderr
+
+    lines = stderr.splitlines()
+    starts: dict[str, list[float]] = collections.defaultdict(list)
+    failures: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+    for line in lines:
+        if match := STARTED.search(line):
+            starts[match["index"]].append(stamp(line))
+        elif match := FAILED.search(line):
+            # One line per death that says why: the exit status, before it ever listened, and the delay.
+            assert match["how"] == "exited with status 3" and match["early"] and match["delay"], line
+            failures[match["index"]].append((stamp(line), float(match["delay"])))
+    assert set(starts) == set(failures) == {"0", "1"}
+    for index in ("0", "1"):
+        delays = [delay for _, delay in failures[index]]
+        # Each failure of a slot doubles its delay, from 0.1 s up to a few seconds.
+        assert delays[0] <= 0.2 and all(b == min(2 * a, 5.0) for a, b in zip(delays, delays[1:])), delays
+        # The delay is kept: the next fork of that slot comes no sooner (10 ms for the log's rounding).
+        for (failed_at, delay), restarted_at in zip(failures[index], starts[index][1:]):
+            assert restarted_at - failed_at >= delay - 0.01, (index, failed_at, delay, restarted_at)
+    forks = sum(len(times) for times in starts.values())
+    span = max(max(times) for times in starts.values()) - min(min(times) for times in starts.values())
+    # 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s: about six forks per slot in the first 3 s, then one per 3.2 s and more.
+    assert forks <= 2 * (7 + span / 3.2), f"{forks} forks in {span:.1f}s: a fork storm"
+
+
+def test_a_certificate_the_workers_could_not_load_stops_the_start_with_one_line(tmp_path: Path):
+    """With --processes the parent checks the certificate before forking: one Error line and status 2."""
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    result = run_cli("echo", "--port", "0", "--processes", "2", "--certfile", "cert.pem", cwd=tmp_path)
+    assert_one_error_line(result, "ssl.certfile cert.pem: not a PEM certificate")
+    assert "worker" not in result.stderr  # nothing was forked

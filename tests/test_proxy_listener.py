@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import socket
 import ssl
 
 import pytest
@@ -11,6 +12,7 @@ from netpool.proxy_protocol import build_v1, build_v2
 
 from .certs import TestCA
 from .conftest import connect, recv_exactly, recv_until_closed, serving, wait_for
+from .test_cli import STOPPED, server
 
 pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
 
@@ -84,6 +86,44 @@ def test_untrusted_peer_may_not_send_a_header():
         sock.sendall(build_v1(("192.0.2.1", 1), ("192.0.2.2", 2)) + b"x")
         assert recv_until_closed(sock) == b""
         assert wait_for(lambda: listener.info().closed_by_reason == {"proxy_untrusted": 1})
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="needs IPv6 on loopback (::1)")
+def test_trusted_networks_through_the_cli_on_a_dual_stack_socket(tmp_path, io_mode):
+    """The same rule from the shell: `--host :: --proxy-trusted 127.0.0.0/8`.
+
+    A client on 127.0.0.1 (which a dual-stack socket sees as ::ffff:127.0.0.1)
+    is a trusted balancer: its header is taken and its data echoed. One on ::1
+    is not (an IPv4 network trusts no IPv6 peer): its header closes it before
+    any byte reaches the handler, and the server's summary says why.
+    """
+    with server("echo", "--host", "::", "--port", "0", "--io", io_mode, "--proxy-protocol", "v1",
+                "--proxy-trusted", "127.0.0.0/8", cwd=tmp_path) as srv:
+        port = srv.port()
+        header = build_v1(("203.0.113.7", 40001), ("198.51.100.1", 443))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as balancer:
+            balancer.sendall(header + b"from the balancer")
+            assert recv_exactly(balancer, 17) == b"from the balancer"
+        with socket.create_connection(("::1", port), timeout=10) as stranger:
+            stranger.sendall(header + b"let me in")
+            try:
+                assert recv_until_closed(stranger) == b"", "the untrusted peer was served"
+            except TimeoutError:  # the socket timeout: it was let in, and is waited on
+                pytest.fail("a PROXY header from ::1 was taken although only 127.0.0.0/8 is trusted")
+        srv.expect(r"\[::1\]:\d+ is not in proxy_trusted; it may not send a PROXY header; closing it \(proxy_untrusted\)")
+        returncode, stderr = srv.stop()
+    assert returncode == 0, stderr
+    summary = next(m["summary"] for line in stderr.splitlines() if (m := STOPPED.search(line)))
+    assert "closed 2 (eof 1, proxy_untrusted 1)" in summary, summary
 
 
 def test_header_before_tls(tmp_path):

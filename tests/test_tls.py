@@ -277,6 +277,64 @@ def test_starttls_upgrade_mid_stream(pki):
         assert seen == [b"hi", b"STARTTLS", b"hello"]
 
 
+def test_starttls_client_that_never_sends_a_client_hello_is_cut_at_the_handshake_timeout(pki, io_mode):
+    """A client that asks for STARTTLS and then goes silent: closed (tls_handshake_timeout) at the deadline.
+
+    The STARTTLS handshake runs inside the handler (Connection.start_tls),
+    not in the loop's swept set-up, so its deadline is the only thing that
+    ends it. Meanwhile another client is served, upgrade included.
+    """
+    timeout = 2.0
+    closed: queue.Queue = queue.Queue()
+
+    def handler(message, conn):
+        if message == b"STARTTLS":
+            conn.send(b"PROCEED")
+            try:
+                conn.start_tls()
+            except TLSError:
+                return  # the connection is closed already; its reason says why
+        else:
+            conn.send(b"%s over %s" % (message, b"tls" if conn.tls else b"plain"))
+
+    # Events mode runs the handshake on the loop thread, which it holds (an
+    # event-loop handler must not block): the bystander gets the second loop.
+    # Thread mode has one loop, which the waiting handshake must hand off.
+    settings = tls_settings(pki, framing="line", handshake_timeout=timeout, ssl={"mode": "starttls"},
+                            io_threads=2 if io_mode == "events" else 1,
+                            on_close=lambda conn, reason: closed.put((conn.id, reason)))
+    with serving(handler=handler, **settings) as listener:
+        silent = connect(listener, timeout=timeout + 10)
+        silent.sendall(b"STARTTLS\n")
+        assert recv_exactly(silent, 8) == b"PROCEED\n"
+        asked = time.monotonic()  # the server's deadline started just before its PROCEED left
+
+        with connect(listener) as raw:
+            raw.sendall(b"hi\n")
+            assert recv_exactly(raw, 14) == b"hi over plain\n"
+            raw.sendall(b"STARTTLS\n")
+            assert recv_exactly(raw, 8) == b"PROCEED\n"
+            with client_context(pki).wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(b"hello\n")
+                assert recv_exactly(sock, 15) == b"hello over tls\n"
+        served = time.monotonic() - asked
+        # Served while the silent client still waits: nobody queued behind its handshake.
+        assert served < timeout, f"the bystander took {served:.2f}s, past the other's {timeout}s handshake deadline"
+
+        try:
+            assert recv_until_closed(silent) == b""  # bounded by the socket timeout
+        except TimeoutError:
+            pytest.fail(f"the silent STARTTLS client was still open {timeout + 10:g}s after its PROCEED "
+                        f"(handshake_timeout {timeout:g}s)")
+        cut_after = time.monotonic() - asked
+        silent.close()
+        ends = sorted(closed.get(timeout=10)[1] for _ in range(2))
+        assert ends == ["eof", "tls_handshake_timeout"]
+        # Not before the deadline; after it, within a wide margin for a loaded machine.
+        assert timeout * 0.8 <= cut_after < timeout + 8, f"cut after {cut_after:.2f}s (handshake_timeout {timeout}s)"
+        assert listener.info().closed_by_reason == {"eof": 1, "tls_handshake_timeout": 1}
+
+
 def test_start_tls_without_certificate_is_a_clear_error():
     errors: queue.Queue = queue.Queue()
 

@@ -9,13 +9,15 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from netpool.tls import TLSConfig, build_server_context
 
-from .test_cli import NETPOOL, assert_one_error_line, run_cli, server
+from .conftest import recv_exactly, recv_until_closed
+from .test_cli import NETPOOL, STOPPED, assert_one_error_line, run_cli, server
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl is installed by `make test` (Debian package)")
@@ -151,6 +153,56 @@ def test_client_renegotiation_is_refused(tmp_path, dev_cert):
         srv.expect(re.compile(r"closing it \(tls_error\)"))
         returncode, stderr = srv.stop()
         assert returncode == 0 and "tls_error 1" in stderr
+
+
+def first_flight(server_hostname: str = "localhost") -> bytes:
+    """What a real TLS client (the standard library's) sends first: its ClientHello, as bytes."""
+    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO(),
+                                                server_hostname=server_hostname)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_handshakes_that_stall_are_cut_at_handshake_timeout_while_a_real_client_is_served(tmp_path, dev_cert):
+    """From the shell, `--handshake-timeout 2`: silent clients and one that sent half a ClientHello are cut.
+
+    Each is closed about two seconds after it connected (never much before),
+    a real TLS client is served meanwhile, and the server's own summary
+    counts them under tls_handshake_timeout.
+    """
+    cert, key = dev_cert
+    timeout = 2.0
+    with server("echo", "--port", "0", "--certfile", cert, "--keyfile", key,
+                "--handshake-timeout", f"{timeout:g}", cwd=tmp_path) as srv:
+        port = srv.port()
+        connected = time.monotonic()
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=timeout + 10) for _ in range(5)]
+        hello = first_flight()
+        stalled[0].sendall(hello[:len(hello) // 2])  # a record header and half a handshake: then nothing
+        try:
+            context = ssl.create_default_context(cafile=cert)
+            with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                     server_hostname="localhost") as tls:
+                tls.sendall(b"not kept waiting")
+                assert recv_exactly(tls, 16) == b"not kept waiting"
+            served = time.monotonic() - connected
+            assert served < timeout, f"a real client took {served:.2f}s: it waited behind the stalled handshakes"
+            for sock in stalled:
+                try:
+                    assert recv_until_closed(sock) == b"", "only a close may come back"
+                except TimeoutError:  # the socket timeout
+                    pytest.fail(f"a stalled handshake was still open {timeout + 10:g}s after it connected")
+            cut = time.monotonic() - connected
+        finally:
+            for sock in stalled:
+                sock.close()
+        # The sweep may be a quarter of the timeout late; the margin is for a loaded machine.
+        assert timeout * 0.8 <= cut < timeout + 8, f"stalled handshakes cut after {cut:.2f}s"
+        returncode, stderr = srv.stop()
+    assert returncode == 0, stderr
+    summary = next(m["summary"] for line in stderr.splitlines() if (m := STOPPED.search(line)))
+    assert "closed 6 (eof 1, tls_handshake_timeout 5)" in summary, summary
 
 
 # -- defaults a scanner finds nothing in ----------------------------------------------------------
