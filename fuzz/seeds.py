@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from netpool.proxy_protocol import MAX_V1, V2_SIGNATURE, build_v1, build_v2  # noqa: E402
+from tests.test_xmpp_parser import DECLARATION, HEADER  # noqa: E402
 
 # Control prefixes: (cut seed, config byte). Seed 0 feeds one byte at a time; 0x08 and 0x50
 # give the XMPP target a small depth limit with attribute limits its header fits.
@@ -39,10 +40,6 @@ def client_hello() -> bytes:
 
 
 # tests/test_xmpp_parser.py
-STREAM = b"http://etherx.jabber.org/streams"
-HEADER = (b"<stream:stream to='localhost' xmlns='jabber:client' xmlns:stream='" + STREAM
-          + b"' version='1.0' xml:lang='en'>")
-DECLARATION = b"<?xml version='1.0' encoding='UTF-8'?>"
 XMPP = [
     DECLARATION + HEADER,
     HEADER + b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHNlY3JldA==</auth>",
