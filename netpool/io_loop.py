@@ -349,9 +349,13 @@ class LoopConnection(Connection):
                 total += sent
         finally:
             view.release()
-            if total:
-                del out[:total]
-                self._out_deadline = time.monotonic() + self._send_timeout
+        # Not in the finally: a send that failed has closed the connection, so nothing queued
+        # goes out any more, and the traceback on its way up still holds slices of the view (in
+        # the frames it passed through, pyOpenSSL's among them), which keep ``out`` from being
+        # resized: the BufferError would replace the ConnectionClosed and end the loop thread.
+        if total:
+            del out[:total]
+            self._out_deadline = time.monotonic() + self._send_timeout
         if out:
             return False
         self._out = None
@@ -1250,8 +1254,13 @@ class IOLoop:
                         slow = blocked_since_mark(took)
                 calls += len(messages)
                 if eof or conn.close_reason is not None or conn.transport is not transport or reads > READ_AHEAD or (
-                        reads and threads.queued) or (not slow and conn._quick + calls >= conn._inline_after):
-                    break  # the last: quick long enough to go back to the loop (_calls_done)
+                        reads and threads.queued) or (not slow and conn._quick + calls >= conn._inline_after
+                                                      and not (transport.is_tls and transport.pending())):
+                    # The last: quick long enough to go back to the loop (_calls_done). Not while
+                    # OpenSSL holds decrypted bytes: epoll would never say so, _calls_done hands
+                    # the connection straight back here, and a turn that stopped before reading
+                    # would do the same again, for ever.
+                    break
                 reads += 1
                 if calls and waits < most and (not transport.is_tls or not transport.pending()) and self._may_stick(conn):
                     # As the C turn does: wait for this client's next message,
