@@ -110,6 +110,11 @@ HANDOFF_AFTER = 0.002
 # spell is caught within about twice this.
 HANDOFF_IDLE_TICK = 0.02
 
+# A monitor tick this late means the whole process stood still (no CPU, or
+# one call held the interpreter lock), which is logged: handshakes and
+# clients time out meanwhile, and the log should say it was not their fault.
+STALL_WARNING = 1.0
+
 # Calls in a row that are all quicker than OFFLOAD_AFTER bring an offloaded
 # connection back to its loop, so a handler that blocked once (a cold cache)
 # does not pay a thread switch per message for ever. Each time a connection
@@ -1375,7 +1380,11 @@ class IOLoop:
         crew = self._crew
         assert crew is not None  # the monitor runs in thread mode, which has _crew
         while not self.stopping:
+            slept = time.monotonic()
             time.sleep(tick)  # one system call; Event.wait would run a Condition's Python per tick
+            late = time.monotonic() - slept - tick
+            if late >= STALL_WARNING:
+                self._stalled(late)
             crew.unstick()
             gen = self.call_count
             if gen != last:
@@ -1385,6 +1394,13 @@ class IOLoop:
                     last = -1
             else:
                 tick = min(tick * 2, HANDOFF_IDLE_TICK)  # quiet: look less often
+
+    def _stalled(self, late: float) -> None:
+        """Say that no Python ran here for ``late`` seconds: the timeouts that fired meanwhile were not the clients'."""
+        log.warning("%s: I/O loop %d's monitor woke %.1fs late: the process got no CPU for that long (an "
+                    "overloaded or paused machine) or one call held the interpreter lock; deadlines that passed "
+                    "meanwhile (handshakes, idle connections) are enforced now, and clients may have given up",
+                    self.services.config.name, self.index, late)
 
     def _hand_off(self, gen: int, *, by_monitor: bool = True) -> bool:
         """Take the stuck call's connection out of the loop and start the loop's next owner.

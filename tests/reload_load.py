@@ -38,10 +38,21 @@ class Tally:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts: collections.Counter[str] = collections.Counter()
+        # For each kind of failure, how old its connections were when it
+        # happened (seconds since connect): a close after the grace or a
+        # handshake timeout says the server stalled or was starved, one at
+        # once that it cut a connection it should have served.
+        self.ages: dict[str, list[float]] = collections.defaultdict(list)
 
     def add(self, what: str, n: int = 1) -> None:
         with self._lock:
             self.counts[what] += n
+
+    def fail(self, what: str, since: float) -> None:
+        """Count a failure, noting the age of its connection."""
+        with self._lock:
+            self.counts[what] += 1
+            self.ages[what].append(round(time.monotonic() - since, 2))
 
     def __getitem__(self, what: str) -> int:
         with self._lock:
@@ -86,13 +97,14 @@ class Load:
 
     def _connect(self) -> Optional[socket.socket]:
         """A connected (and with TLS, handshaken) socket, or None with the failure counted."""
+        since = time.monotonic()
         try:
             sock = socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
         except ConnectionRefusedError:
-            self.tally.add("refused")
+            self.tally.fail("refused", since)
             return None
         except OSError as exc:
-            self.tally.add(f"connect_error:{type(exc).__name__}")
+            self.tally.fail(f"connect_error:{type(exc).__name__}", since)
             return None
         self.tally.add("connected")
         if self.tls is None:
@@ -100,10 +112,10 @@ class Load:
         try:
             return self.tls.wrap_socket(sock, server_hostname="localhost")
         except ConnectionResetError:
-            self.tally.add("reset")
+            self.tally.fail("reset", since)
         except (ssl.SSLError, OSError) as exc:
             self.tally.add("handshake_failed")
-            self.tally.add(f"handshake_failed:{exc}")
+            self.tally.fail(f"handshake_failed:{exc}", since)
         sock.close()
         return None
 
@@ -130,6 +142,7 @@ class Load:
     def _long_lived(self) -> None:
         line = f"{threading.current_thread().name}\n".encode()
         while not self.stopping.is_set():
+            since = time.monotonic()
             sock = self._connect()
             if sock is None:
                 self.stopping.wait(PAUSE)
@@ -137,8 +150,11 @@ class Load:
             with sock:
                 while True:
                     outcome = self._echo(sock, line)
+                    if outcome == "eof":
+                        self.tally.add("graceful")
+                    elif outcome != "ok":
+                        self.tally.fail(outcome, since)
                     if outcome != "ok":
-                        self.tally.add("graceful" if outcome == "eof" else outcome)
                         break
                     self.tally.add("long_echoes")
                     if self.stopping.wait(PAUSE):
@@ -166,6 +182,7 @@ class Load:
 
     def _churn(self) -> None:
         while not self.stopping.is_set():
+            since = time.monotonic()
             sock = self._connect()
             if sock is None:
                 continue
@@ -175,7 +192,10 @@ class Load:
                     # Answered, then closed by a retiring generation before
                     # this client closed: the server counts it as its close.
                     self.tally.add("churn_closed_after_answer")
-            self.tally.add("served" if outcome == "ok" else f"churn_{outcome}")
+            if outcome == "ok":
+                self.tally.add("served")
+            else:
+                self.tally.fail(f"churn_{outcome}", since)
 
 
 def run(server_argv: list[str], cwd: Path, *, long_lived: int, churn: int, reloads: int,
@@ -222,6 +242,7 @@ def run(server_argv: list[str], cwd: Path, *, long_lived: int, churn: int, reloa
     return {
         "returncode": returncode,
         "clients": dict(load.tally.counts),
+        "failure_ages": dict(load.tally.ages),
         "server_reloads": int(summary[1] or summary[2]),
         "server_accepted": int(summary[3]),
         "server_refused": int(summary[4]),

@@ -11,6 +11,8 @@ answered promptly while others block.
 
 from __future__ import annotations
 
+import ctypes
+import re
 import ssl
 import statistics
 import subprocess
@@ -20,7 +22,7 @@ import time
 
 import pytest
 
-from netpool.io_loop import HANDOFF_AFTER, INLINE_AFTER
+from netpool.io_loop import HANDOFF_AFTER, INLINE_AFTER, STALL_WARNING
 
 from .certs import TestCA
 from .conftest import connect, recv_exactly, run_concurrently, serving, wait_for
@@ -337,3 +339,26 @@ def test_a_connection_that_blocked_once_comes_back_to_the_loop_while_its_client_
         inline = sum(thread is loop_thread for thread in later)
         pattern = "".join("L" if thread is loop_thread else "T" for thread in ran_on)
         assert inline >= 0.75 * len(later), f"{inline} of {len(later)} later calls ran on the loop: {pattern}"
+
+
+def test_a_call_that_holds_the_interpreter_for_over_a_second_is_logged_as_a_stall(caplog):
+    # ctypes.PyDLL keeps the GIL through the C call: for 1.2 s nothing else
+    # in the process runs Python, as when the machine pauses the process.
+    usleep = ctypes.PyDLL(None).usleep
+
+    def hold(message: bytes, conn) -> None:
+        if message == b"hold":
+            usleep(int((STALL_WARNING + 0.2) * 1e6))
+        conn.send(message)
+
+    with caplog.at_level("WARNING", logger="netpool.io_loop"), serving(handler=hold, io="threads") as listener:
+        with connect(listener) as sock:
+            sock.sendall(b"quick")
+            assert recv_exactly(sock, 5) == b"quick"
+            assert not [r for r in caplog.records if "late" in r.getMessage()]  # a quick call is no stall
+            sock.sendall(b"hold")
+            assert recv_exactly(sock, 4) == b"hold"
+        stalls = wait_for(lambda: [r.getMessage() for r in caplog.records if "woke" in r.getMessage()],
+                          what="the stall's warning")
+    assert len(stalls) == 1, stalls
+    assert re.search(r"I/O loop 0's monitor woke 1\.\ds late", stalls[0]), stalls[0]

@@ -41,6 +41,7 @@ def test_ten_rolling_reloads_under_load_lose_nothing(tmp_path: Path, processes: 
         # What the server logged around them tells which generation and which step.
         (tmp_path / "server.log").write_text(str(result["stderr"]))
     assert failures == {}, (f"resets, refusals, failed handshakes, TLS alerts or lost answers: {failures}; "
+                            f"the age of their connections (s): {result['failure_ages']}; "
                             f"the server's log ends with:\n{str(result['stderr'])[-6000:]}")
     assert result["returncode"] == 0
     assert result["server_reloads"] == RELOADS
