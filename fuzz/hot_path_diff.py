@@ -105,8 +105,10 @@ def model(script: scripts.Script) -> dict[str, Any]:
         sent = b"".join(plan.rounds)
         server: dict[str, Any] = {
             "reason": reasons[i], "bytes_in": len(sent),
-            # Events mode counts a reply once queued; thread mode once sent, which a big one never is.
-            "bytes_out": sum(map(len, echoes)) + len(tail or b"") + (big if script.io == "events" else 0)}
+            # Events mode counts what left of a big reply before the reset; thread mode counts a send
+            # once it is over, which a big one never is (server.big_reply_counted).
+            "bytes_out": sum(map(len, echoes)) + len(tail or b"") if not big else
+            "the echoes and part of the big reply" if script.io == "events" else "the echoes only"}
         if script.framing == "raw":
             server.update(received=sent, oversized=0)
         else:
@@ -128,7 +130,8 @@ def model(script: scripts.Script) -> dict[str, Any]:
                      "closed_by_reason": dict(sorted(by_reason.items())),
                      "errors": sum(n for reason, n in by_reason.items() if reason in ERROR_REASONS),
                      "bytes_in": sum(c["server"]["bytes_in"] for c in conns),
-                     "bytes_out": sum(c["server"]["bytes_out"] for c in conns)},
+                     # Without the big replies' connections (server.big_reply_counted).
+                     "bytes_out": sum(c["server"]["bytes_out"] for c in conns if isinstance(c["server"]["bytes_out"], int))},
         "conns": conns,
     }
 

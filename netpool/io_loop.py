@@ -256,7 +256,7 @@ class LoopConnection(Connection):
                 return True
             if posted:
                 data = posted[0] if len(posted) == 1 else b"".join(posted)
-                self.bytes_out += len(data)  # counted once queued: it goes out or the connection dies
+                self.bytes_out += len(data)  # counted once queued; _finish takes back what never went out
                 out = self._out
                 if out:
                     out += data
@@ -305,7 +305,7 @@ class LoopConnection(Connection):
             self.bytes_out += len(data)
             return
         # Events mode: the loop flushes the queue when the socket turns writable.
-        self.bytes_out += len(data)  # counted once queued: it goes out or the connection dies
+        self.bytes_out += len(data)  # counted once queued; _finish takes back what never went out
         out = self._out
         if out:
             out += memoryview(data)[sent:]
@@ -352,6 +352,10 @@ class LoopConnection(Connection):
                 if not sent:
                     break
                 total += sent
+        except BaseException:
+            if total:  # what did go out leaves the queue (for _finish's count), as a copy: see below
+                self._out = out[total:]
+            raise
         finally:
             view.release()
         # Not in the finally: a send that failed has closed the connection, so nothing queued
@@ -439,8 +443,19 @@ class LoopConnection(Connection):
             lock.acquire()
         try:
             sock.close()
+            unsent = len(self._out) if self._out else 0
+            self._out = None
         finally:
             lock.release()
+        if unsent:
+            # Events mode: replies queued for a peer that had not read them go with the
+            # connection. They were counted as sent when queued; the count is made true and the
+            # loss said, unless the reason says it already (a peer that stopped reading or left).
+            self.bytes_out -= unsent
+            if reason not in ("send_timeout", "send_overflow", "reset", "tls_error"):
+                log.warning("connection %d from %s: closed (%s) with %d bytes of replies still queued for a peer "
+                            "that had not read them; they were not delivered", self.id, format_address(self.peer),
+                            reason, unsent)
         return reason, counted
 
     def _about_to_wait(self) -> None:

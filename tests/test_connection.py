@@ -50,6 +50,35 @@ def test_handler_close_sends_pending_reply_then_fin():
         assert closed_reasons(listener, 1) == {"closed": 1}
 
 
+def test_a_close_over_a_reply_the_peer_has_not_read_counts_only_what_left_and_says_what_did_not(io_mode, caplog):
+    """Thread mode's send waits for the peer, so all of it arrives; events mode queues, and close() ends the queue.
+
+    Either way bytes_out is what the client could read, and a loss is logged, never silent.
+    """
+    reply = 4_000_000  # within LOOP_QUEUE_LIMIT, far past what a 4 KiB receive window lets the kernel hold
+
+    def handler(message, conn):
+        conn.send_bytes(b"r" * reply)
+        conn.close()
+
+    with caplog.at_level(logging.WARNING, logger="netpool.io_loop"), serving(handler=handler) as listener:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+        sock.settimeout(10)
+        with sock:
+            sock.connect((listener.config.host, listener.port))
+            sock.sendall(b"go")
+            received = len(recv_until_closed(sock))
+        assert closed_reasons(listener, 1) == {"closed": 1}
+        assert listener.info().bytes_out == received
+        lost = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+    if io_mode == "threads":
+        assert received == reply and not lost
+    else:
+        assert received < reply
+        assert len(lost) == 1 and f"with {reply - received} bytes of replies still queued" in lost[0], lost
+
+
 def test_close_with_a_reason_of_its_own_is_what_on_close_and_the_counters_see():
     """close("kicked") ends the connection at once, and the reason it gave is its close reason everywhere."""
     seen: queue.Queue = queue.Queue()
