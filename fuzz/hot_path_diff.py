@@ -105,10 +105,8 @@ def model(script: scripts.Script) -> dict[str, Any]:
         sent = b"".join(plan.rounds)
         server: dict[str, Any] = {
             "reason": reasons[i], "bytes_in": len(sent),
-            # Events mode counts what left of a big reply before the reset; thread mode counts a send
-            # once it is over, which a big one never is (server.big_reply_counted).
-            "bytes_out": sum(map(len, echoes)) + len(tail or b"") if not big else
-            "the echoes and part of the big reply" if script.io == "events" else "the echoes only"}
+            # What left of a big reply before the reset is timing (server.big_reply_counted).
+            "bytes_out": sum(map(len, echoes)) + len(tail or b"") if not big else "the echoes and at most the big reply"}
         if script.framing == "raw":
             server.update(received=sent, oversized=0)
         else:

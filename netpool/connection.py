@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .errors import ConnectionClosed, SendTimeout, TLSError, TLSHandshakeError
 from .tls_config import TLSInfo
-from .transport import PlainTransport
+from .transport import PlainTransport, SendIncomplete
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tls import TLSTransport
@@ -209,7 +209,10 @@ class Connection:
         closed-by-reason counters show: ``closed`` unless you name your own
         (``kicked``, say). By default the connection stops at once: reads
         end, a send waiting for the peer is aborted, and data ``send`` has
-        already taken is still delivered before the FIN. With
+        already taken is still delivered before the FIN (in events mode,
+        where send queues what the kernel cannot take yet, the queue goes out
+        first, as long as the peer keeps reading within ``send_timeout``;
+        what it never takes is logged and not counted in ``bytes_out``). With
         ``graceful=True`` only reads stop: a handler running now may still
         send its replies, and the connection ends once it returns (what a
         ``quit`` and a listener's stop do).
@@ -302,7 +305,8 @@ class Connection:
         self._about_to_wait()
         try:
             self.transport.send_until(data, time.monotonic() + self._send_timeout)
-        except TimeoutError:
+        except SendIncomplete as exc:
+            self.bytes_out += exc.sent  # what went out before the deadline: the peer can still read it
             raise self._send_timed_out() from None
         except TLSError as exc:
             self._tls_send_failed(exc)

@@ -148,6 +148,8 @@ _EPOLLOUT = select.EPOLLOUT
 READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _IN_OUT = _IN | select.EPOLLOUT
+# Reasons a connection ends without its queued replies: its peer cannot or will not take them.
+NO_LINGER = frozenset(("reset", "tls_error", "send_error", "send_timeout", "send_overflow", "outbox_overflow"))
 
 
 class LoopConnection(Connection):
@@ -165,7 +167,7 @@ class LoopConnection(Connection):
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_alarm_due", "_fd",
                  "_offloaded", "_busy", "_quick", "_proven", "_inline_after", "_away", "_struck", "_stick_skip",
-                 "_posted", "_posted_bytes", "_post_due")
+                 "_posted", "_posted_bytes", "_post_due", "_lingering")
 
     def __init__(self, *args: Any, loop: "IOLoop", alarm_due: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -174,6 +176,9 @@ class LoopConnection(Connection):
         sock.setblocking(False)  # TCP_NODELAY it has from the listening socket
         self._fd = sock.fileno()  # what the loop's epoll and table know it by
         self._out: Optional[bytearray] = None
+        # Events mode: the reason this connection ends with, while its loop delivers what is
+        # still queued before the FIN (IOLoop._linger); None otherwise.
+        self._lingering: Optional[str] = None
         self._out_deadline = 0.0
         self._framer: Any = None
         self._last_read = 0.0
@@ -298,11 +303,12 @@ class LoopConnection(Connection):
         if self._loop.handoff:
             # Thread mode: wait for the peer on this thread, behind whatever
             # posted messages the loop could not write yet (_out).
+            self.bytes_out += sent  # gone already, whatever happens to the rest
             if self._out:
                 self._about_to_wait()
                 self._drain_to(0)
-            self._send_rest(memoryview(data)[sent:])
-            self.bytes_out += len(data)
+            self._send_rest(memoryview(data)[sent:])  # counts what went out if it times out
+            self.bytes_out += len(data) - sent
             return
         # Events mode: the loop flushes the queue when the socket turns writable.
         self.bytes_out += len(data)  # counted once queued; _finish takes back what never went out
@@ -393,6 +399,32 @@ class LoopConnection(Connection):
             self._use_tls(setup.session)
         return 0
 
+    def _request_close(self, reason: str, how: int) -> bool:
+        """As Connection's, except in events mode with replies queued: they go out before the FIN.
+
+        send() took them (the kernel had no room yet), so close() must not
+        drop them: reads stop now and no send is taken any more, but the FIN
+        (and a TLS close_notify) waits until the loop has delivered the queue,
+        within send_timeout (IOLoop._linger). A second close() aborts.
+        """
+        if (how == socket.SHUT_RDWR and self._out and not self._wr_closed and not self._loop.handoff
+                and reason not in NO_LINGER):
+            first = super()._request_close(reason, socket.SHUT_RD)
+            with self._state_lock:
+                self._wr_closed = True
+            return first
+        return super()._request_close(reason, how)
+
+    def _stop_taking_sends(self, reason: str) -> None:
+        """No send is taken any more; ``reason`` becomes the close reason unless there is one (IOLoop._linger).
+
+        Recorded now rather than by _finish: the C dispatch leaves a closing connection to the loop.
+        """
+        with self._state_lock:
+            self._wr_closed = True
+            if self.close_reason is None:
+                self.close_reason = reason
+
     def _flush_last(self) -> None:
         """Last chance for queued replies and posted messages (a handler that sent, then closed), unless a sender is at it."""
         if self._out or self._posted:
@@ -452,7 +484,7 @@ class LoopConnection(Connection):
             # connection. They were counted as sent when queued; the count is made true and the
             # loss said, unless the reason says it already (a peer that stopped reading or left).
             self.bytes_out -= unsent
-            if reason not in ("send_timeout", "send_overflow", "reset", "tls_error"):
+            if reason not in NO_LINGER:
                 log.warning("connection %d from %s: closed (%s) with %d bytes of replies still queued for a peer "
                             "that had not read them; they were not delivered", self.id, format_address(self.peer),
                             reason, unsent)
@@ -763,6 +795,9 @@ class IOLoop:
             if conn._setup is not None:
                 self._advance_setup(conn)
                 continue
+            if conn._lingering is not None:
+                self._linger_step(conn, ev)
+                continue
             if conn._offloaded or (self.offload_new and not conn._proven and handoff):
                 if not conn._away and not conn._busy:
                     # Its calls run on threads: from now on they read it too.
@@ -1057,7 +1092,7 @@ class IOLoop:
             if conn._out and now >= conn._out_deadline:
                 conn.close("send_timeout")
                 self._end(conn, "send_timeout")
-            elif idle and now - conn._last_read >= idle:
+            elif idle and now - conn._last_read >= idle and conn._lingering is None:
                 if conn._away and not self._claim(conn):
                     continue  # a handler thread has just taken it: not idle
                 self._end(conn, "idle_timeout")
@@ -1065,11 +1100,37 @@ class IOLoop:
     def _end(self, conn: LoopConnection, reason: str) -> None:
         """End a connection this loop holds (loop thread): its queue flushed, out of the loop, then wound up."""
         conn._flush_last()
+        if conn._out and conn._lingering is None and not self.handoff and reason not in NO_LINGER:
+            self._linger(conn, reason)
+            return
         self._forget(conn)
         if self.stopping:  # no hand-off any more: the loop is closing
             self._wind_up(conn, reason)
         else:
             self._user_call(conn, self._wind_up, conn, reason, done=True)
+
+    def _linger(self, conn: LoopConnection, reason: str) -> None:
+        """Events mode: keep a connection that is ending until its peer has taken the queued replies.
+
+        Reads are over; the loop only waits for the socket to take more
+        (_linger_step), and ends the connection once the queue is empty, the
+        peer is gone, or send_timeout passes without progress (the sweep).
+        No send is taken meanwhile, so the queue only shrinks.
+        """
+        conn._stop_taking_sends(reason)
+        conn._lingering = reason
+        try:
+            self._ep.modify(conn._fd, select.EPOLLOUT)
+        except OSError:
+            self._end(conn, reason)  # the descriptor is gone: end it now (lingering already, so at once)
+
+    def _linger_step(self, conn: LoopConnection, ev: int) -> None:
+        if ev & _EPOLLOUT:
+            conn._flush_writable()
+        if not conn._out or ev & (select.EPOLLERR | select.EPOLLHUP):
+            reason = conn._lingering
+            assert reason is not None
+            self._end(conn, reason)
 
     def _wind_up(self, conn: LoopConnection, reason: str) -> None:
         """The way every connection ends, once out of its loop (any thread): close it, then report it.

@@ -29,7 +29,7 @@ from OpenSSL import SSL
 
 from .deadline import poll_until
 from .errors import TLSError, TLSHandshakeError, TLSHandshakeTimeout
-from .transport import end_with_fin
+from .transport import SendIncomplete, end_with_fin
 from .tls_config import INTERMEDIATE_CIPHERS, TLSConfig, TLSInfo
 
 __all__ = [
@@ -349,7 +349,7 @@ class TLSTransport:
         return sent
 
     def send_until(self, data: "bytes | memoryview", deadline: float) -> None:
-        """Encrypt and send all of ``data`` by ``deadline`` (monotonic) or raise TimeoutError."""
+        """Encrypt and send all of ``data`` by ``deadline`` (monotonic) or raise SendIncomplete."""
         view = memoryview(data)
         while view:
             sent, wanted = self._send_once(view)
@@ -358,7 +358,7 @@ class TLSTransport:
                 continue
             poller = self._read_poll if wanted == select.POLLIN else self._writable()
             if not poll_until(poller, deadline):
-                raise TimeoutError("send timed out")
+                raise SendIncomplete(len(data) - len(view))
 
     def _send_once(self, data: "bytes | memoryview") -> tuple[int, int]:
         """One SSL_write: (bytes sent, 0), or (0, the poll event to wait for)."""

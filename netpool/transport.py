@@ -13,7 +13,7 @@ finishes (trio's SocketStream and SSLStream, one interface). Both have:
 - ``send_nowait(data)``: how many bytes were taken now, or BlockingIOError
   when none could be;
 - ``send_until(data, deadline)``: all of it by ``deadline`` (monotonic),
-  or TimeoutError;
+  or :class:`SendIncomplete` (a TimeoutError) saying how much went out;
 - ``pending()``: bytes already read and decoded that epoll cannot see (0 here);
 - ``told_to_close(abort)``: the connection is closing; ``abort``: at once.
 
@@ -31,7 +31,15 @@ import socket
 
 from .deadline import poll_until
 
-__all__ = ["PlainTransport"]
+__all__ = ["PlainTransport", "SendIncomplete"]
+
+
+class SendIncomplete(TimeoutError):
+    """``send_until``'s deadline passed with ``sent`` bytes of the data gone out (the counters count them)."""
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"send timed out after {sent} bytes")
+        self.sent = sent
 
 
 class PlainTransport(socket.socket):
@@ -60,7 +68,7 @@ class PlainTransport(socket.socket):
             except BlockingIOError:
                 pass
             if not poll_until(poller, deadline):
-                raise TimeoutError("send timed out")
+                raise SendIncomplete(sent)
 
     def pending(self) -> int:
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import ssl
 import struct
 import threading
 
@@ -12,6 +13,7 @@ import pytest
 
 import netpool
 
+from .certs import TestCA
 from .conftest import connect, recv_exactly, recv_until_closed, run_concurrently, serving, wait_for
 
 pytestmark = pytest.mark.io_modes  # every test runs in both I/O modes
@@ -50,33 +52,65 @@ def test_handler_close_sends_pending_reply_then_fin():
         assert closed_reasons(listener, 1) == {"closed": 1}
 
 
-def test_a_close_over_a_reply_the_peer_has_not_read_counts_only_what_left_and_says_what_did_not(io_mode, caplog):
-    """Thread mode's send waits for the peer, so all of it arrives; events mode queues, and close() ends the queue.
+def small_window_client(listener) -> socket.socket:
+    """A client whose 4 KiB receive window keeps most of a big reply out of the kernel: the server must queue it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+    sock.settimeout(10)
+    sock.connect((listener.config.host, listener.port))
+    return sock
 
-    Either way bytes_out is what the client could read, and a loss is logged, never silent.
-    """
-    reply = 4_000_000  # within LOOP_QUEUE_LIMIT, far past what a 4 KiB receive window lets the kernel hold
 
-    def handler(message, conn):
-        conn.send_bytes(b"r" * reply)
-        conn.close()
+BIG_REPLY = 4_000_000  # within LOOP_QUEUE_LIMIT, and far more than the kernel holds for a small window
 
-    with caplog.at_level(logging.WARNING, logger="netpool.io_loop"), serving(handler=handler) as listener:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
-        sock.settimeout(10)
-        with sock:
-            sock.connect((listener.config.host, listener.port))
+
+def send_big_then_close(message, conn):
+    conn.send_bytes(b"r" * BIG_REPLY)
+    conn.close()
+
+
+def test_a_reply_sent_before_close_arrives_whole_before_the_fin(caplog):
+    """Thread mode's send waits for the peer; events mode queues, and its close delivers the queue first."""
+    with caplog.at_level(logging.WARNING, logger="netpool.io_loop"), serving(handler=send_big_then_close) as listener:
+        with small_window_client(listener) as sock:
             sock.sendall(b"go")
-            received = len(recv_until_closed(sock))
+            assert len(recv_until_closed(sock)) == BIG_REPLY
         assert closed_reasons(listener, 1) == {"closed": 1}
-        assert listener.info().bytes_out == received
+        assert listener.info().bytes_out == BIG_REPLY
+    assert not [r for r in caplog.records if "not delivered" in r.getMessage()]
+
+
+def test_over_tls_the_close_notify_comes_after_the_whole_reply(tmp_path):
+    """A clean TLS end (close_notify, which the stdlib client reads as EOF) only after every queued byte."""
+    ca = TestCA(tmp_path)
+    server = ca.issue("localhost", hosts=("localhost", "127.0.0.1"))
+    context = ssl.create_default_context(cafile=str(ca.path))
+    settings = {"certfile": str(server.cert), "keyfile": str(server.key)}
+    with serving(handler=send_big_then_close, ssl=settings) as listener:
+        with context.wrap_socket(small_window_client(listener), server_hostname="localhost") as sock:
+            sock.sendall(b"go")
+            got = 0
+            while chunk := sock.recv(65536):  # b"" only on close_notify: a bare FIN raises SSLEOFError
+                got += len(chunk)
+        assert got == BIG_REPLY
+        assert closed_reasons(listener, 1) == {"closed": 1}
+        assert listener.info().bytes_out == BIG_REPLY
+
+
+def test_a_close_gives_up_on_a_peer_that_never_reads_after_send_timeout_and_says_what_was_lost(io_mode, caplog):
+    with caplog.at_level(logging.WARNING, logger="netpool.io_loop"), \
+            serving(handler=send_big_then_close, send_timeout=0.5) as listener:
+        with small_window_client(listener) as sock:
+            sock.sendall(b"go")
+            closed = closed_reasons(listener, 1)  # without reading a byte
+            received = len(recv_until_closed(sock))  # what the kernel had taken: it still arrives
+        assert listener.info().bytes_out == received < BIG_REPLY
         lost = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
     if io_mode == "threads":
-        assert received == reply and not lost
+        assert closed == {"send_timeout": 1} and not lost  # the handler's send timed out (SendTimeout)
     else:
-        assert received < reply
-        assert len(lost) == 1 and f"with {reply - received} bytes of replies still queued" in lost[0], lost
+        assert closed == {"closed": 1}
+        assert len(lost) == 1 and f"with {BIG_REPLY - received} bytes of replies still queued" in lost[0], lost
 
 
 def test_close_with_a_reason_of_its_own_is_what_on_close_and_the_counters_see():
