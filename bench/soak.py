@@ -16,9 +16,15 @@ warm-up (a least-squares fit over the samples); with tracemalloc on (the
 default) the server traces its allocations from the start, the RSS slope is
 also given without tracemalloc's own memory, and the report names the
 largest allocation sites after the warm-up and at the end, and those that
-grew most in between. Then its counters against what the clients counted,
-and whether anything was lost: every line a client sent and the server
-answered must have come back, in order. The run stops by itself.
+grew most in between. Every sample also asks the server for a census
+(soak_handler's CENSUS) of what tracemalloc cannot see: its RSS by kind of
+mapping (glibc's main heap, its per-thread arenas, the interpreter's object
+arenas, thread stacks, files), glibc's own account of its heaps (in use,
+free, mmapped) and its live objects by type; the report gives each row's
+slope and the types whose count grew. Then its counters against what the
+clients counted, and whether anything was lost: every line a client sent
+and the server answered must have come back, in order. The run stops by
+itself.
 """
 
 from __future__ import annotations
@@ -206,6 +212,30 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     return 0.0 if not var else 3600 * sum((t - mean_t) * (v - mean_v) for t, v in points) / var
 
 
+# The census's rows in the report (soak_handler's CENSUS): where the RSS is,
+# by kind of mapping, and glibc's account of its heaps.
+CENSUS_ROWS = {
+    "rss main heap mb": "RSS in glibc's main heap",
+    "rss thread heaps and other mb": "RSS in glibc's thread arenas (and other anonymous maps)",
+    "rss pymalloc arenas mb": "RSS in the interpreter's object arenas",
+    "rss thread stacks mb": "RSS in thread stacks",
+    "rss files mb": "RSS in files (code, libraries)",
+    "malloc_heap_mb": "malloc heaps (all arenas)",
+    "malloc_in_use_mb": "malloc in use",
+    "malloc_free_mb": "malloc free (held, unused)",
+    "malloc_mmapped_mb": "malloc mmapped blocks",
+}
+
+
+def grown_types_table(start: dict, end: dict, rows: int = 12) -> list[str]:
+    """Object types whose live count grew from the warm-up to the end (a leak of any size shows here)."""
+    grown = sorted(((end.get(t, 0) - start.get(t, 0), t) for t in set(start) | set(end)), reverse=True)[:rows]
+    lines = ["Live objects by type that grew most from the warm-up to the end (gc census):", "",
+             "| type | after warm-up | end | grew |", "| --- | --- | --- | --- |"]
+    lines += [f"| {t} | {start.get(t, 0)} | {end.get(t, 0)} | {d:+} |" for d, t in grown if d > 0]
+    return lines + [""]
+
+
 def sites_table(title: str, sites: list[dict]) -> list[str]:
     lines = [f"{title}:", "", "| site | KiB | blocks |", "| --- | --- | --- |"]
     lines += [f"| {s['site'].replace(str(HERE.parent), '.')} | {s['kib']} | {s['blocks']} |" for s in sites]
@@ -269,18 +299,27 @@ def main() -> int:
             t.start()
         samples = []
         start_sites: dict = {}
+        start_census: dict = {}
         while time.monotonic() - started < seconds:
             stop.wait(min(every, max(0.0, seconds - (time.monotonic() - started))))
             elapsed = time.monotonic() - started
+            if args.tracemalloc and not start_sites and elapsed >= warmup:
+                # Before this sample, the first measured: the baseline snapshot the server keeps
+                # is tens of MB, and would count as growth if it came after.
+                start_sites = control(port, b"TRACEMALLOC START")
+            census = control(port, b"CENSUS")
             status = proc_status(server.pid)
             if args.tracemalloc:
                 # tracemalloc's own bookkeeping is in the RSS: the slope is taken without it.
                 status["trace_mb"] = round(control(port, b"TRACEMALLOC MEM")["overhead_kib"] / 1024, 1)
-                if not start_sites and elapsed >= warmup:
-                    start_sites = control(port, b"TRACEMALLOC START")
+            status.update({f"malloc_{k}_mb": round(kib / 1024, 1) for k, kib in census["malloc"].items()})
+            status.update({f"rss {k} mb": round(kib / 1024, 1) for k, kib in census["rss"].items()})
+            if not start_census and elapsed >= warmup:
+                start_census = census
             samples.append((round(elapsed), status))
             print(f"[{samples[-1][0]:>4}s] server {status}, clients {dict(stats.counts)}", flush=True)
         end_sites = control(port, b"TRACEMALLOC TOP") if args.tracemalloc else {}
+        end_census = control(port, b"CENSUS")
         stop.set()
         for t in threads:
             t.join(60)
@@ -301,6 +340,7 @@ def main() -> int:
             "rss_less": slope_per_hour([(t, st["rss_mb"] - st.get("trace_mb", 0.0)) for t, st in measured]),
             "threads": slope_per_hour([(t, st["threads"]) for t, st in measured]),
             "fds": slope_per_hour([(t, st["fds"]) for t, st in measured]),
+            **{k: slope_per_hour([(t, st[k]) for t, st in measured if k in st]) for k in CENSUS_ROWS},
         }
         first = measured[0][1] if measured else before
         report = [
@@ -321,9 +361,14 @@ def main() -> int:
             f"| server threads | {before['threads']} | {first['threads']} | {after['threads']} | "
             f"{slopes['threads']:+.2f} |",
             f"| server descriptors | {before['fds']} | {first['fds']} | {after['fds']} | {slopes['fds']:+.2f} |",
+            *[f"| {title} (MB) | | {first.get(k, '')} | {samples[-1][1].get(k, '') if samples else ''} | "
+              f"{slopes[k]:+.2f} |" for k, title in CENSUS_ROWS.items()],
             "",
-            "Samples (s, RSS MB, threads, fds" + (", tracemalloc MB" if args.tracemalloc else "") + "): " + "; ".join(
-                f"{t}: {s['rss_mb']}/{s['threads']}/{s['fds']}" + (f"/{s['trace_mb']}" if "trace_mb" in s else "")
+            *grown_types_table(start_census.get("objects", {}), end_census.get("objects", {})),
+            "Samples (s, RSS MB, threads, fds, malloc in use MB, malloc free MB"
+            + (", tracemalloc MB" if args.tracemalloc else "") + "): " + "; ".join(
+                f"{t}: {s['rss_mb']}/{s['threads']}/{s['fds']}/{s.get('malloc_in_use_mb')}/{s.get('malloc_free_mb')}"
+                + (f"/{s['trace_mb']}" if "trace_mb" in s else "")
                 for t, s in samples),
             "",
             *(sites_table("Largest allocation sites after the warm-up", start_sites.get("largest", []))
