@@ -167,7 +167,7 @@ class LoopConnection(Connection):
 
     __slots__ = ("_loop", "_out", "_out_deadline", "_framer", "_last_read", "_setup", "_alarm_due", "_fd",
                  "_offloaded", "_busy", "_quick", "_proven", "_inline_after", "_away", "_struck", "_stick_skip",
-                 "_posted", "_posted_bytes", "_post_due", "_lingering")
+                 "_posted", "_posted_bytes", "_post_due")
 
     def __init__(self, *args: Any, loop: "IOLoop", alarm_due: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -176,9 +176,6 @@ class LoopConnection(Connection):
         sock.setblocking(False)  # TCP_NODELAY it has from the listening socket
         self._fd = sock.fileno()  # what the loop's epoll and table know it by
         self._out: Optional[bytearray] = None
-        # Events mode: the reason this connection ends with, while its loop delivers what is
-        # still queued before the FIN (IOLoop._linger); None otherwise.
-        self._lingering: Optional[str] = None
         self._out_deadline = 0.0
         self._framer: Any = None
         self._last_read = 0.0
@@ -604,6 +601,10 @@ class IOLoop:
         self._outbox_fd = self._outbox_ep.fileno()
         self._ep.register(self._outbox_fd, select.EPOLLIN)
         self._pumping: dict[int, LoopConnection] = {}
+        # Events mode: connections that are ending while the loop delivers what is still queued
+        # before the FIN (_linger), by descriptor, with their reason. Here, not in a slot: few
+        # connections ever linger, and a slot would cost every idle one.
+        self._lingering: dict[int, str] = {}
         self._outbox_limit = services.config.outbox_limit
         self.stopping = False
         config = services.config
@@ -784,6 +785,7 @@ class IOLoop:
         raw = self._raw
         handoff = self.handoff
         bufsize = self._bufsize
+        lingering = self._lingering
         for fd, ev in events:
             conn = conns.get(fd)
             if conn is None:
@@ -795,7 +797,7 @@ class IOLoop:
             if conn._setup is not None:
                 self._advance_setup(conn)
                 continue
-            if conn._lingering is not None:
+            if lingering and fd in lingering:
                 self._linger_step(conn, ev)
                 continue
             if conn._offloaded or (self.offload_new and not conn._proven and handoff):
@@ -1092,7 +1094,7 @@ class IOLoop:
             if conn._out and now >= conn._out_deadline:
                 conn.close("send_timeout")
                 self._end(conn, "send_timeout")
-            elif idle and now - conn._last_read >= idle and conn._lingering is None:
+            elif idle and now - conn._last_read >= idle and conn._fd not in self._lingering:
                 if conn._away and not self._claim(conn):
                     continue  # a handler thread has just taken it: not idle
                 self._end(conn, "idle_timeout")
@@ -1100,7 +1102,8 @@ class IOLoop:
     def _end(self, conn: LoopConnection, reason: str) -> None:
         """End a connection this loop holds (loop thread): its queue flushed, out of the loop, then wound up."""
         conn._flush_last()
-        if conn._out and conn._lingering is None and not self.handoff and reason not in NO_LINGER:
+        lingered = self._lingering.pop(conn._fd, None) is not None
+        if conn._out and not lingered and not self.handoff and reason not in NO_LINGER:
             self._linger(conn, reason)
             return
         self._forget(conn)
@@ -1118,19 +1121,17 @@ class IOLoop:
         No send is taken meanwhile, so the queue only shrinks.
         """
         conn._stop_taking_sends(reason)
-        conn._lingering = reason
+        self._lingering[conn._fd] = reason
         try:
             self._ep.modify(conn._fd, select.EPOLLOUT)
         except OSError:
-            self._end(conn, reason)  # the descriptor is gone: end it now (lingering already, so at once)
+            self._end(conn, reason)  # the descriptor is gone: end it now (it lingers already, so at once)
 
     def _linger_step(self, conn: LoopConnection, ev: int) -> None:
         if ev & _EPOLLOUT:
             conn._flush_writable()
         if not conn._out or ev & (select.EPOLLERR | select.EPOLLHUP):
-            reason = conn._lingering
-            assert reason is not None
-            self._end(conn, reason)
+            self._end(conn, self._lingering[conn._fd])
 
     def _wind_up(self, conn: LoopConnection, reason: str) -> None:
         """The way every connection ends, once out of its loop (any thread): close it, then report it.
