@@ -407,8 +407,7 @@ class LoopConnection(Connection):
         if (how == socket.SHUT_RDWR and self._out and not self._wr_closed and not self._loop.handoff
                 and reason not in NO_LINGER):
             first = super()._request_close(reason, socket.SHUT_RD)
-            with self._state_lock:
-                self._wr_closed = True
+            self._stop_taking_sends(reason)
             return first
         return super()._request_close(reason, how)
 
@@ -1102,7 +1101,8 @@ class IOLoop:
     def _end(self, conn: LoopConnection, reason: str) -> None:
         """End a connection this loop holds (loop thread): its queue flushed, out of the loop, then wound up."""
         conn._flush_last()
-        lingered = self._lingering.pop(conn._fd, None) is not None
+        # A dict lookup only while some connection lingers: every connection ends here.
+        lingered = bool(self._lingering) and self._lingering.pop(conn._fd, None) is not None
         if conn._out and not lingered and not self.handoff and reason not in NO_LINGER:
             self._linger(conn, reason)
             return
@@ -1456,12 +1456,15 @@ class IOLoop:
         tick = HANDOFF_AFTER
         crew = self._crew
         assert crew is not None  # the monitor runs in thread mode, which has _crew
+        slept = time.monotonic()
         while not self.stopping:
-            slept = time.monotonic()
             time.sleep(tick)  # one system call; Event.wait would run a Condition's Python per tick
-            late = time.monotonic() - slept - tick
-            if late >= STALL_WARNING:
-                self._stalled(late)
+            # One clock read per tick: this wake-up is also the next sleep's start (the few
+            # microseconds of the tick's own work count as lateness, far below STALL_WARNING).
+            woke = time.monotonic()
+            if woke - slept - tick >= STALL_WARNING:
+                self._stalled(woke - slept - tick)
+            slept = woke
             crew.unstick()
             gen = self.call_count
             if gen != last:
