@@ -368,6 +368,60 @@ static int tls_has_pending(PyObject *tls, void *ssl) {
     return unlock(lock) < 0 ? READ_PY_ERROR : pending;
 }
 
+/* tls_recv(transport, size): TLSTransport.recv_nowait's SSL_read, for a caller
+ * that holds the session's lock; what it returns and raises is what that
+ * method says. It reads into recv_buf without letting the GIL go (the socket
+ * is non-blocking: SSL_read cannot wait), so a read allocates only the bytes
+ * it returns. pyOpenSSL's recv allocates `size` bytes per call, and those
+ * short-lived 64 KiB blocks, between long-lived ones, fragment malloc's
+ * arenas: RSS grew for hours (bench/soak-report.md). */
+static PyObject *tls_recv(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "tls_recv() takes a TLSTransport and a size");
+        return NULL;
+    }
+    PyObject *tls = args[0];
+    void *ssl = tls_session(tls);
+    if (ssl == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "tls_recv(): not a session the C path serves");
+        return NULL;
+    }
+    Py_ssize_t size = PyLong_AsSsize_t(args[1]);
+    if (size == -1 && PyErr_Occurred()) return NULL;
+    if (size < 1 || size > RECV_MAX) {
+        PyErr_Format(PyExc_ValueError, "tls_recv(): size not in 1..%d", RECV_MAX);
+        return NULL;
+    }
+    ossl.err_clear(); /* SSL_get_error is only right with an empty queue */
+    errno = 0;
+    int n = ossl.read(ssl, recv_buf, (int)size);
+    if (n > 0) return PyBytes_FromStringAndSize(recv_buf, n);
+    int err_no = errno, code = 0;
+    PyObject *exc = NULL;
+    switch (tls_failure(ssl, n, err_no, &code, &exc)) {
+    case TLS_WANT:
+        exc = PyObject_CallFunction(PyExc_BlockingIOError, "is", EAGAIN, "TLS record not complete");
+        break;
+    case TLS_CLOSED:
+        return PyBytes_FromStringAndSize(NULL, 0);
+    case TLS_EOF:
+        set_slot(tls, off_tls_notified, Py_True); /* a broken session gets no close_notify */
+        return PyBytes_FromStringAndSize(NULL, 0);
+    case TLS_OS_ERROR:
+        set_slot(tls, off_tls_notified, Py_True);
+        exc = os_error(PyExc_ConnectionResetError, code, NULL);
+        break;
+    default: /* TLS_FAILED: exc is the TLSError */
+        set_slot(tls, off_tls_notified, Py_True);
+        break;
+    }
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
 static PyObject *dispatch(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 8) {
         PyErr_SetString(PyExc_TypeError, "dispatch() takes 8 arguments");
@@ -1196,6 +1250,8 @@ static PyMethodDef methods[] = {
      "(seconds off the CPU, voluntary context switches) since mark(); marks again."},
     {"recv_nowait", (PyCFunction)(void (*)(void))recv_nowait, METH_FASTCALL,
      "recv(fd, size, MSG_DONTWAIT) holding the GIL: bytes, or None when nothing is there."},
+    {"tls_recv", (PyCFunction)(void (*)(void))tls_recv, METH_FASTCALL,
+     "TLSTransport.recv_nowait's SSL_read into a reused buffer, for a caller holding the session's lock."},
     {"rearm", (PyCFunction)(void (*)(void))rearm, METH_FASTCALL,
      "epoll_ctl(EPOLL_CTL_MOD) holding the GIL."},
     {"epoll_wait", (PyCFunction)(void (*)(void))wait_events, METH_FASTCALL,

@@ -22,6 +22,9 @@ compare, or to rule the C out); the tests run every read-path test both ways.
 - ``send_bytes``, installed on the connection classes (``install``).
 - ``serve_offloaded``: a handler thread's turn on an offloaded connection
   (``offloaded_server``), as ``IOLoop.run_calls`` does it.
+- ``recv_nowait`` and ``tls_recv`` (``TLSTransport.c_recv``): the reads of
+  the Python path (other framers than raw, set-up, handler threads), into a
+  reused buffer, so a read allocates only the bytes it returns.
 
 Reads and writes of an established TLS session take the C path too once it
 has OpenSSL's ``SSL_read`` and ``SSL_write`` (``install_tls``), under the
@@ -80,6 +83,7 @@ except ImportError:  # not compiled: the Python versions serve
 # The C dispatch while the C version is in use, else None (the loop serves every event itself).
 _active: Optional[Callable[..., Outcome]] = None
 _conn_class: Optional[type[Any]] = None  # type[Any]: use_speedups sets its send methods
+_tls_class: Optional[type[Any]] = None  # tls.TLSTransport once install_tls ran: use_speedups sets its c_recv
 _python_sends: tuple[Any, Any] = (None, None)
 
 
@@ -116,21 +120,29 @@ def use_speedups(on: bool) -> bool:
         send, send_bytes = _speedups.send_methods(_conn_class) if on else _python_sends
         _conn_class.send = send
         _conn_class.send_bytes = send_bytes
+    if _tls_class is not None:
+        _tls_class.c_recv = _speedups.tls_recv if on else None
     return on
 
 
-def install_tls(transport: type, functions: Optional[tuple[int, ...]], eof_reason: int, write_chunk: int) -> bool:
+def install_tls(transport: type[Any], functions: Optional[tuple[int, ...]], eof_reason: int, write_chunk: int) -> bool:
     """Let the C version serve ``transport`` sessions (tls.TLSTransport); returns whether it will.
+
+    While the C version is in use (``use_speedups``) the class's ``c_recv``
+    is the C module's ``tls_recv``, which its ``recv_nowait`` then calls.
 
     ``functions`` are the addresses of OpenSSL's functions in the library
     pyOpenSSL uses (see ``tls._openssl_functions``), or None where they could
     not be found: then TLS takes the Python path, which does the same.
     """
+    global _tls_class
     if _speedups is None or functions is None:
         return False
     if _speedups.tls_configured():
         return True
     _speedups.configure_tls(transport, TLSError, functions, eof_reason, write_chunk)
+    _tls_class = transport
+    transport.c_recv = _speedups.tls_recv if _active is not None else None
     return True
 
 

@@ -814,7 +814,9 @@ class IOLoop:
                 continue
             transport = conn.transport
             try:
-                data = transport.recv_nowait(bufsize)
+                # A plain read through hot_path: in C it reads into a reused
+                # buffer, where socket.recv allocates all of bufsize per call.
+                data = transport.recv_nowait(bufsize) if transport.is_tls else recv_nowait(conn._fd, bufsize)
             except BlockingIOError:
                 continue
             except OSError as exc:
@@ -822,6 +824,8 @@ class IOLoop:
                 continue
             except TLSError as exc:
                 self._end(conn, self._reason(conn, exc))
+                continue
+            if data is None:  # nothing there (a plain read)
                 continue
             conn._last_read = now
             framer = conn._framer

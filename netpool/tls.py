@@ -22,7 +22,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
@@ -285,6 +285,10 @@ class TLSTransport:
     __slots__ = ("socket", "_ssl", "_ssl_ptr", "_lock", "_read_poll", "_write_poll", "_notified", "closing")
 
     is_tls = True
+    # The C module's SSL_read (hot_path.use_speedups sets it; None: pyOpenSSL's
+    # recv): it reads into one reused buffer, where pyOpenSSL allocates the
+    # full ``size`` for every call and the short-lived blocks fragment malloc.
+    c_recv: Optional[Callable[["TLSTransport", int], bytes]] = None
 
     def __init__(self, sock: socket.socket, ssl_conn: SSL.Connection) -> None:
         self.socket = sock
@@ -315,6 +319,9 @@ class TLSTransport:
         with self._lock:
             if self.closing:  # told while this reader waited for the lock: the close may be reading the socket
                 return b""
+            c_recv = self.c_recv
+            if c_recv is not None and self._ssl_ptr:
+                return c_recv(self, size)
             try:
                 return self._ssl.recv(size)
             except (SSL.WantReadError, SSL.WantWriteError):

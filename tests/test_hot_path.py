@@ -20,6 +20,7 @@ import ssl
 import struct
 import sysconfig
 import threading
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -411,6 +412,38 @@ def test_the_c_version_serves_tls_without_the_python_transport(version, pki, mon
         else:
             raise AssertionError("no run of 50 echoes was served on the loop")
     assert used == []
+
+
+def test_a_read_allocates_only_the_bytes_it_returns(wire, monkeypatch):
+    # With line framing every read takes the loop's Python path (or a
+    # handler thread's). socket.recv and pyOpenSSL's recv allocate all of
+    # the 64 KiB asked for on every call; thousands of such short-lived
+    # blocks a second, between long-lived ones, fragmented malloc's heaps
+    # for hours (bench/soak-report.md). The C reads use one buffer.
+    if not hot_path.speedups_active():
+        pytest.skip("the Python version reads with os.read and pyOpenSSL, which allocate the whole buffer")
+    # pyOpenSSL's buffer comes from cffi's allocator, which tracemalloc does not see: count its calls instead.
+    from OpenSSL import SSL
+
+    pyopenssl_reads: list[int] = []
+    original = SSL.Connection.recv
+    monkeypatch.setattr(SSL.Connection, "recv", lambda self, *a: pyopenssl_reads.append(1) or original(self, *a))
+    with wire.serving(framing="line") as listener, wire.connect(listener) as sock:
+        sock.sendall(b"warm up\n")
+        assert recv_exactly(sock, 8) == b"warm up\n"
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            for n in range(200):
+                line = b"line %d\n" % n
+                sock.sendall(line)
+                assert recv_exactly(sock, len(line)) == line
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+    assert peak < 32 * 1024, f"serving 200 short lines took a peak of {peak} bytes: a read allocated its whole buffer"
+    assert not pyopenssl_reads, f"{len(pyopenssl_reads)} reads went through pyOpenSSL's recv"
 
 
 def test_the_c_epoll_wait_reports_what_select_epoll_reports():
