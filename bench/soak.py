@@ -16,12 +16,13 @@ warm-up (a least-squares fit over the samples); with tracemalloc on (the
 default) the server traces its allocations from the start, the RSS slope is
 also given without tracemalloc's own memory, and the report names the
 largest allocation sites after the warm-up and at the end, and those that
-grew most in between. Every sample also asks the server for a census
-(soak_handler's CENSUS) of what tracemalloc cannot see: its RSS by kind of
-mapping (glibc's main heap, its per-thread arenas, the interpreter's object
-arenas, thread stacks, files), glibc's own account of its heaps (in use,
-free, mmapped) and its live objects by type; the report gives each row's
-slope and the types whose count grew. Then its counters against what the
+grew most in between. Every sample also asks the server for what
+tracemalloc cannot see (soak_handler's MALLOC): its RSS by kind of mapping
+(glibc's main heap, its per-thread arenas, the interpreter's object arenas,
+thread stacks, files) and glibc's own account of its heaps (in use, free,
+mmapped); the report gives each row's slope. Its live objects by type
+(CENSUS) are counted after the warm-up and at the end only, and the report
+names the types whose count grew. Then its counters against what the
 clients counted, and whether anything was lost: every line a client sent
 and the server answered must have come back, in order. The run stops by
 itself.
@@ -34,6 +35,8 @@ import json
 import os
 import random
 import re
+import shlex
+import signal
 import socket
 import ssl
 import struct
@@ -212,7 +215,7 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     return 0.0 if not var else 3600 * sum((t - mean_t) * (v - mean_v) for t, v in points) / var
 
 
-# The census's rows in the report (soak_handler's CENSUS): where the RSS is,
+# The rows of the samples (soak_handler's MALLOC and CENSUS) in the report: where the RSS is,
 # by kind of mapping, and glibc's account of its heaps.
 CENSUS_ROWS = {
     "rss main heap mb": "RSS in glibc's main heap",
@@ -257,6 +260,9 @@ def main() -> int:
     ap.add_argument("--churn", type=int, default=4)
     ap.add_argument("--hostile", type=int, default=8)
     ap.add_argument("--out", default=str(HERE / "soak-report.md"))
+    ap.add_argument("--wrap", default="",
+                    help="a command to run the server under, such as heaptrack (attaching to it kills it);"
+                         " the samples then read the wrapper's process")
     args = ap.parse_args()
     seconds = args.seconds if args.seconds is not None else args.minutes * 60
     warmup = min(args.warmup * 60, seconds / 3)
@@ -269,10 +275,12 @@ def main() -> int:
     log_path = Path(tmp) / "server.log"
     log_file = open(log_path, "w")
     server = subprocess.Popen(
-        [NETPOOL, "run", "soak_handler:handler", "--port", "0", "--framing", "line", "--io", args.io,
-         "--certfile", cert, "--keyfile", key, "--tls-mode", "starttls", "--max-connections", "3000",
+        [*shlex.split(args.wrap), NETPOOL, "run", "soak_handler:handler", "--port", "0", "--framing", "line",
+         "--io", args.io, "--certfile", cert, "--keyfile", key, "--tls-mode", "starttls", "--max-connections", "3000",
          "--idle-timeout", "30", "--message-timeout", "5", "--send-timeout", "3", "--grace", "5"],
         cwd=HERE, stderr=log_file, stdout=subprocess.DEVNULL,
+        # Its own process group: a --wrap tool (heaptrack) does not pass a signal on to the server.
+        start_new_session=True,
         env={**os.environ, **({"PYTHONTRACEMALLOC": "1"} if args.tracemalloc else {})},
     )
     try:
@@ -307,14 +315,18 @@ def main() -> int:
                 # Before this sample, the first measured: the baseline snapshot the server keeps
                 # is tens of MB, and would count as growth if it came after.
                 start_sites = control(port, b"TRACEMALLOC START")
-            census = control(port, b"CENSUS")
+            # The object census (gc.get_objects) only once, at the end of the warm-up: its lists of
+            # every object are megabytes of short-lived allocations, and taken at every sample they
+            # fragmented the very heaps being measured.
+            take_census = not start_census and elapsed >= warmup
+            census = control(port, b"CENSUS" if take_census else b"MALLOC")
             status = proc_status(server.pid)
             if args.tracemalloc:
                 # tracemalloc's own bookkeeping is in the RSS: the slope is taken without it.
                 status["trace_mb"] = round(control(port, b"TRACEMALLOC MEM")["overhead_kib"] / 1024, 1)
             status.update({f"malloc_{k}_mb": round(kib / 1024, 1) for k, kib in census["malloc"].items()})
             status.update({f"rss {k} mb": round(kib / 1024, 1) for k, kib in census["rss"].items()})
-            if not start_census and elapsed >= warmup:
+            if take_census:
                 start_census = census
             samples.append((round(elapsed), status))
             print(f"[{samples[-1][0]:>4}s] server {status}, clients {dict(stats.counts)}", flush=True)
@@ -391,7 +403,7 @@ def main() -> int:
         text = "\n".join(report) + "\n"
         Path(args.out).write_text(text)
         print(text)
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         print(log_path.read_text().strip().splitlines()[-1])
         ok = (counts["mismatched"] == 0 and info["closed"] + info["live"] == info["admitted"]
@@ -399,7 +411,7 @@ def main() -> int:
         return 0 if ok else 1
     finally:
         if server.poll() is None:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
         log_file.close()
 
