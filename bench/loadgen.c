@@ -2,12 +2,14 @@
  * loadgen: a small epoll load generator for echo servers, so the client is
  * never the bottleneck of a Python server benchmark.
  *
- *   loadgen pingpong HOST PORT CONNS SIZE SECONDS [tls|mixed]
+ *   loadgen pingpong HOST PORT CONNS SIZE SECONDS [tls] [mixed] [line]
  *       CONNS connections each send SIZE bytes and wait for the whole echo
  *       (closed loop); prints messages/s and p50/p99/p999 round-trip latency.
  *       With "mixed", even connections' messages start with 'B' (a server
  *       under test blocks on those) and odd ones' with 'F'; the 'F' half's
  *       latency is also printed on its own (fast_p50_us, fast_p99_us).
+ *       With "line", each message ends with a newline, for a line-framed
+ *       server.
  *   loadgen connrate HOST PORT SLOTS SECONDS
  *       SLOTS concurrent slots each connect, send 64 bytes, read the echo,
  *       close, and start again; prints connections/s. Connections come from
@@ -42,7 +44,7 @@
 #endif
 
 static struct sockaddr_in target;
-static int use_tls, mixed;
+static int use_tls, mixed, line;
 #ifdef WITH_TLS
 static SSL_CTX *tls_ctx;
 #endif
@@ -162,6 +164,7 @@ static int pingpong(int nconns, size_t size, double seconds) {
     memset(msg, 'x', size);
     memset(blocking_msg, 'B', size);
     memset(fast_msg, 'F', size);
+    if (line && size > 0) msg[size - 1] = blocking_msg[size - 1] = fast_msg[size - 1] = '\n';
     size_t cap = 1 << 20, nlat = 0, fcap = 1 << 20, nfast = 0;
     uint32_t *lat = malloc(cap * sizeof *lat), *fast = malloc(fcap * sizeof *fast);
     long errors = 0;
@@ -409,17 +412,25 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (!strcmp(argv[1], "pingpong") && argc >= 7) {
-        if (argc >= 8 && !strcmp(argv[7], "tls")) {
+        for (int k = 7; k < argc; k++) {
+            if (!strcmp(argv[k], "tls")) {
 #ifdef WITH_TLS
-            use_tls = 1;
-            tls_ctx = SSL_CTX_new(TLS_client_method());
-            SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL); /* a benchmark of the server, not of trust */
+                use_tls = 1;
+                tls_ctx = SSL_CTX_new(TLS_client_method());
+                SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL); /* a benchmark of the server, not of trust */
 #else
-            fprintf(stderr, "loadgen: built without TLS\n");
-            return 2;
+                fprintf(stderr, "loadgen: built without TLS\n");
+                return 2;
 #endif
+            } else if (!strcmp(argv[k], "mixed")) {
+                mixed = 1;
+            } else if (!strcmp(argv[k], "line")) {
+                line = 1;
+            } else {
+                fprintf(stderr, "loadgen: unknown pingpong option %s\n", argv[k]);
+                return 2;
+            }
         }
-        if (argc >= 8 && !strcmp(argv[7], "mixed")) mixed = 1;
         return pingpong(atoi(argv[4]), (size_t)atol(argv[5]), atof(argv[6]));
     }
     if (!strcmp(argv[1], "connrate")) return connrate(atoi(argv[4]), atof(argv[5]));
