@@ -330,23 +330,17 @@ static PyObject *os_error(PyObject *type, int code, const char *text) {
     return PyObject_CallFunction(type, "is", code, text ? text : strerror(code));
 }
 
-/* One SSL_read into recv_buf, for dispatch. */
+/* One SSL_read into recv_buf, the session's lock held: the bytes read (> 0),
+ * 0 at the end of the stream, or READ_WANT, READ_RESET or READ_TLS_ERROR
+ * (with *exc), or READ_PY_ERROR. */
 enum { READ_WANT = -1, READ_SLOW = -2, READ_RESET = -3, READ_TLS_ERROR = -4, READ_PY_ERROR = -5 };
-static Py_ssize_t tls_read(PyObject *tls, void *ssl, Py_ssize_t bufsize, PyObject **exc) {
-    if (SLOT(tls, off_tls_closing) != Py_False) return 0; /* told to close: no SSL_read on a half-shut socket */
-    PyObject *lock = SLOT(tls, off_tls_lock);
-    int got = try_lock(lock);
-    if (got <= 0) return got < 0 ? READ_PY_ERROR : READ_SLOW; /* busy: the loop's Python path waits for it */
+static Py_ssize_t read_locked(PyObject *tls, void *ssl, Py_ssize_t bufsize, PyObject **exc) {
     ossl.err_clear(); /* SSL_get_error is only right with an empty queue */
     errno = 0;
     int n = ossl.read(ssl, recv_buf, (int)bufsize);
+    if (n > 0) return n;
     int err_no = errno, code = 0;
-    int kind = n > 0 ? TLS_OK : tls_failure(ssl, n, err_no, &code, exc);
-    if (unlock(lock) < 0) {
-        if (kind == TLS_FAILED) Py_XDECREF(*exc);
-        return READ_PY_ERROR;
-    }
-    if (kind == TLS_OK) return n;
+    int kind = tls_failure(ssl, n, err_no, &code, exc);
     if (kind == TLS_WANT) return READ_WANT;
     if (kind == TLS_CLOSED) return 0;
     set_slot(tls, off_tls_notified, Py_True); /* a broken session gets no close_notify */
@@ -356,6 +350,21 @@ static Py_ssize_t tls_read(PyObject *tls, void *ssl, Py_ssize_t bufsize, PyObjec
         return *exc ? READ_RESET : READ_PY_ERROR;
     }
     return *exc ? READ_TLS_ERROR : READ_PY_ERROR;
+}
+
+/* One SSL_read into recv_buf, for dispatch: as read_locked, or READ_SLOW
+ * while another thread holds the session (the loop's Python path waits for it). */
+static Py_ssize_t tls_read(PyObject *tls, void *ssl, Py_ssize_t bufsize, PyObject **exc) {
+    if (SLOT(tls, off_tls_closing) != Py_False) return 0; /* told to close: no SSL_read on a half-shut socket */
+    PyObject *lock = SLOT(tls, off_tls_lock);
+    int got = try_lock(lock);
+    if (got <= 0) return got < 0 ? READ_PY_ERROR : READ_SLOW;
+    Py_ssize_t n = read_locked(tls, ssl, bufsize, exc);
+    if (unlock(lock) < 0) {
+        Py_CLEAR(*exc);
+        return READ_PY_ERROR;
+    }
+    return n;
 }
 
 /* Whether OpenSSL holds decrypted bytes epoll cannot see: 1, 0, READ_SLOW if
@@ -392,30 +401,11 @@ static PyObject *tls_recv(PyObject *mod, PyObject *const *args, Py_ssize_t nargs
         PyErr_Format(PyExc_ValueError, "tls_recv(): size not in 1..%d", RECV_MAX);
         return NULL;
     }
-    ossl.err_clear(); /* SSL_get_error is only right with an empty queue */
-    errno = 0;
-    int n = ossl.read(ssl, recv_buf, (int)size);
-    if (n > 0) return PyBytes_FromStringAndSize(recv_buf, n);
-    int err_no = errno, code = 0;
     PyObject *exc = NULL;
-    switch (tls_failure(ssl, n, err_no, &code, &exc)) {
-    case TLS_WANT:
-        exc = PyObject_CallFunction(PyExc_BlockingIOError, "is", EAGAIN, "TLS record not complete");
-        break;
-    case TLS_CLOSED:
-        return PyBytes_FromStringAndSize(NULL, 0);
-    case TLS_EOF:
-        set_slot(tls, off_tls_notified, Py_True); /* a broken session gets no close_notify */
-        return PyBytes_FromStringAndSize(NULL, 0);
-    case TLS_OS_ERROR:
-        set_slot(tls, off_tls_notified, Py_True);
-        exc = os_error(PyExc_ConnectionResetError, code, NULL);
-        break;
-    default: /* TLS_FAILED: exc is the TLSError */
-        set_slot(tls, off_tls_notified, Py_True);
-        break;
-    }
-    if (exc != NULL) {
+    Py_ssize_t n = read_locked(tls, ssl, size, &exc);
+    if (n >= 0) return PyBytes_FromStringAndSize(n ? recv_buf : NULL, n);
+    if (n == READ_WANT) exc = PyObject_CallFunction(PyExc_BlockingIOError, "is", EAGAIN, "TLS record not complete");
+    if (exc != NULL) { /* READ_RESET, READ_TLS_ERROR, or the BlockingIOError */
         PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
         Py_DECREF(exc);
     }
