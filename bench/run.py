@@ -63,6 +63,14 @@ TLS_SERVERS = [
     Server("netpool-events", ("netpool_server.py", "events"), tls=True),
     Server("asyncio+ssl", ("asyncio_server.py",), tls=True),
 ]
+# A line protocol, as chat servers speak: netpool's line framing against
+# asyncio streams (readline, write, drain), the way asyncio users write one.
+LINE_SERVERS = [
+    Server("netpool-threads", ("netpool_server.py", "threads", "line")),
+    Server("netpool-events", ("netpool_server.py", "events", "line")),
+    Server("asyncio", ("asyncio_lines_server.py",)),
+    Server("uvloop", ("asyncio_lines_server.py", "uvloop")),
+]
 REFERENCES = ("asyncio", "uvloop", "gevent", "socketserver", "asyncio+ssl", "threads")
 
 
@@ -90,6 +98,7 @@ class Config:
     unit: str
     servers: list[Server]
     tls: bool = False
+    line: bool = False  # each message ends with a newline (the servers frame by line)
     mixed: bool = False  # loadgen's mixed mode: half the connections' messages make the handler block
     threaded_refs: bool = False  # compared with the better of a thread per connection and gevent
     redis: bool = False  # the servers call a Redis the run starts
@@ -140,7 +149,7 @@ def run_one(cfg: Config, server: Server, seconds: float, cert: tuple[str, str] |
     try:
         base = ["taskset", "-c", CLIENT_CPU, str(LOADGEN)]
         if cfg.mode == "pingpong":
-            extra = ["tls"] if cfg.tls else ["mixed"] if cfg.mixed else []
+            extra = (["tls"] if cfg.tls else ["mixed"] if cfg.mixed else []) + (["line"] if cfg.line else [])
             argv = base + ["pingpong", "127.0.0.1", str(port), str(cfg.n), "64", str(seconds)] + extra
             # Warm up every server alike before measuring: a fresh asyncio
             # server, for one, runs its first burst of connections at a third
@@ -210,6 +219,9 @@ def configs(args: argparse.Namespace) -> list[Config]:
         servers = [s for s in PLAIN_SERVERS if n <= 10_000 or s.name not in args.idle_skip_threads]
         out.append(Config(f"idle-{n}", f"{n:,} idle connections", "idle", n, "rss_mb", "MB RSS", servers,
                           higher_is_better=False))
+    for n in args.line:
+        out.append(Config(f"line-{n}", f"64-byte lines, echoed line by line, {n} connections", "pingpong", n, "rate",
+                          "msg/s", LINE_SERVERS, line=True))
     for spec in args.blocking:
         ms, n = spec.split(":")
         out.append(Config(f"blocking-{ms}ms-{n}", f"64-byte ping-pong, handler blocks {ms} ms, {n} connections",
@@ -387,6 +399,8 @@ def main() -> int:
     ap.add_argument("--connrate", type=int, nargs="*", default=[50])
     ap.add_argument("--idle", type=int, nargs="*", default=[10_000, 19_000])
     ap.add_argument("--tls", type=int, nargs="*", default=[50])
+    ap.add_argument("--line", type=int, nargs="*", default=[50],
+                    help="line-framed ping-pong (chat-like) with these connection counts")
     ap.add_argument("--mixed", nargs="*", default=["0:50", "1:50"],
                     help="MS:CONNECTIONS pairs: half the connections' messages block MS, the other half's "
                          "p99 is reported (0 gives the same run with nothing blocking)")

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from .config import ListenerConfig
 from .foreground import run_until_signal
+from .malloc_arenas import cap_arenas
 from .supervisor import serve_processes
 
 __all__ = ["serve", "configure_logging", "LOG_FORMAT"]
@@ -33,10 +34,12 @@ def serve(config: ListenerConfig | Mapping[str, Any], *, grace: float = 5.0, log
     reload and the summary at the end (to stderr, unless logging is already
     set up); SIGHUP is a rolling reload with the same config (certificates
     read again); with ``processes > 1`` it forks the workers and supervises
-    them. Raises ConfigError, ListenError or TLSError if it cannot start.
+    them; glibc's malloc arenas are capped (``malloc_arenas``). Raises
+    ConfigError, ListenError or TLSError if it cannot start.
     """
     config = ListenerConfig.coerce(config)
     configure_logging(log_level)
+    cap_arenas()
     if config.processes > 1:
         serve_processes(config, config.processes, grace)
     else:

@@ -1,9 +1,13 @@
 """The byte stream under a connection: a plain socket, behind the same interface as ``tls.TLSTransport``.
 
-A connection reads and sends through its transport and never asks which
-kind it has: a :class:`PlainTransport` from the accept, replaced by a
-``tls.TLSTransport`` when an implicit-TLS handshake or ``start_tls()``
-finishes (trio's SocketStream and SSLStream, one interface). Both have:
+A connection reads and sends through its transport: a
+:class:`PlainTransport` from the accept, replaced by a ``tls.TLSTransport``
+when an implicit-TLS handshake or ``start_tls()`` finishes (trio's
+SocketStream and SSLStream, one interface). One exception, for speed: the
+I/O loop asks ``is_tls`` before a read, and reads a plain socket by its
+descriptor through ``hot_path.recv_nowait`` (in C, into a reused buffer:
+``socket.recv`` allocates the whole requested size per call), and skips
+``pending()`` for it. Both have:
 
 - ``socket``: the connected socket (for socket options; never read or
   write it directly: the transport's state would no longer match);

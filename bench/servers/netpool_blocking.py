@@ -3,10 +3,12 @@
 import sys
 
 import netpool
+from netpool_process import like_netpool_run
 from work import make_work
 
 
 def main(port: int, spec: str, io: str = "threads") -> None:
+    like_netpool_run()
     work = make_work(spec)
 
     def handler(message: bytes, conn: netpool.Connection) -> None:

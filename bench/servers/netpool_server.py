@@ -3,11 +3,15 @@
 import sys
 
 import netpool
+from netpool_process import like_netpool_run
 from netpool.examples.echo.handler import echo
 
 
-def main(port: int, io: str = "threads", certfile: str = "", keyfile: str = "") -> None:
+def main(port: int, io: str = "threads", certfile: str = "", keyfile: str = "", framing: str = "raw") -> None:
+    like_netpool_run()
     settings = dict(handler=echo, port=port, max_connections=20000, backlog=4096)
+    if framing != "raw":
+        settings["framing"] = framing
     if io != "threads":
         settings["io"] = io
     if certfile:
@@ -18,4 +22,7 @@ def main(port: int, io: str = "threads", certfile: str = "", keyfile: str = "") 
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), *sys.argv[2:5])
+    # argv: PORT [IO] [line] [CERTFILE KEYFILE]: "line" frames messages by line, as a chat server does.
+    args = sys.argv[2:]
+    framing = "line" if "line" in args else "raw"
+    main(int(sys.argv[1]), *[a for a in args if a != "line"][:3], framing=framing)
