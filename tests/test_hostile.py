@@ -166,6 +166,13 @@ print(len(errors), errors[:3])
 """
 
 
+def listen_drops() -> int:
+    """Connections the kernel completed but dropped before any accept() (a full backlog): TcpExt ListenDrops."""
+    with open("/proc/net/netstat") as f:
+        lines = [line.split() for line in f if line.startswith("TcpExt:")]
+    return int(dict(zip(lines[0], lines[1]))["ListenDrops"])
+
+
 def test_connect_close_and_reset_floods_leave_exact_counters():
     """10,000 clients that connect and close or reset at once: info() is exact, nothing leaks."""
     total, workers = 10_000, 8
@@ -175,17 +182,24 @@ def test_connect_close_and_reset_floods_leave_exact_counters():
     # (`make bench` measures that).
     with serving(framing="line", max_connections=total + 100, acceptors=8) as listener:
         fds_before = open_fds()
+        drops_before = listen_drops()
         done = subprocess.run([sys.executable, "-c", FLOOD_CLIENT, str(listener.port), str(total), str(workers)],
                               capture_output=True, text=True, timeout=150, check=True)
         assert done.stdout.startswith("0 "), done.stdout
+        # A client whose connection the kernel completed while the backlog
+        # was full, and then closed, never reaches accept(): the kernel drops
+        # it and counts it (seen once in CI: 9,999 accepted, all closed). The
+        # server's own counters must still be exact for every one it accepted.
+        dropped = listen_drops() - drops_before
         try:
-            info = wait_for(lambda: (i := listener.info()).closed == total and i, timeout=60,
-                            what=f"{total} closures")
+            info = wait_for(lambda: (i := listener.info()).accepted >= total - dropped and i.closed == i.accepted
+                            and i.live == 0 and i, timeout=60, what=f"{total} closures, less {dropped} the kernel dropped")
         except AssertionError as exc:  # seen once in CI: say which connections never ended
             stuck = listener.connections()
             raise AssertionError(f"{exc}: {listener.info()}; {len(stuck)} still open, for example "
                                  f"{[(c, c.bytes_in, round(time.time() - c.connected_at, 1)) for c in stuck[:5]]}") from None
-        assert info.accepted == info.admitted == total and info.refused == 0 and info.live == 0
+        assert total - dropped <= info.accepted <= total
+        assert info.accepted == info.admitted == info.closed and info.refused == 0 and info.live == 0
         assert set(info.closed_by_reason) <= {"eof", "reset"} and info.errors == 0
         assert_recovered(listener, fds_before)
 
