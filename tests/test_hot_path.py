@@ -27,6 +27,7 @@ import pytest
 
 import netpool
 from netpool import hot_path
+from netpool.io_loop import RECV_SIZE
 
 from .certs import TestCA
 from .conftest import DEADLINE, connect, recv_exactly, recv_until_closed, serving, wait_for
@@ -442,7 +443,10 @@ def test_a_read_allocates_only_the_bytes_it_returns(wire, monkeypatch):
             peak = tracemalloc.get_traced_memory()[1] - before
         finally:
             tracemalloc.stop()
-    assert peak < 32 * 1024, f"serving 200 short lines took a peak of {peak} bytes: a read allocated its whole buffer"
+    # Below one whole buffer: the old reads peaked at 64 KiB and more. Other
+    # allocations are not the reads' (CI once saw 55 KB in TLS thread mode,
+    # where a loaded machine made the monitor move the loop to a new thread).
+    assert peak < RECV_SIZE, f"serving 200 short lines took a peak of {peak} bytes: a read allocated its whole buffer"
     assert not pyopenssl_reads, f"{len(pyopenssl_reads)} reads went through pyOpenSSL's recv"
 
 
