@@ -26,7 +26,7 @@ from .errors import ConfigError, ListenError, TLSError
 from .framing import FRAMERS
 from .foreground import run_until_signal
 from .fresh_import import FreshImports
-from .malloc_arenas import ARENAS, cap_arenas
+from .malloc_arenas import cap_arenas
 from .serve import configure_logging
 from .socket_activation import choose_socket, describe, inherited_sockets
 from .supervisor import serve_processes
@@ -359,8 +359,7 @@ def serve_settings(settings: dict[str, Any], grace: float, log_level: str, metri
     are imported afresh (``fresh_import``).
     """
     configure_logging(log_level)
-    if cap_arenas():  # before any thread starts (and before --processes forks: workers inherit it)
-        log.debug("glibc malloc: at most %d arenas (MALLOC_ARENA_MAX overrides)", ARENAS)
+    cap_arenas()  # before any thread starts (and before --processes forks: workers inherit it)
     imports = FreshImports()
     metrics: Any = None
     if metrics_port is not None:

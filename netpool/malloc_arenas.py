@@ -20,9 +20,12 @@ over it. Without glibc (musl, macOS) nothing changes.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 
 __all__ = ["ARENAS", "cap_arenas"]
+
+log = logging.getLogger("netpool.malloc_arenas")
 
 ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's malloc.h
@@ -38,4 +41,7 @@ def cap_arenas(arenas: int = ARENAS) -> bool:
         return False  # not glibc
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, arenas))
+    if not mallopt(_M_ARENA_MAX, arenas):
+        return False
+    log.debug("glibc malloc: at most %d arenas (MALLOC_ARENA_MAX overrides)", arenas)
+    return True
