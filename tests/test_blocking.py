@@ -76,8 +76,10 @@ def test_many_connections_blocking_a_millisecond_at_once_run_concurrently(versio
     with serving(handler=handler, framing=framing, max_connections=100) as listener:
         each_pings_once(listener, 50)
         info = wait_for(lambda: (i := listener.info()).closed == 50 and i, what="50 closures")
-    # One after another (what the loop did before) would be exactly 1.
-    assert handler.most >= 10, f"at most {handler.most} blocking calls ran at once"
+    # One after another (what the loop did before) would be exactly 1. Here
+    # 14 to 21 overlap, also with both cores busy; one CI run saw only 9, so
+    # the floor is 5: still five times serial.
+    assert handler.most >= 5, f"at most {handler.most} blocking calls ran at once"
     assert info.closed_by_reason == {"eof": 50} and info.errors == 0
     assert info.threaded_calls >= 40
 

@@ -130,7 +130,9 @@ def test_clients_that_never_read_are_cut_and_memory_stays_bounded(io_mode):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.sendall(b"go\n")
             readers_never.append(sock)
-        with connect(listener, timeout=2.0) as bystander:
+        # Served one after another, the bystander would wait behind 50 send
+        # timeouts (50 s); 10 s leaves a loaded 2-core machine its margin.
+        with connect(listener, timeout=10.0) as bystander:
             bystander.sendall(b"still here\n")
             assert recv_exactly(bystander, 11) == b"still here\n"
         info = wait_for(lambda: (i := listener.info()).closed_by_reason.get(expected) == 50 and i.live == 0 and i,
