@@ -188,6 +188,24 @@ def test_slow_back_end_is_504_at_the_deadline(db):
             pool.close()
 
 
+def test_a_back_end_reply_outside_the_protocol_is_502_and_logged(caplog):
+    """An empty reply frame is no reply the protocol knows: 502 with a logged reason, and the client connection stays."""
+    with serving(handler=lambda m, c: c.send(b""), framing="length") as broken:
+        frontend, pool = start_frontend(broken.port, port=0, timeout=2.0)
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", frontend.port, timeout=10)
+            for _ in range(2):  # the same keep-alive connection both times
+                c.request("POST", "/login", body=b'{"username":"a","password":"b"}')
+                resp = c.getresponse()
+                assert (resp.status, json.loads(resp.read())["error"]) == (502, "bad_gateway")
+            c.close()
+            assert frontend.info().errors == 0
+            assert any("cannot read: empty reply" in r.getMessage() for r in caplog.records)
+        finally:
+            frontend.stop(grace=2)
+            pool.close()
+
+
 def test_http_framer_pipelining_limits_and_unsupported_bodies():
     """The HTTP framer splits pipelined requests and turns oversize, chunked or garbled input into error requests."""
     f = HttpFramer(100)

@@ -14,7 +14,7 @@ it does not support (chunked bodies) with a clear status.
 Every outcome is a status and a JSON body, never a hang: bad JSON 400,
 invalid fields 422, unknown user or wrong password 401, duplicate
 registration 409, back end down or breaker open 503 (with Retry-After),
-back end too slow 504.
+back end too slow 504, back end reply not in its protocol 502.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ REASONS = {
     200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
     405: "Method Not Allowed", 409: "Conflict", 411: "Length Required", 413: "Content Too Large",
     422: "Unprocessable Content", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    501: "Not Implemented", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
 
 
@@ -235,7 +235,13 @@ class Gateway:
             return error(504, "backend_timeout", f"the back end did not answer within {self.timeout:g} s", keep_alive=keep)
         except (netpool.DialError, netpool.PoolClosed, netpool.ProtocolError, OSError):
             return error(503, "backend_unavailable", "the back end cannot be reached", keep_alive=keep)
-        reply = p.decode_reply(raw)
+        try:
+            reply = p.decode_reply(raw)
+        except p.ProtocolViolation as exc:
+            # The back end answered, but not in its protocol: a 502 for this
+            # request (the HTTP client did nothing wrong), its connection kept.
+            log.warning("back end %s sent a reply the gateway cannot read: %s", self.backend.address, exc)
+            return error(502, "bad_gateway", "the back end sent a reply that could not be read", keep_alive=keep)
         if health:
             return response(200, {"status": "ok"}, keep_alive=keep)
         status = reply.status
