@@ -156,7 +156,10 @@ def _ip(text: str, family: int) -> str:
         raise ProxyHeaderError(f"bad address {text!r} in PROXY header") from None
     if address.version != family:
         raise ProxyHeaderError(f"bad IPv{family} address {text!r} in PROXY header")
-    return str(address)
+    # Written as the socket layer writes a peer's address (inet_ntop), as v2
+    # does: str() would give ::ffff:102:304 where a v2 header and a
+    # dual-stack socket's own peer address give ::ffff:1.2.3.4.
+    return socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, address.packed)
 
 
 def _port(text: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import pytest
@@ -19,8 +20,13 @@ from netpool.proxy_protocol import (
 )
 
 ipv4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda t: ".".join(map(str, t)))
-ipv6 = st.binary(min_size=16, max_size=16).map(
-    lambda b: __import__("ipaddress").IPv6Address(b).compressed)
+# Written as inet_ntop writes them (as a socket's peer address is); random
+# bytes alone would almost never give an IPv4-mapped or IPv4-compatible one.
+ipv6 = st.one_of(
+    st.binary(min_size=16, max_size=16),
+    st.binary(min_size=4, max_size=4).map(lambda b: bytes(10) + b"\xff\xff" + b),
+    st.binary(min_size=4, max_size=4).map(lambda b: bytes(12) + b),
+).map(lambda b: socket.inet_ntop(socket.AF_INET6, b))
 ports = st.integers(0, 65535)
 
 
@@ -47,6 +53,21 @@ def test_any_split_reads_the_same_header_and_takes_no_byte_more(family, data, ve
     assert got.source == src and got.destination == dst
     if version == 2:
         assert got.tlvs == ((0x01, b"h2"), (0xE0, b"xxxxx"))
+
+
+@pytest.mark.parametrize("written", ["::ffff:192.0.2.7", "::FFFF:c000:207", "0:0:0:0:0:ffff:192.0.2.7"])
+def test_an_ipv4_mapped_source_reads_the_same_in_v1_and_v2_and_as_a_socket_gives_it(written):
+    """However v1 spells the address, both versions give the socket layer's form, so one peer has one name."""
+    as_socket = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, written))
+    assert as_socket == "::ffff:192.0.2.7"
+    headers = []
+    for data in (f"PROXY TCP6 {written} ::1 5000 443\r\n".encode(),
+                 build_v2((written, 5000), ("::1", 443))):
+        reader = ProxyHeaderReader()
+        assert reader.feed(data) == len(data)
+        headers.append(reader.header)
+    assert [h.source for h in headers] == [(as_socket, 5000)] * 2
+    assert [h.destination for h in headers] == [("::1", 443)] * 2
 
 
 @settings(max_examples=500, deadline=None)
