@@ -312,8 +312,10 @@ def main() -> int:
             stop.wait(min(every, max(0.0, seconds - (time.monotonic() - started))))
             elapsed = time.monotonic() - started
             if args.tracemalloc and not start_sites and elapsed >= warmup:
-                # Before this sample, the first measured: the baseline snapshot the server keeps
-                # is tens of MB, and would count as growth if it came after.
+                # Before this sample, the first measured: taking the baseline snapshot adds some
+                # 20 MB to the server's RSS for good (also when the server kept only per-site
+                # totals of it: the memory the snapshot's objects grew stays), and would count
+                # as growth if it came after.
                 start_sites = control(port, b"TRACEMALLOC START")
             # The object census (gc.get_objects) only once, at the end of the warm-up: its lists of
             # every object are megabytes of short-lived allocations, and taken at every sample they
@@ -362,7 +364,9 @@ def main() -> int:
             f"max_connections=3000, idle 30 s, message 5 s, send 3 s), on {os.cpu_count()} CPUs"
             + (", the server tracing its allocations (tracemalloc)." if args.tracemalloc else "."),
             "",
-            f"Slopes are least-squares fits over the samples after a warm-up of {warmup / 60:g} minutes.",
+            f"Slopes are least-squares fits over the samples after a warm-up of {warmup / 60:g} minutes."
+            + (" The allocation snapshot taken at its end adds some 20 MB to the RSS at once, before the"
+               " first sample fitted." if args.tracemalloc else ""),
             "",
             "| | start | after warm-up | end | slope per hour after warm-up |",
             "| --- | --- | --- | --- | --- |",
