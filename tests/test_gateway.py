@@ -69,14 +69,23 @@ class Gateway:
 
 
 @contextlib.contextmanager
-def running_gateway(db, *, backend_port=0, breaker=None, timeout=5.0, pool=True):
-    backend = start_backend(db, port=backend_port, scheme=FAST)
-    frontend, backend_pool = start_frontend(backend.port, port=0, timeout=timeout, breaker=breaker, pool=pool)
+def frontend_to(backend_port, **options):
+    """The HTTP front end and its pool over ``backend_port``; both stopped on leaving (listener first)."""
+    frontend, pool = start_frontend(backend_port, port=0, **options)
     try:
-        yield Gateway(frontend, backend_pool, backend)
+        yield frontend, pool
     finally:
         frontend.stop(grace=2)
-        backend_pool.close()
+        pool.close()
+
+
+@contextlib.contextmanager
+def running_gateway(db, *, backend_port=0, breaker=None, timeout=5.0, pool=True):
+    backend = start_backend(db, port=backend_port, scheme=FAST)
+    try:
+        with frontend_to(backend.port, timeout=timeout, breaker=breaker, pool=pool) as (frontend, backend_pool):
+            yield Gateway(frontend, backend_pool, backend)
+    finally:
         backend.stop(grace=2)
 
 
@@ -172,8 +181,8 @@ def test_back_end_down_is_503_then_breaker_then_recovery(db):
 def test_slow_back_end_is_504_at_the_deadline(db):
     """A back end that does not answer within the front end's deadline gives 504, not a hang."""
     release = threading.Event()
-    with serving(handler=lambda m, c: release.wait(10), framing="length") as slow:
-        frontend, pool = start_frontend(slow.port, port=0, timeout=0.3)
+    with serving(handler=lambda m, c: release.wait(10), framing="length") as slow, \
+            frontend_to(slow.port, timeout=0.3) as (frontend, _):
         try:
             c = http.client.HTTPConnection("127.0.0.1", frontend.port, timeout=10)
             started = time.monotonic()
@@ -183,27 +192,21 @@ def test_slow_back_end_is_504_at_the_deadline(db):
             assert time.monotonic() - started < 3
             c.close()
         finally:
-            release.set()
-            frontend.stop(grace=2)
-            pool.close()
+            release.set()  # before the front end stops: its handler waits on this back end
 
 
 def test_a_back_end_reply_outside_the_protocol_is_502_and_logged(caplog):
     """An empty reply frame is no reply the protocol knows: 502 with a logged reason, and the client connection stays."""
-    with serving(handler=lambda m, c: c.send(b""), framing="length") as broken:
-        frontend, pool = start_frontend(broken.port, port=0, timeout=2.0)
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", frontend.port, timeout=10)
-            for _ in range(2):  # the same keep-alive connection both times
-                c.request("POST", "/login", body=b'{"username":"a","password":"b"}')
-                resp = c.getresponse()
-                assert (resp.status, json.loads(resp.read())["error"]) == (502, "bad_gateway")
-            c.close()
-            assert frontend.info().errors == 0
-            assert any("cannot read: empty reply" in r.getMessage() for r in caplog.records)
-        finally:
-            frontend.stop(grace=2)
-            pool.close()
+    with serving(handler=lambda m, c: c.send(b""), framing="length") as broken, \
+            frontend_to(broken.port, timeout=2.0) as (frontend, _):
+        c = http.client.HTTPConnection("127.0.0.1", frontend.port, timeout=10)
+        for _ in range(2):  # the same keep-alive connection both times
+            c.request("POST", "/login", body=b'{"username":"a","password":"b"}')
+            resp = c.getresponse()
+            assert (resp.status, json.loads(resp.read())["error"]) == (502, "bad_gateway")
+        c.close()
+        assert frontend.info().errors == 0
+        assert any("cannot read: empty reply" in r.getMessage() for r in caplog.records)
 
 
 def test_http_framer_pipelining_limits_and_unsupported_bodies():
